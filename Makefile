@@ -1,0 +1,38 @@
+# trecsys — the commands a person runs. `make demo` and `make test` are the README's quick start.
+#
+# The project installs into ./.venv, or into the virtual environment you have activated
+# (VIRTUAL_ENV), so a CUDA build of torch you installed yourself is left alone.
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+TREC := $(VENV)/bin/trec
+STAMP := $(VENV)/.trecsys-installed
+# 2.13.0 is the build CI machines install from local disk in seconds; other specs download gigabytes.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-fast demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(TREC) prepare -c configs/demo.yaml
+
+bench: install
+	$(PY) scripts/bench.py
+
+lint: install
+	$(PY) -m ruff check trecsys tests scripts
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from trecsys.cli import main
+
+main()

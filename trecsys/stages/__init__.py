@@ -1,0 +1,1 @@
+"""One module per CLI stage: `run(cfg, ...)` does what `trec <stage>` does."""
