@@ -1,0 +1,141 @@
+"""Reading `<run_dir>/prepared/` back: the one loader every stage after `prepare` uses.
+
+Artifact contract (written by trecsys/stages/prepare.py):
+- items.parquet: item_idx (int32, dense, contiguous per domain), item_id, domain, title, text, ...
+- interactions.parquet: user_idx, user_id, item_idx, domain, timestamp, rating, split; rows sorted by
+  (user_idx, timestamp), ties in input order, domains interleaved.
+- item_embeddings.parquet: item_idx, embedding (fixed-size list of float32); encoder info in metadata.
+- manifest.json: `domains` {name: {role, item_start, item_stop, ...}}, `source`, `target`, `encoder`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from trecsys.artifacts import read_manifest, read_parquet, verify_outputs
+from trecsys.errors import ArtifactError, ConfigError
+
+PREPARED = "prepared"
+
+
+@dataclass
+class DomainRange:
+    name: str
+    role: str
+    item_start: int
+    item_stop: int
+
+    @property
+    def n_items(self) -> int:
+        return self.item_stop - self.item_start
+
+
+@dataclass
+class Prepared:
+    folder: Path
+    manifest: dict
+    items: pd.DataFrame
+    interactions: pd.DataFrame
+    embeddings: np.ndarray  # (n_items, dim) float32, row i is item_idx i
+    domains: dict[str, DomainRange]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def source(self) -> list[str]:
+        return list(self.manifest["source"])
+
+    @property
+    def n_users(self) -> int:
+        return int(self.manifest["n_users"])
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def domain(self, name: str, key: str = "domain") -> DomainRange:
+        if name not in self.domains:
+            known = ", ".join(self.domains)
+            raise ConfigError(f"config key '{key}': domain {name!r} is not in the prepared data (has: {known})")
+        return self.domains[name]
+
+
+def prepared_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / PREPARED
+
+
+def load_prepared(run_dir: str | Path, verify: bool = False) -> Prepared:
+    """Load and check `<run_dir>/prepared/`; `verify` recomputes every file's sha256."""
+    folder = prepared_dir(run_dir)
+    manifest = read_manifest(folder, stage="prepare")
+    verify_outputs(folder, manifest, full_hash=verify)
+    items = read_parquet(folder / "items.parquet").to_pandas()
+    interactions = read_parquet(folder / "interactions.parquet").to_pandas()
+    emb_table = read_parquet(folder / "item_embeddings.parquet")
+    embeddings = _embedding_matrix(emb_table, len(items), folder / "item_embeddings.parquet")
+    domains = {
+        name: DomainRange(name, info["role"], int(info["item_start"]), int(info["item_stop"]))
+        for name, info in manifest["domains"].items()
+    }
+    return Prepared(folder, manifest, items, interactions, embeddings, domains)
+
+
+def _embedding_matrix(table: pa.Table, n_items: int, path: Path) -> np.ndarray:
+    idx = table.column("item_idx").to_numpy()
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    matrix = np.zeros((n_items, dim), dtype=np.float32)
+    if len(idx) != n_items or idx.min(initial=0) < 0 or idx.max(initial=-1) >= n_items:
+        raise ArtifactError(f"{path}: {len(idx)} embeddings for {n_items} items: re-run `trec prepare`")
+    matrix[idx] = values.reshape(len(idx), dim)
+    return matrix
+
+
+@dataclass
+class DomainSplit:
+    """One domain's users with their ordered train sequences and held-out targets (item_idx).
+
+    `valid` and `test` hold each user's held-out items (usually one under leave-one-out; empty when
+    the user has none). Evaluating on valid uses `train` as history; on test, `train + valid`.
+    """
+
+    domain: DomainRange
+    user_idx: np.ndarray
+    train: list[np.ndarray]
+    valid: list[np.ndarray]
+    test: list[np.ndarray]
+
+    def history(self, split: str) -> list[np.ndarray]:
+        if split == "valid":
+            return self.train
+        if split == "test":
+            return [np.concatenate([t, v]) for t, v in zip(self.train, self.valid, strict=True)]
+        raise ValueError(f"unknown split {split!r}")
+
+    def targets(self, split: str) -> list[np.ndarray]:
+        return {"valid": self.valid, "test": self.test}[split]
+
+
+def domain_split(prepared: Prepared, name: str) -> DomainSplit:
+    """Group a domain's interactions by user, keeping the prepared sequence order."""
+    domain = prepared.domain(name)
+    rows = prepared.interactions[prepared.interactions["domain"] == name]
+    users = rows["user_idx"].to_numpy()
+    items = rows["item_idx"].to_numpy().astype(np.int64)
+    split = rows["split"].to_numpy()
+    user_idx, starts = np.unique(users, return_index=True)  # rows are sorted by user_idx
+    bounds = np.append(starts, len(users))
+    out: dict[str, list[np.ndarray]] = {"train": [], "valid": [], "test": []}
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        user_items, user_split = items[lo:hi], split[lo:hi]
+        for name_ in out:
+            out[name_].append(user_items[user_split == name_])
+    return DomainSplit(domain, user_idx.astype(np.int64), out["train"], out["valid"], out["test"])
