@@ -94,6 +94,74 @@ class EmbeddingConfig:
 
 
 @dataclass
+class TrainConfig:
+    """One training run of trecsys/engine.py: optimiser, schedule, precision, loss, validation."""
+
+    epochs: int = 20
+    # Training windows per optimizer step, summed over all processes and accumulation steps.
+    batch_size: int = 256
+    # Micro-batches per optimizer step on each process (same result, less memory per micro-batch).
+    grad_accum_steps: int = 1
+    # Peak learning rate of AdamW, reached after the warm-up.
+    lr: float = 1e-3
+    # AdamW decoupled weight decay; never applied to norms, biases or embeddings.
+    weight_decay: float = 0.01
+    # Linear warm-up over this fraction of all steps, then cosine decay to lr * min_lr_fraction.
+    warmup_fraction: float = 0.05
+    min_lr_fraction: float = 0.1
+    # Clip the global gradient norm to this value (0 = no clipping).
+    grad_clip: float = 1.0
+    # auto: bf16 autocast on a GPU that supports it, else fp16 with loss scaling; fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # full: softmax over the domain's whole catalogue (chunked); sampled: n_negatives with logQ correction.
+    loss: Literal["full", "sampled"] = "full"
+    # Catalogue items scored at once by the full loss (memory is positions x loss_chunk_size).
+    loss_chunk_size: int = 8192
+    # Negatives per step for loss: sampled.
+    n_negatives: int = 1024
+    # Validate every this many optimizer steps; 0 = at the end of each epoch.
+    eval_every_steps: int = 0
+    # Stop after this many validations without a better NDCG@10 (0 = never stop early).
+    patience: int = 5
+    # Write the resumable `last/` checkpoint every this many steps (0 = only at epoch ends).
+    checkpoint_every_steps: int = 0
+    # Users ranked at once during validation.
+    eval_user_batch: int = 1024
+    # Stop after this many optimizer steps in all (0 = no limit). The lr schedule still spans
+    # `epochs`, so a run cut short this way can be finished exactly with --resume and max_steps=0.
+    max_steps: int = 0
+
+    def validate(self, prefix: str = "train.", where: str = "") -> None:
+        """Check value ranges that the types alone cannot."""
+        at_least_one = ("epochs", "batch_size", "grad_accum_steps", "loss_chunk_size", "n_negatives",
+                        "eval_user_batch")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every_steps", "patience", "checkpoint_every_steps", "max_steps", "weight_decay",
+                     "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"config key '{prefix}lr'{where}: must be > 0, got {self.lr}")
+        for name in ("warmup_fraction", "min_lr_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be in [0, 1], got {getattr(self, name)}")
+        if self.batch_size < self.grad_accum_steps:
+            raise ConfigError(
+                f"config key '{prefix}batch_size'{where}: {self.batch_size} windows cannot be split into "
+                f"{prefix}grad_accum_steps={self.grad_accum_steps} micro-batches"
+            )
+
+
+@dataclass
+class PretrainConfig:
+    """`trec pretrain-source`: the teacher trained on every source domain's train split."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig
     run_dir: str = "runs/default"
@@ -101,6 +169,7 @@ class ExperimentConfig:
     # auto: cuda when available, else cpu.
     device: str = "auto"
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------
