@@ -162,6 +162,54 @@ class PretrainConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The one model family (trecsys/model.py): item tower + causal Transformer over the sequence."""
+
+    # Width of item and sequence representations.
+    d_model: int = 64
+    # Transformer blocks in the sequence tower.
+    n_layers: int = 2
+    # Attention heads per block; must divide d_model.
+    n_heads: int = 2
+    # Longest history the sequence tower reads (older items are dropped); also the training window.
+    max_seq_len: int = 50
+    # Dropout on item representations, attention, and residual branches.
+    dropout: float = 0.2
+    # Text embedding -> d_model: UniSRec's mixture of whitening experts, a 2-layer MLP, or one Linear.
+    adaptor: Literal["moe", "mlp", "linear"] = "moe"
+    # Experts in the moe adaptor.
+    n_experts: int = 8
+    # Use the frozen text embedding in the item tower: any item with text can be scored (inductive).
+    item_text: bool = True
+    # Add a learned per-item ID embedding (transductive: only items seen in training get a useful one).
+    item_ids: bool = False
+    # Score of a user state s and an item e: s·e, or cos(s, e) / temperature.
+    score: Literal["dot", "cosine"] = "dot"
+    # Softmax temperature for score: cosine (ignored for dot).
+    temperature: float = 0.07
+
+    def validate(self, prefix: str = "model.", where: str = "") -> None:
+        """Check combinations of keys that their types alone cannot."""
+        if not (self.item_text or self.item_ids):
+            raise ConfigError(
+                f"config key '{prefix}item_text'{where}: the item tower needs text or IDs; "
+                f"set {prefix}item_text=true or {prefix}item_ids=true"
+            )
+        for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "n_experts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"config key '{prefix}n_heads'{where}: {self.n_heads} heads do not divide "
+                f"{prefix}d_model={self.d_model}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config key '{prefix}dropout'{where}: must be in [0, 1), got {self.dropout}")
+        if self.temperature <= 0.0:
+            raise ConfigError(f"config key '{prefix}temperature'{where}: must be > 0, got {self.temperature}")
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig
     run_dir: str = "runs/default"
@@ -169,6 +217,7 @@ class ExperimentConfig:
     # auto: cuda when available, else cpu.
     device: str = "auto"
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
@@ -295,7 +344,11 @@ def build(cls: type, data: Any, where: str = "", prefix: str = "") -> Any:
             kwargs[name] = _coerce(data[name], hints[name], full, where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config value '{full}'{where}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    # A section may check combinations of its keys in `validate(prefix, where)`.
+    if hasattr(obj, "validate"):
+        obj.validate(prefix, where)
+    return obj
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
