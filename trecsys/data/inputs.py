@@ -124,7 +124,8 @@ def read_delimited(path: Path, sep: str, quoting: int, bad: BadRows, names: list
     lines = np.arange(len(frame), dtype=np.int64) + first_row_line
     for line, _ in skipped:
         lines[lines >= line] += 1
-    bad.report_many(path, [(line, f"{detail} (a field holds the separator?)") for line, detail in skipped])
+    # Reported with the caller's checks of the same file, so that `error` names the earliest line.
+    bad.defer(path, [(line, f"{detail} (a field holds the separator?)") for line, detail in skipped])
     blank = frame.isna().all(axis=1).to_numpy()
     if blank.any():
         frame, lines = frame.loc[~blank].reset_index(drop=True), lines[~blank]
@@ -142,6 +143,7 @@ class BadRows:
     mode: str
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    pending: dict[Path, list[tuple[int, str]]] = field(default_factory=dict)
 
     def report(self, where: str, reason: str) -> None:
         message = f"{where}: {reason}"
@@ -152,9 +154,19 @@ class BadRows:
             self.examples.append(message)
 
     def report_many(self, path: Path, problems: Iterable[tuple[int, str]], unit: str = "line") -> None:
-        """(line, reason) pairs from one file, reported in file order so `error` names the first."""
-        for line, reason in sorted(problems, key=lambda p: p[0]):
+        """(line, reason) pairs from one file, with those deferred for it, in file order."""
+        merged = [*self.pending.pop(path, []), *problems]
+        for line, reason in sorted(merged, key=lambda p: p[0]):
             self.report(location(path, line, unit), reason)
+
+    def defer(self, path: Path, problems: list[tuple[int, str]]) -> None:
+        """Hold problems found while parsing until the row checks of the same file report theirs."""
+        if problems:
+            self.pending.setdefault(path, []).extend(problems)
+
+    def flush(self) -> None:
+        for path in list(self.pending):
+            self.report_many(path, [])
 
 
 def location(path: Path, line: int, unit: str = "line") -> str:
@@ -209,8 +221,7 @@ def finish_interactions(path: Path, raw: pd.DataFrame, lines: np.ndarray, source
              lambda i: f"column {source['split']!r}: {raw['split'].iat[i]!r} is not one of train, valid (dev), test")
 
     keep = pd.isna(reasons)
-    if not keep.all():
-        bad.report_many(path, [(int(lines[i]), reasons[i]) for i in np.flatnonzero(~keep)], unit)
+    bad.report_many(path, [(int(lines[i]), reasons[i]) for i in np.flatnonzero(~keep)], unit)
 
     def kept(values: pd.Series) -> pd.Series:
         values = values if keep.all() else values[keep]
@@ -233,9 +244,8 @@ def finish_items(path: Path, raw: pd.DataFrame, lines: np.ndarray, id_column: st
     """item_id first, every other column as a text field ('' when empty); the first row of an id wins."""
     ids = _as_str(raw[id_column])
     missing = ids.isna().to_numpy()
-    if missing.any():
-        bad.report_many(path, [(int(lines[i]), f"missing value in column {id_column!r}")
-                               for i in np.flatnonzero(missing)], unit)
+    bad.report_many(path, [(int(lines[i]), f"missing value in column {id_column!r}")
+                           for i in np.flatnonzero(missing)], unit)
     out = pd.DataFrame({"item_id": ids[~missing].astype(str).to_numpy()})
     for column in raw.columns:
         if column == id_column or column == "item_id":

@@ -65,6 +65,7 @@ def read_domain(name: str, domain: DomainConfig, root: Path, on_bad_rows: str) -
         input_path(root, domain.users, name, "users", domain.format)
     bad = BadRows(on_bad_rows)
     raw = reader(name, domain, Path(root), bad)
+    bad.flush()
     raw.skipped_rows, raw.skipped_examples = bad.count, bad.examples
     if raw.interactions.empty:
         after = f" after skipping {bad.count} bad rows" if bad.count else ""
