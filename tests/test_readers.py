@@ -410,6 +410,22 @@ def test_csv_errors(tmp_path):
         read(tmp_path, format="csv", interactions=inter, items=items, columns=columns)
 
 
+def test_csv_byte_order_mark_and_encoding(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("\ufeffuser_id,item_id,timestamp\n1,a,3\n".encode())
+    raw = read(tmp_path, format="csv", interactions="bom.csv")
+    assert rows(raw.interactions) == [("1", "a", 3, None)]
+    (tmp_path / "latin.csv").write_bytes("user_id,item_id,timestamp\n1,caf\xe9,3\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.csv: not UTF-8 text .*re-save the file as UTF-8"):
+        read(tmp_path, format="csv", interactions="latin.csv")
+
+
+def test_long_bad_values_are_cut_short(tmp_path):
+    inter = write(tmp_path / "e.csv", "user_id,item_id,timestamp\n1,a," + "x" * 500 + "\n")
+    with pytest.raises(DataError) as info:
+        read(tmp_path, format="csv", interactions=inter)
+    assert "'xxx" in str(info.value) and len(str(info.value)) < len(str(tmp_path)) + 200
+
+
 def test_parquet_typed_columns(tmp_path):
     pq.write_table(pa.table({
         "user": pa.array([1, 1, 2], pa.int64()),

@@ -22,7 +22,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from trecsys.data.inputs import READ_ERRORS, BadRows, finish_interactions, is_gzip, open_text, read_error
+from trecsys.data.inputs import (
+    READ_ERRORS,
+    BadRows,
+    finish_interactions,
+    is_gzip,
+    open_text,
+    read_error,
+    shown,
+)
 from trecsys.errors import DataError
 
 
@@ -199,7 +207,7 @@ def _id_problem(name: str, value) -> str | None:
     if value is None:
         return f"missing field {name!r}"
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-        return f"field {name!r}: {value!r} is not an id"
+        return f"field {name!r}: {shown(value)} is not an id"
     return None
 
 
@@ -207,16 +215,16 @@ def _number_problem(name: str, value, required: bool) -> str | None:
     if value is None:
         return f"missing field {name!r}" if required else None
     if isinstance(value, bool):
-        return f"field {name!r}: {value!r} is not a number"
+        return f"field {name!r}: {shown(value)} is not a number"
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            return f"field {name!r}: {value!r} is not a number"
+            return f"field {name!r}: {shown(value)} is not a number"
     if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return f"field {name!r}: {value!r} is not a number"
+        return f"field {name!r}: {shown(value)} is not a number"
     if required and value < 0:
-        return f"field {name!r}: {value!r} is negative"
+        return f"field {name!r}: {shown(value)} is negative"
     return None
 
 

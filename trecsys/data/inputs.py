@@ -26,6 +26,7 @@ MAX_SKIPPED_EXAMPLES = 5
 READ_ERRORS = (EOFError, OSError, zlib.error, UnicodeDecodeError)
 # The largest timestamp accepted: far beyond any unix time in ms, and safely inside int64.
 MAX_TIMESTAMP = 2.0**62
+ENCODING = "utf-8-sig"
 SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
 
 
@@ -57,9 +58,16 @@ def is_gzip(path: Path) -> bool:
 
 
 def open_text(path: Path) -> TextIO:
+    # utf-8-sig: files saved by spreadsheet programs start with a byte-order mark.
     if is_gzip(path):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding=ENCODING)
+    return open(path, encoding=ENCODING)
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr() of a value for a one-line message, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_error(path: Path, exc: BaseException, line: int | None = None) -> DataError:
@@ -108,7 +116,7 @@ def read_delimited(path: Path, sep: str, quoting: int, bad: BadRows, names: list
                 path, sep=sep, header=None if names else 0, names=names,
                 skiprows=1 if names and has_header else None,
                 dtype=str, keep_default_na=False, na_values=[""], quoting=quoting,
-                skip_blank_lines=False, on_bad_lines="warn", encoding="utf-8",
+                skip_blank_lines=False, on_bad_lines="warn", encoding=ENCODING,
                 compression="gzip" if is_gzip(path) else None,
             )
         except READ_ERRORS as exc:
@@ -199,17 +207,21 @@ def finish_interactions(path: Path, raw: pd.DataFrame, lines: np.ndarray, source
         flag(values.isna().to_numpy(), lambda i, c=column: f"missing value in column {source[c]!r}")
 
     times, time_text = _as_time(raw["timestamp"])
-    missing_time = time_text.isna().to_numpy()
-    flag(missing_time, lambda i: f"missing value in column {source['timestamp']!r}")
-    flag(~np.isfinite(times), lambda i: f"column {source['timestamp']!r}: {time_text.iat[i]!r} is not a number")
-    flag(times < 0, lambda i: f"column {source['timestamp']!r}: {time_text.iat[i]!r} is negative")
-    flag(times >= MAX_TIMESTAMP, lambda i: f"column {source['timestamp']!r}: {time_text.iat[i]!r} is too large")
+    time_column = source["timestamp"]
+
+    def time_value(i: int) -> str:
+        return f"column {time_column!r}: {shown(time_text.iat[i])}"
+
+    flag(time_text.isna().to_numpy(), lambda i: f"missing value in column {time_column!r}")
+    flag(~np.isfinite(times), lambda i: f"{time_value(i)} is not a number")
+    flag(times < 0, lambda i: f"{time_value(i)} is negative")
+    flag(times >= MAX_TIMESTAMP, lambda i: f"{time_value(i)} is too large")
 
     if "rating" in raw:
         ratings = _parse_floats(raw["rating"])
         given = raw["rating"].notna().to_numpy()
         flag(given & ~np.isfinite(ratings),
-             lambda i: f"column {source['rating']!r}: {raw['rating'].iat[i]!r} is not a number")
+             lambda i: f"column {source['rating']!r}: {shown(raw['rating'].iat[i])} is not a number")
     else:
         ratings = np.full(n, np.nan)
 
@@ -217,8 +229,8 @@ def finish_interactions(path: Path, raw: pd.DataFrame, lines: np.ndarray, source
     if "split" in raw:
         text = _as_str(raw["split"]).str.strip().str.lower()
         splits = text.map(SPLIT_NAMES)
-        flag(splits.isna().to_numpy(),
-             lambda i: f"column {source['split']!r}: {raw['split'].iat[i]!r} is not one of train, valid (dev), test")
+        flag(splits.isna().to_numpy(), lambda i: f"column {source['split']!r}: {shown(raw['split'].iat[i])} "
+             "is not one of train, valid (dev), test")
 
     keep = pd.isna(reasons)
     bad.report_many(path, [(int(lines[i]), reasons[i]) for i in np.flatnonzero(~keep)], unit)

@@ -81,7 +81,7 @@ def _read_amazon(name: str, domain: DomainConfig, root: Path, bad: BadRows) -> R
     reviews = input_path(root, domain.interactions, name, "interactions", domain.format)
     interactions = amazon.read_reviews(reviews, domain.format, bad)
     files = [str(reviews)]
-    if domain.items:
+    if domain.items and not interactions.empty:  # no interactions: read_domain says so
         meta = input_path(root, domain.items, name, "items", domain.format)
         items = amazon.read_meta(meta, domain.format, set(interactions["item_id"].unique()), bad)
         if items.empty:
