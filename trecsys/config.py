@@ -34,6 +34,8 @@ class ColumnConfig:
     # Sequence order: a unix time or any sortable number such as a `position` column.
     time: str = "timestamp"
     rating: str | None = None
+    # Pre-split inputs (split: given): a column of train / valid (or dev) / test.
+    split: str | None = None
 
 
 @dataclass
