@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
-from trecsys.config import ExperimentConfig, build
+from trecsys.artifacts import parquet_metadata, read_manifest, run_lock
+from trecsys.config import ExperimentConfig, build, load_config
 from trecsys.data import synthetic
 from trecsys.data.clean import clean_interactions, k_core, sort_by_user_time
 from trecsys.data.split import assign_split, leave_one_out, temporal
 from trecsys.data.synthetic import COLD_ITEM_RELEASE, SPAN_S, START_UNIX_S, generate_domains
-from trecsys.errors import ConfigError, DataError
+from trecsys.errors import ConfigError, DataError, LockBusyError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TRECSYS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -199,3 +205,250 @@ def test_given_split_needs_a_valid_column():
         assign_split(table, "given", 0.1, "D", order_only=False)
     table["split"] = ["train", "test"]
     assert list(assign_split(table, "given", 0.1, "D", order_only=False)) == ["train", "test"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepare stage and its artifacts
+
+
+def fake_embed_texts(texts, cfg, device="cpu", progress=True):
+    """A deterministic stand-in for the encoder: a hash-seeded unit vector per text."""
+    rows = []
+    for text in texts:
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+        row = np.random.default_rng(seed).standard_normal(8).astype(np.float32)
+        rows.append(row / np.linalg.norm(row))
+    info = {"name": "fake", "path": "", "revision": "0", "pooling": "mean", "dim": 8, "max_length": 16}
+    return np.stack(rows), info
+
+
+@pytest.fixture
+def fake_encoder(monkeypatch):
+    from trecsys.stages import prepare
+
+    monkeypatch.setattr(prepare, "embed_texts", fake_embed_texts)
+    return prepare
+
+
+def prepared_files(run_dir: Path) -> dict[str, bytes]:
+    folder = run_dir / "prepared"
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_prepare_writes_the_artifact_contract(tmp_path, fake_encoder, capsys):
+    cfg = synthetic_config(tmp_path, text_template="{title}. {category}")
+    fake_encoder.run(cfg)
+    folder = Path(cfg.run_dir) / "prepared"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.yaml", "interactions.parquet", "item_embeddings.parquet", "items.parquet", "manifest.json"]
+    assert not list(folder.parent.glob(".prepared.tmp-*"))
+
+    items = pq.read_table(folder / "items.parquet")
+    assert [str(t) for t in items.schema.types][:5] == ["int32", "string", "string", "string", "string"]
+    assert items.column_names == ["item_idx", "item_id", "domain", "title", "text", "brand", "category", "price"]
+    items = items.to_pandas()
+    assert (items["item_idx"].to_numpy() == np.arange(len(items))).all()
+    # Contiguous per domain in mapping order, sorted by item_id within a domain.
+    assert items["domain"].drop_duplicates().tolist() == ["Kitchen", "Food"]
+    for _, block in items.groupby("domain", sort=False):
+        assert block["item_id"].is_monotonic_increasing
+    assert (items["text"] == items["title"] + ". " + items["category"]).all()
+
+    table = pq.read_table(folder / "interactions.parquet")
+    assert {f.name: str(f.type) for f in table.schema} == {
+        "user_idx": "int32", "user_id": "string", "item_idx": "int32", "domain": "string",
+        "timestamp": "int64", "rating": "float", "split": "string"}
+    inter = table.to_pandas()
+    keys = list(zip(inter["user_idx"], inter["timestamp"], strict=True))
+    assert keys == sorted(keys)
+    assert set(inter["split"]) == {"train", "valid", "test"}
+    # user_idx is dense over the sorted original ids, shared by both domains.
+    users = inter.drop_duplicates("user_idx").sort_values("user_idx")
+    assert users["user_id"].tolist() == sorted(users["user_id"]) and users["user_idx"].tolist() == list(range(len(users)))
+    # Each item's domain matches the interaction's domain.
+    assert (items.set_index("item_idx").loc[inter["item_idx"], "domain"].to_numpy() == inter["domain"].to_numpy()).all()
+
+    embeddings = pq.read_table(folder / "item_embeddings.parquet")
+    assert str(embeddings.schema.field("embedding").type) == "fixed_size_list<element: float>[8]"
+    assert embeddings.column("item_idx").to_pylist() == list(range(len(items)))
+    assert json.loads(parquet_metadata(folder / "item_embeddings.parquet")["trecsys.encoder"])["name"] == "fake"
+
+    manifest = read_manifest(folder, "prepare")
+    assert manifest["target"] == "Food" and manifest["source"] == ["Kitchen"] and manifest["seed"] == 0
+    assert set(manifest["timings_s"]) == {"read", "clean", "split", "embed", "write"}
+    kitchen, food = manifest["domains"]["Kitchen"], manifest["domains"]["Food"]
+    assert (kitchen["role"], food["role"]) == ("source", "target")
+    assert (kitchen["item_start"], kitchen["item_stop"], food["item_start"], food["item_stop"]) == (
+        0, kitchen["n_items"], kitchen["n_items"], len(items))
+    assert manifest["n_items"] == len(items) and manifest["n_users"] == inter["user_idx"].nunique()
+    assert food["n_interactions"] == (inter["domain"] == "Food").sum()
+    assert food["cold_items_test"] > 0
+    assert load_config(folder / "config.yaml").data.target == "Food"
+    out = capsys.readouterr().out
+    assert "Kitchen" in out and "overlap users" in out and str(folder) in out
+
+
+def test_overlap_users_are_counted_across_domains(tmp_path, fake_encoder):
+    cfg = synthetic_config(tmp_path)
+    fake_encoder.run(cfg)
+    raw = generate_domains(cfg)
+    both = set(raw["Kitchen"].interactions["user_id"]) & set(raw["Food"].interactions["user_id"])
+    domains = read_manifest(Path(cfg.run_dir) / "prepared")["domains"]
+    assert domains["Kitchen"]["n_overlap_users"] == domains["Food"]["n_overlap_users"] == len(both)
+    assert domains["Food"]["n_users"] == raw["Food"].interactions["user_id"].nunique()
+
+
+def test_domain_config_is_checked(tmp_path, fake_encoder):
+    with pytest.raises(ConfigError, match=r"data\.target: 'Books' is not a domain"):
+        fake_encoder.run(synthetic_config(tmp_path, target="Books"))
+    with pytest.raises(ConfigError, match=r"data\.source\[0\]: 'Food' is the target"):
+        fake_encoder.run(synthetic_config(tmp_path, source=["Food"]))
+    with pytest.raises(ConfigError, match=r"data\.source\[1\]: 'Kitchen' is listed twice"):
+        fake_encoder.run(synthetic_config(tmp_path, source=["Kitchen", "Kitchen"]))
+
+
+def test_failed_rerun_keeps_the_previous_prepared_folder(tmp_path, fake_encoder, monkeypatch):
+    cfg = synthetic_config(tmp_path)
+    fake_encoder.run(cfg)
+    before = prepared_files(Path(cfg.run_dir))
+
+    # A filter that empties the domains is refused before anything is written...
+    with pytest.raises(DataError, match=r"no interactions left after cleaning.*min_user_interactions=1000"):
+        fake_encoder.run(synthetic_config(tmp_path, min_user_interactions=1000))
+    # ...and a failure in the middle of writing leaves the old folder in place.
+    def broken_manifest(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fake_encoder, "write_manifest", broken_manifest)
+    with pytest.raises(OSError, match="disk full"):
+        fake_encoder.run(synthetic_config(tmp_path, min_user_interactions=3))
+    assert prepared_files(Path(cfg.run_dir)) == before
+    assert not [p for p in Path(cfg.run_dir).iterdir() if p.name.startswith(".prepared.") and "lock" not in p.name]
+
+
+def test_a_second_concurrent_prepare_is_refused(tmp_path, fake_encoder):
+    cfg = synthetic_config(tmp_path)
+    with run_lock(Path(cfg.run_dir) / "prepared"):
+        with pytest.raises(LockBusyError, match="locked by another trecsys run") as caught:
+            fake_encoder.run(cfg)
+    assert caught.value.exit_code == 3
+    assert not (Path(cfg.run_dir) / "prepared").exists()
+
+
+def write_csv(path: Path, text: str) -> None:
+    path.write_text(text.strip() + "\n", encoding="utf-8")
+
+
+def test_csv_domains_users_matched_by_id_and_items_without_text(tmp_path, fake_encoder):
+    write_csv(tmp_path / "books.csv", "user_id,item_id,timestamp\nu1,b1,10\nu1,b2,20\nu2,b1,5\nu3,b3,7")
+    write_csv(tmp_path / "books_items.csv", "item_id,title\nb1,The Hobbit\nb2,Dune\nb9,Unsold")
+    write_csv(tmp_path / "movies.csv", "user_id,item_id,timestamp\nu1,m1,15\nu1,m2,20\nu4,m1,3\nu4,m3,4")
+    cfg = build(ExperimentConfig, {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"root": str(tmp_path), "target": "Movies", "source": ["Books"],
+                 "domains": {"Books": {"format": "csv", "interactions": "books.csv", "items": "books_items.csv"},
+                             "Movies": {"format": "csv", "interactions": "movies.csv"}}},
+    })
+    fake_encoder.run(cfg)
+    folder = tmp_path / "run" / "prepared"
+    items = pq.read_table(folder / "items.parquet").to_pandas()
+    # b9 has no interaction, so it is not in the catalogue; b3 has no metadata, so no text.
+    assert items["item_id"].tolist() == ["b1", "b2", "b3", "m1", "m2", "m3"]
+    assert items["text"].tolist() == ["The Hobbit", "Dune", "", "", "", ""]
+    inter = pq.read_table(folder / "interactions.parquet").to_pandas()
+    u1 = inter[inter["user_id"] == "u1"]
+    # Domains interleave by time; the tie at t=20 keeps the mapping order (Books first).
+    assert u1["item_idx"].tolist() == [0, 3, 1, 4] and u1["user_idx"].eq(0).all()
+    assert u1["split"].tolist() == ["train", "train", "test", "test"]
+    assert inter["rating"].isna().all()
+    manifest = read_manifest(folder, "prepare")
+    books, movies = manifest["domains"]["Books"], manifest["domains"]["Movies"]
+    assert (books["n_overlap_users"], movies["n_overlap_users"]) == (1, 1)
+    assert (books["items_without_text"], movies["items_without_text"]) == (1, 3)
+    assert (books["n_users"], books["n_items"], movies["n_users"], movies["n_items"]) == (3, 3, 2, 3)
+    assert manifest["n_users"] == 4
+    assert [Path(entry["path"]).name for entry in manifest["inputs"]] == ["books.csv", "books_items.csv", "movies.csv"]
+
+
+def test_cli_exits_3_when_prepared_is_locked(tmp_path, fake_encoder):
+    from typer.testing import CliRunner
+
+    from trecsys.cli import app
+
+    run_dir = tmp_path / "run"
+    with run_lock(run_dir / "prepared"):
+        result = CliRunner().invoke(app, ["prepare", "-c", str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}"])
+    assert result.exit_code == 3, result.output
+    assert "locked by another trecsys run" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end, with the real encoder and the real data
+
+
+@pytest.mark.slow
+def test_demo_prepare_through_the_cli_with_the_real_encoder(tmp_path):
+    run_dir = tmp_path / "demo"
+    command = [sys.executable, "-m", "trecsys", "prepare", "-c", str(REPO / "configs" / "demo.yaml"),
+               f"run_dir={run_dir}", f"embedding.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Food" in result.stdout and str(run_dir / "prepared") in result.stdout
+
+    folder = run_dir / "prepared"
+    manifest = read_manifest(folder, "prepare")
+    assert 10_000 <= sum(d["n_interactions"] for d in manifest["domains"].values()) <= 20_000
+    assert manifest["domains"]["Food"]["n_interactions"] < 0.5 * manifest["domains"]["Kitchen"]["n_interactions"]
+    encoder = json.loads(parquet_metadata(folder / "item_embeddings.parquet")["trecsys.encoder"])
+    assert encoder == manifest["encoder"] and encoder["dim"] == 384
+    table = pq.read_table(folder / "item_embeddings.parquet")
+    vectors = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(len(table), -1)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+
+    # Text carries the themes across domains: a Kitchen camping item is closer to Food camping items
+    # than to Food baking items.
+    items = pq.read_table(folder / "items.parquet").to_pandas()
+    food = items["domain"] == "Food"
+    camping = items["title"].str.contains("Camping|Backpacking|Trail")
+    baking = items["title"].str.contains("Flour|Yeast|Cake Mix|Vanilla")
+    kitchen_camping = vectors[(~food & camping).to_numpy()]
+    to_camping = kitchen_camping @ vectors[(food & camping).to_numpy()].T
+    to_baking = kitchen_camping @ vectors[(food & baking).to_numpy()].T
+    assert to_camping.mean() > to_baking.mean() + 0.05
+
+
+def shared_data(name: str) -> Path:
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"shared data {folder} not present")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_kitchen_to_food_counts_match_provenance(tmp_path, fake_encoder):
+    root = shared_data("amazon_food_kitchen")
+    cfg = load_config(REPO / "configs" / "kitchen_to_food.yaml", [f"data.root={root}", f"run_dir={tmp_path}"])
+    fake_encoder.run(cfg)
+    manifest = read_manifest(tmp_path / "prepared", "prepare")
+    food, kitchen = manifest["domains"]["Food"], manifest["domains"]["Kitchen"]
+    assert (food["n_interactions"], food["n_users"], food["n_items"]) == (98_316, 14_870, 8_661)
+    assert (kitchen["n_interactions"], kitchen["n_users"], kitchen["n_items"]) == (337_811, 47_589, 27_637)
+    assert food["n_overlap_users"] == kitchen["n_overlap_users"] == 9_398
+    assert manifest["n_users"] == 53_061 and manifest["n_items"] == 8_661 + 27_637
+    assert (kitchen["item_start"], food["item_start"]) == (0, 27_637)
+    assert food["items_without_text"] == kitchen["items_without_text"] == 0
+
+
+@pytest.mark.shared_data
+def test_office_given_split_equals_leave_one_out():
+    from trecsys.data.readers import read_domain
+
+    root = shared_data("amazon2014_office")
+    cfg = load_config(REPO / "configs" / "office2014.yaml", [f"data.root={root}"])
+    raw = read_domain("Office", cfg.data.domains["Office"], root, "error")
+    cleaned, _ = clean_interactions(raw.interactions, cfg.data, "Office")
+    given_split = assign_split(cleaned, "given", 0.1, "Office", raw.order_only)
+    assert (given_split == leave_one_out(cleaned)).all()
+    assert (len(cleaned), cleaned["user_id"].nunique(), cleaned["item_id"].nunique()) == (53_258, 4_905, 2_420)
