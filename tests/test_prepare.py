@@ -335,6 +335,16 @@ def test_a_second_concurrent_prepare_is_refused(tmp_path, fake_encoder):
     assert not (Path(cfg.run_dir) / "prepared").exists()
 
 
+def test_temporal_split_through_prepare(tmp_path, fake_encoder):
+    cfg = synthetic_config(tmp_path, split="temporal", temporal_holdout=0.2)
+    fake_encoder.run(cfg)
+    inter = pq.read_table(tmp_path / "run" / "prepared" / "interactions.parquet").to_pandas()
+    for _, domain in inter.groupby("domain"):
+        times = {s: domain.loc[domain["split"] == s, "timestamp"] for s in ("train", "valid", "test")}
+        assert times["train"].max() < times["valid"].min() and times["valid"].max() < times["test"].min()
+        assert 0.15 < (domain["split"] != "train").mean() < 0.25
+
+
 def write_csv(path: Path, text: str) -> None:
     path.write_text(text.strip() + "\n", encoding="utf-8")
 

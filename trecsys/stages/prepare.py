@@ -7,6 +7,7 @@ manifest); it is built under a temporary name and swapped in only when complete.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from trecsys.errors import ConfigError, DataError
 ENCODER_METADATA_KEY = "trecsys.encoder"
 # Item metadata columns copied to items.parquet (as str) when a domain has them.
 ITEM_FIELDS = ("brand", "category", "price")
+# Columns prepare sets itself; an item file's columns of these names are not copied.
+RESERVED_ITEM_COLUMNS = ("item_idx", "domain")
 
 
 def run(cfg: ExperimentConfig) -> None:
@@ -37,6 +40,7 @@ def run(cfg: ExperimentConfig) -> None:
     with run_lock(out):
         timings: dict[str, float] = {}
         clock = time.perf_counter()
+        _note(f"reading {len(roles)} domain(s): {', '.join(roles)}")
         raw = read_domains(cfg)
         timings["read"] = time.perf_counter() - clock
 
@@ -61,6 +65,7 @@ def run(cfg: ExperimentConfig) -> None:
 
         clock = time.perf_counter()
         items["text"] = item_texts(items, cfg.data)
+        _note(f"embedding {len(items):,} item texts with {cfg.embedding.encoder}")
         embeddings, encoder = embed_texts(items["text"].tolist(), cfg.embedding, device=resolve_device(cfg.device))
         if embeddings.shape[0] != len(items):
             raise DataError(f"the encoder returned {embeddings.shape[0]} embeddings for {len(items)} items")
@@ -90,6 +95,10 @@ def run(cfg: ExperimentConfig) -> None:
                 },
             )
     print(summary_table(stats))
+    for name, domain in raw.items():
+        if domain.skipped_rows:
+            examples = "; ".join(domain.skipped_examples[:3])
+            print(f"{name}: skipped {domain.skipped_rows:,} bad input rows (data.on_bad_rows=skip), e.g. {examples}")
     print(f"prepared: {out} ({time.perf_counter() - started:.1f} s)")
 
 
@@ -127,6 +136,11 @@ def read_domains(cfg: ExperimentConfig) -> dict[str, RawDomain]:
         else read_domain(name, domain, root, cfg.data.on_bad_rows)
         for name, domain in cfg.data.domains.items()
     }
+
+
+def _note(message: str) -> None:
+    """Progress for people, on stderr so stdout stays the summary."""
+    print(f"prepare: {message}", file=sys.stderr, flush=True)
 
 
 def resolve_device(device: str) -> str:
@@ -167,7 +181,8 @@ def build_tables(cleaned: dict[str, pd.DataFrame], raw: dict[str, RawDomain]) ->
         block = pd.DataFrame({"item_idx": np.arange(start, start + len(ids), dtype=np.int32),
                               "item_id": ids, "domain": name})
         for column in meta.columns:
-            block[column] = meta[column].to_numpy()
+            if column not in RESERVED_ITEM_COLUMNS:
+                block[column] = meta[column].to_numpy()
         item_frames.append(block)
         start += len(ids)
     items = pd.concat(item_frames, ignore_index=True)
