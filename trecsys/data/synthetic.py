@@ -29,6 +29,9 @@ COLD_ITEM_PICK = 0.4  # chance that an eligible (late, held-out) target slot buy
 FOLLOW_COMPLEMENT = 0.5  # chance that the next item in a session is a complement of the previous one
 EXPLORE = 0.15  # chance that a session's theme is a random one rather than a favourite
 ZIPF_EXPONENT = 1.1
+# How often a title names its theme through a theme word or a theme brand (the text-borne signal).
+THEME_WORD_CHANCE = 0.7
+THEME_BRAND_CHANCE = 0.5
 START_UNIX_S = 1_672_531_200  # 2023-01-01 UTC
 SPAN_S = 365 * 86_400
 MAX_HISTORY = 60
@@ -136,8 +139,8 @@ def _make_catalog(name: str, vocab: DomainVocabulary, theme_names: list[str], n_
         theme = THEMES[theme_name]
         for _ in range(50):  # redraw the rare duplicate title
             noun, category = vocab.products[theme_name][rng.integers(len(vocab.products[theme_name]))]
-            brand = _pick(rng, theme.brands if rng.random() < 0.5 else vocab.brands)
-            attribute = _pick(rng, theme.words if rng.random() < 0.5 else vocab.attributes)
+            brand = _pick(rng, theme.brands if rng.random() < THEME_BRAND_CHANCE else vocab.brands)
+            attribute = _pick(rng, theme.words if rng.random() < THEME_WORD_CHANCE else vocab.attributes)
             if attribute.lower() in noun.lower():
                 attribute = ""
             title = " ".join(part for part in (brand, attribute, noun) if part) + f", {_pick(rng, vocab.sizes)}"
