@@ -1,5 +1,6 @@
-"""Next-item losses over a catalogue: exact full-softmax cross-entropy computed in item chunks, and
-sampled softmax with logQ correction for catalogues too large to score in full.
+"""Next-item losses over a catalogue: exact full-softmax cross-entropy computed in item chunks, sampled
+softmax with logQ correction for catalogues too large to score in full, and the distillation KL
+between a teacher's and a student's softmax over the catalogue, chunked the same way.
 
 `score_fn(states (..., N, d), item_reps (..., n, d)) -> (..., N, n)` is a pure function of its two
 inputs (e.g. `SeqRecModel.score`) that broadcasts leading dimensions like matmul, so that
@@ -99,3 +100,55 @@ def proposal_log_q(item_counts: np.ndarray | torch.Tensor, power: float = 0.75) 
     counts = torch.as_tensor(np.asarray(item_counts), dtype=torch.float64)
     weights = (counts + 1.0) ** power
     return torch.log(weights / weights.sum()).float()
+
+
+
+def _kd_chunk(states: torch.Tensor, item_reps: torch.Tensor, score_fn: ScoreFn, teacher_states: torch.Tensor,
+              teacher_reps: torch.Tensor, teacher_score_fn: ScoreFn, teacher_lse: torch.Tensor,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One item chunk's share of the KL: (Σ_j p_j (t_j − s_j), logsumexp_j s_j), logits over T."""
+    with torch.no_grad():
+        teacher = teacher_score_fn(teacher_states, teacher_reps).float() / temperature
+        p = torch.exp(teacher - teacher_lse[:, None])
+    student = score_fn(states, item_reps).float() / temperature
+    return (p * (teacher - student)).sum(dim=1), torch.logsumexp(student, dim=1)
+
+
+def chunked_kd_loss(states: torch.Tensor, item_reps: torch.Tensor, score_fn: ScoreFn,
+                    teacher_states: torch.Tensor, teacher_reps: torch.Tensor, teacher_score_fn: ScoreFn,
+                    mask: torch.Tensor, temperature: float = 1.0, chunk_size: int = 8192) -> torch.Tensor:
+    """Mean over the rows where `mask` holds of T² · KL(softmax(teacher / T) ‖ softmax(student / T)).
+
+    The softmax runs over the whole catalogue: `item_reps` rows for the student, `teacher_reps` rows
+    for the teacher (the same items in the same order; the two may differ in width and score). With
+    t, s the logits over T and p = softmax(t): KL = Σ_j p_j (t_j − s_j) − lse(t) + lse(s). A first
+    pass computes lse(t) chunk by chunk without gradients (the teacher is fixed); a second gives
+    each chunk's Σ_j p_j (t_j − s_j) and lse(s), checkpointed like `chunked_cross_entropy`. So no
+    more than `chunk_size` items' logits exist at once, and the value equals the unchunked one.
+    The T² factor keeps the gradient scale independent of T (Hinton et al. 2015).
+    """
+    keep = mask.reshape(-1)
+    states = states.reshape(-1, states.shape[-1])[keep]
+    teacher_states = teacher_states.reshape(-1, teacher_states.shape[-1])[keep].detach()
+    teacher_reps = teacher_reps.detach()
+    if len(states) == 0:
+        return states.sum() * 0.0  # keeps the graph connected for a batch without rows
+    n_items = item_reps.shape[0]
+    if teacher_reps.shape[0] != n_items:
+        raise ValueError(f"the teacher scores {teacher_reps.shape[0]} items, the student {n_items}")
+    bounds = [(lo, min(lo + chunk_size, n_items)) for lo in range(0, n_items, chunk_size)]
+    with torch.no_grad():
+        teacher_lse = torch.logsumexp(torch.stack([
+            torch.logsumexp(teacher_score_fn(teacher_states, teacher_reps[lo:hi]).float() / temperature, dim=1)
+            for lo, hi in bounds
+        ], dim=1), dim=1)
+    if len(bounds) == 1:  # one chunk: nothing to recompute, skip the checkpoint
+        cross, student_lse = _kd_chunk(states, item_reps, score_fn, teacher_states, teacher_reps,
+                                       teacher_score_fn, teacher_lse, temperature)
+    else:
+        parts = [checkpoint(_kd_chunk, states, item_reps[lo:hi], score_fn, teacher_states, teacher_reps[lo:hi],
+                            teacher_score_fn, teacher_lse, temperature, use_reentrant=False)
+                 for lo, hi in bounds]
+        cross = torch.stack([c for c, _ in parts], dim=1).sum(dim=1)
+        student_lse = torch.logsumexp(torch.stack([s for _, s in parts], dim=1), dim=1)
+    return temperature * temperature * (cross - teacher_lse + student_lse).mean()
