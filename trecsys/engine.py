@@ -384,14 +384,16 @@ class _Progress:
 
 def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn, cfg: TrainConfig,
         work_dir: Path, *, seed: int, dist: Dist | None = None,
-        save_model: Callable[[nn.Module, Path], None] = save_weights, monitor: str = "ndcg@10",
+        save_model: Callable[[nn.Module, Path], None] = save_weights,
+        load_model: Callable[[nn.Module, Path], None] = load_weights, monitor: str = "ndcg@10",
         config_key: str = "train", fingerprint: dict | None = None, resume: bool = False,
         resume_hint: str = "re-run with --resume", lr_scales: dict[str, float] | None = None) -> FitResult:
     """Train `model` in place; `work_dir` receives `last/`, `best/` and `train_log.jsonl` (rank 0).
 
     The best model by `validate(model)[monitor]` (higher is better) is in `work_dir/best/`; the
     in-memory model holds the last weights. `fingerprint` (model config, data hashes, ...) must match
-    for `resume=True` to continue from `work_dir/last/`. Only parameters with requires_grad train;
+    for `resume=True` to continue from `work_dir/last/` (read back by `load_model`, the inverse of
+    `save_model`). Only parameters with requires_grad train;
     `lr_scales` gives named parameters a multiple of the scheduled lr (see `make_optimizer`).
     """
     dist = dist or Dist()
@@ -415,7 +417,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
 
     progress = _Progress()
     if resume:
-        progress = _load_resume_state(model, optimizer, scaler, last_dir, resume_key, dist)
+        progress = _load_resume_state(model, optimizer, scaler, last_dir, resume_key, dist, load_model)
         if dist.is_main:
             _truncate_log(log_path, progress.step)
     else:
@@ -620,7 +622,8 @@ def _raise_diverged(what: str, step: int, lr: float, last_dir: Path, precision: 
 
 
 def _load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                       last_dir: Path, resume_key: dict, dist: Dist) -> _Progress:
+                       last_dir: Path, resume_key: dict, dist: Dist,
+                       load_model: Callable[[nn.Module, Path], None] = load_weights) -> _Progress:
     state_path = last_dir / STATE
     if not state_path.is_file():
         raise ArtifactError(f"nothing to resume: {state_path} does not exist; run without --resume")
@@ -632,7 +635,7 @@ def _load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, scale
     if state.get("format") != STATE_FORMAT:
         raise ArtifactError(f"{state_path}: training state format {state.get('format')!r}, expected {STATE_FORMAT}")
     _check_resume_key(state["resume_key"], resume_key, state_path)
-    load_weights(model, last_dir)
+    load_model(model, last_dir)
     model.to(dist.device)
     optimizer.load_state_dict(state["optimizer"])
     if scaler.is_enabled():
