@@ -179,7 +179,7 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
         result = CandidateResult(candidate.strategy, fitted.best_metrics or {}, fitted.best_step, fitted.steps,
                                  fitted.stopped, model.num_parameters(), candidate.n_trainable(),
                                  round(fitted.elapsed_s, 3))
-    if dist.is_main:
+    if dist.is_main and result.stopped != "max_steps":  # one cut short by max_steps resumes from last/
         write_json(done, asdict(result))
     return result
 
