@@ -94,6 +94,26 @@ class EmbeddingConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`trec evaluate`: full ranking of the target catalogue (trecsys/stages/evaluate.py)."""
+
+    # Cut-offs K of every @K metric; each must be <= the target catalogue size.
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    # Never rank items already in the user's history (they are masked out of the catalogue).
+    exclude_seen: bool = True
+    # Bootstrap resamples of the users for 95% confidence intervals and paired p-values; 0 = none.
+    bootstrap: int = 1000
+    # Users scored at once, and catalogue items per score block: memory is user_batch × item_chunk.
+    user_batch: int = 1024
+    item_chunk: int = 65536
+    # History-length slices by train interactions in the target: the first bucket (below the first
+    # edge) is the cold users, each edge starts a bucket: [4, 8, 16] gives 0-3, 4-7, 8-15, 16+.
+    history_buckets: list[int] = field(default_factory=lambda: [4, 8, 16])
+    # Target items with fewer train interactions than this form the cold-item slice.
+    cold_item_interactions: int = 5
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig
     run_dir: str = "runs/default"
@@ -101,6 +121,7 @@ class ExperimentConfig:
     # auto: cuda when available, else cpu.
     device: str = "auto"
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # ---------------------------------------------------------------------------------------------
