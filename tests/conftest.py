@@ -15,11 +15,12 @@ SHARED_DATA = Path(os.environ.get("TRECSYS_SHARED_DATA", Path(__file__).resolve(
 
 
 def write_tiny_prepared(run_dir: Path, seed: int = 0, n_users: int = 60, n_source_items: int = 30,
-                        n_target_items: int = 40, text_dim: int = 8) -> Path:
+                        n_target_items: int = 60, text_dim: int = 8, with_test: bool = True) -> Path:
     """Two domains, `src` (source) then `tgt` (target), leave-one-out split, Zipf-like popularity.
 
-    Target users have 0 to 20 train interactions, some users are only in the target, and a few
-    target items never occur in training (cold start from text only).
+    Target users have 1 to 21 train interactions, some users are only in the target, and a few
+    target items never occur in training (cold start from text only). `with_test=False` leaves the
+    test split empty.
     """
     rng = np.random.default_rng(seed)
     folder = Path(run_dir) / "prepared"
@@ -45,7 +46,7 @@ def write_tiny_prepared(run_dir: Path, seed: int = 0, n_users: int = 60, n_sourc
                 items[-1] = stop - 1 - (u % 3)  # a held-out item never seen in training
             splits = ["train"] * len(items)
             if domain == "tgt":
-                splits[-1], splits[-2] = "test", "valid"
+                splits[-1], splits[-2] = ("test" if with_test else "train"), "valid"
             for item, split in zip(items, splits, strict=True):
                 rows.append((u, int(item), domain, t, split))
                 t += 1
@@ -90,8 +91,14 @@ def write_tiny_prepared(run_dir: Path, seed: int = 0, n_users: int = 60, n_sourc
 
 @pytest.fixture
 def tiny_prepared(tmp_path: Path) -> Path:
-    """A run folder whose prepared/ has a 30-item source and a 40-item target domain."""
+    """A run folder whose prepared/ has a 30-item source and a 60-item target domain."""
     return write_tiny_prepared(tmp_path / "run")
+
+
+@pytest.fixture
+def make_prepared():
+    """write_tiny_prepared(run_dir, seed=..., ...) for tests that need variants."""
+    return write_tiny_prepared
 
 
 @pytest.fixture

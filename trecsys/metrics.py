@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from trecsys.errors import ConfigError
@@ -263,31 +262,6 @@ def bootstrap_means(values: np.ndarray, n_samples: int, seed: int) -> np.ndarray
     n_users = len(values)
     blocks = [counts @ values / n_users for counts in resample_counts(n_users, n_samples, seed)]
     return np.concatenate(blocks) if blocks else np.zeros((0, values.shape[1]))
-
-
-def bootstrap_coverage(top_lists: Sequence[np.ndarray], n_items: int, n_samples: int, seed: int
-                       ) -> np.ndarray:
-    """Catalogue coverage of each resample, for each (n_users, k) top list: (n_samples, len(top_lists)).
-
-    Resamples are those of `bootstrap_means` for the same (n_users, n_samples, seed): an item is
-    covered when some user drawn at least once has it in their list.
-    """
-    n_users = len(top_lists[0])
-    # (lists × items) × users incidence: one sparse product per block gives every list's covered items.
-    tops = [np.asarray(top, dtype=np.int64) for top in top_lists]
-    item_rows = np.concatenate([top.ravel() + t * n_items for t, top in enumerate(tops)])
-    user_cols = np.concatenate([np.repeat(np.arange(n_users), top.shape[1]) for top in tops])
-    incidence = sp.csr_matrix((np.ones(len(item_rows), dtype=np.float32), (item_rows, user_cols)),
-                              shape=(len(tops) * n_items, n_users))
-    # The product is dense (lists × items, columns): take few enough resamples at a time.
-    step = max(1, (1 << 24) // incidence.shape[0])
-    out = []
-    for counts in resample_counts(n_users, n_samples, seed):
-        for lo in range(0, len(counts), step):
-            present = (counts[lo:lo + step] > 0).astype(np.float32).T  # (n_users, step)
-            covered = (incidence @ present) > 0
-            out.append(covered.reshape(len(tops), n_items, -1).sum(axis=1).T / n_items)
-    return np.concatenate(out) if out else np.zeros((0, len(top_lists)))
 
 
 def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:

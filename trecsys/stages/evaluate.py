@@ -120,12 +120,12 @@ def _compare_system(entry: str, prepared: Prepared) -> System:
         folder, other_run = path, path.parent
     elif (path / "prepared").is_dir() or any((path / s).is_dir() for s in MODEL_STAGES):
         folder, other_run = latest_checkpoint(path), path
-        if folder is None:
-            raise ArtifactError(f"--compare {entry}: the run has no model in {', '.join(MODEL_STAGES)}/: train one first")
     else:
         raise ArtifactError(f"--compare {entry}: not a run folder or a checkpoint folder (model.safetensors + config.json)")
     if (other_run / "prepared").is_dir():
         check_same_prepared(other_run / "prepared", prepared, entry)
+    if folder is None:
+        raise ArtifactError(f"--compare {entry}: the run has no model in {', '.join(MODEL_STAGES)}/: train one first")
     label = entry if folder == path else f"{entry.rstrip('/')}/{folder.name}"
     return System(label, folder)
 

@@ -1,0 +1,199 @@
+"""`trec evaluate` end to end on the tiny prepared run: files, schema, plots, errors, CLI options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from trecsys.cli import app
+from trecsys.config import load_config
+from trecsys.errors import ArtifactError, ConfigError, DataError
+from trecsys.stages import evaluate as stage
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_config(run_dir: Path, **evaluate) -> Path:
+    data = {
+        "data": {"domains": {"src": {"format": "synthetic"}, "tgt": {"format": "synthetic"}},
+                 "target": "tgt", "source": ["src"]},
+        "run_dir": str(run_dir),
+        "seed": 3,
+        "evaluate": {"bootstrap": 100, **evaluate},
+    }
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def evaluate(run_dir: Path, **kwargs) -> pd.DataFrame:
+    stage.run(load_config(write_config(run_dir)), **kwargs)
+    return pd.read_parquet(run_dir / "eval" / "metrics.parquet")
+
+
+def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
+    metrics = evaluate(tiny_prepared)
+    out = tiny_prepared / "eval"
+
+    assert list(metrics.columns) == ["run", "split", "slice", "metric", "k", "value", "ci_low", "ci_high", "n_users"]
+    assert set(metrics["run"]) == {"popularity", "item-knn"}
+    assert set(metrics["split"]) == {"test"}
+    assert set(metrics["k"]) == {5, 10, 20, 50}
+    assert {"all", "history:0-3", "source:shared", "source:target-only", "target:unseen", "target:warm"} <= set(
+        metrics["slice"])
+    assert set(metrics["metric"]) == {"recall", "hit", "ndcg", "mrr", "precision", "coverage", "diversity",
+                                      "popularity"}
+    per_user = metrics[metrics["metric"] != "coverage"]
+    assert (per_user["ci_low"] <= per_user["value"] + 1e-12).all()
+    assert (per_user["value"] <= per_user["ci_high"] + 1e-12).all()
+    assert (per_user["ci_low"] < per_user["ci_high"]).any()
+    coverage = metrics[metrics["metric"] == "coverage"]
+    assert set(coverage["slice"]) == {"all"} and coverage["ci_low"].isna().all()  # not a mean over users
+    accuracy = metrics[metrics["metric"].isin(["recall", "hit", "ndcg", "mrr", "precision", "coverage"])]
+    assert accuracy["value"].between(0, 1).all()
+    # Target users with a test item: 40 of the 60 (u % 3 != 0). Items never trained on have no count
+    # and no co-occurrence, so both baselines rank them last: zero recall at K=5.
+    assert (metrics.loc[metrics["slice"] == "all", "n_users"] == 40).all()
+    unseen = metrics[(metrics["slice"] == "target:unseen") & (metrics["metric"] == "recall") & (metrics["k"] == 5)]
+    assert len(unseen) == 2 and (unseen["value"] == 0).all()
+
+    comparison = pd.read_parquet(out / "comparison.parquet")
+    assert set(comparison["run"]) == {"item-knn"} and set(comparison["reference"]) == {"popularity"}
+    tested = comparison[comparison["metric"] != "coverage"]
+    assert tested["p_value"].between(0, 1).all() and len(tested) > 100
+
+    report = (out / "report.md").read_text()
+    assert "## All users, K=10" in report and "| popularity |" in report and "## Slices" in report
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} == {"metrics_at_k.png", "slices.png"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        import matplotlib.image
+        from PIL import Image
+
+        assert matplotlib.image.imread(png).shape[2] in (3, 4)
+        with Image.open(png) as image:
+            image.verify()
+        assert f"]({png.name})" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "evaluate" and {o["path"] for o in manifest["outputs"]} >= {"metrics.parquet", "report.md"}
+
+    printed = capsys.readouterr().out
+    assert "popularity" in printed and "ndcg@10" in printed and "wrote" in printed
+
+
+def test_same_seed_same_numbers_and_chunking_changes_nothing(tiny_prepared, tmp_path):
+    first = evaluate(tiny_prepared)
+    cfg = load_config(write_config(tiny_prepared), ["evaluate.user_batch=7", "evaluate.item_chunk=9"])
+    stage.run(cfg)
+    second = pd.read_parquet(tiny_prepared / "eval" / "metrics.parquet")
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_valid_split_uses_train_history(tiny_prepared):
+    metrics = evaluate(tiny_prepared, split="valid")
+    assert set(metrics["split"]) == {"valid"}
+
+
+def test_learning_curves_and_fewshot_plots_when_their_inputs_exist(tiny_prepared):
+    log = tiny_prepared / "pretrain" / "train_log.jsonl"
+    log.parent.mkdir()
+    lines = [{"step": s, "loss": 5.0 / (s + 1), "lr": 1e-3} for s in range(20)]
+    lines += [{"epoch": 1, "step": 19, "valid_ndcg@10": 0.1}, "not json {"]
+    log.write_text("\n".join(json.dumps(x) if isinstance(x, dict) else x for x in lines) + "\n")
+    fewshot = tiny_prepared / "fewshot" / "results.parquet"
+    fewshot.parent.mkdir()
+    pd.DataFrame({"train_fraction": [0.1, 0.5, 1.0] * 2, "strategy": ["full"] * 3 + ["scratch"] * 3,
+                  "metric": "ndcg", "k": 10, "value": [0.1, 0.2, 0.25, 0.02, 0.1, 0.2]}).to_parquet(fewshot)
+    evaluate(tiny_prepared)
+    out = tiny_prepared / "eval"
+    for name in ("learning_curves.png", "fewshot.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+        assert f"]({name})" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one-line errors naming what differs
+
+
+def test_k_beyond_catalogue_names_the_key(tiny_prepared):
+    with pytest.raises(ConfigError, match=r"evaluate\.ks.*K=61.*60 items"):
+        stage.run(load_config(write_config(tiny_prepared), ["evaluate.ks=[10, 61]"]))
+
+
+def test_empty_split_is_a_data_error(tmp_path, make_prepared):
+    run_dir = make_prepared(tmp_path / "run", with_test=False)
+    with pytest.raises(DataError, match=r"interactions\.parquet.*test split of target domain 'tgt'"):
+        evaluate(run_dir)
+
+
+def test_compare_refuses_runs_on_other_prepared_data(tiny_prepared, tmp_path, make_prepared):
+    other = make_prepared(tmp_path / "other", n_target_items=61)
+    with pytest.raises(ArtifactError, match=r"other/prepared/items\.parquet \(sha256 .*differs from .*run/prepared/"
+                                            r"items\.parquet.*compare runs prepared from the same data"):
+        evaluate(tiny_prepared, compare=[str(other)])
+    reshuffled = make_prepared(tmp_path / "reshuffled", seed=1)  # same items, other users
+    with pytest.raises(ArtifactError, match=r"reshuffled/prepared/interactions\.parquet .*differs"):
+        evaluate(tiny_prepared, compare=[str(reshuffled)])
+    same = tmp_path / "same"
+    shutil.copytree(tiny_prepared / "prepared", same / "prepared")
+    with pytest.raises(ArtifactError, match=r"has no model"):
+        evaluate(tiny_prepared, compare=[str(same)])
+    with pytest.raises(ArtifactError, match=r"not a run folder"):
+        evaluate(tiny_prepared, compare=[str(tmp_path / "missing")])
+
+
+def test_model_option_needs_a_checkpoint_folder(tiny_prepared):
+    with pytest.raises(ArtifactError, match=r"--model .*model\.safetensors"):
+        evaluate(tiny_prepared, model=str(tiny_prepared / "prepared"))
+
+
+def test_bad_config_values_name_the_key(tiny_prepared):
+    for override, key in (("evaluate.history_buckets=[4, 2]", "evaluate.history_buckets"),
+                          ("evaluate.bootstrap=-1", "evaluate.bootstrap"),
+                          ("evaluate.item_chunk=0", "evaluate.item_chunk")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            stage.run(load_config(write_config(tiny_prepared), [override]))
+    with pytest.raises(ConfigError, match="--split"):
+        evaluate(tiny_prepared, split="train")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--compare", "runs/a", "runs/b"], ["runs/a", "runs/b"]),
+    (["--compare", "runs/a,runs/b"], ["runs/a,runs/b"]),
+    (["--compare", "runs/a", "--compare", "runs/b", "seed=1"], ["runs/a", "runs/b"]),
+])
+def test_cli_passes_options_to_the_stage(tiny_prepared, monkeypatch, args, expected):
+    seen = {}
+    monkeypatch.setattr(stage, "run", lambda cfg, **options: seen.update(options, seed=cfg.seed))
+    result = CliRunner().invoke(app, ["evaluate", "-c", str(write_config(tiny_prepared)), "--split", "valid", *args])
+    assert result.exit_code == 0, result.output
+    assert seen["compare"] == expected and seen["split"] == "valid" and seen["model"] is None
+    assert seen["seed"] == (1 if "seed=1" in args else 3)
+    assert stage._split_entries(seen["compare"]) == ["runs/a", "runs/b"]
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tiny_prepared):
+    result = CliRunner().invoke(app, ["evaluate", "-c", str(write_config(tiny_prepared)), "evaluate.ks=[100]"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "evaluate.ks" in lines[0]
+
+
+def test_cli_runs_the_stage(tiny_prepared):
+    result = CliRunner().invoke(app, ["evaluate", "-c", str(write_config(tiny_prepared)), "evaluate.ks=[1,5]"])
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_parquet(tiny_prepared / "eval" / "metrics.parquet")
+    assert set(metrics["k"]) == {1, 5}
+    assert not np.isnan(metrics.loc[metrics["metric"] != "coverage", "ci_low"]).any()
