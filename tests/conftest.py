@@ -1,8 +1,12 @@
-"""Shared fixtures: a tiny prepared run folder written to the contract in trecsys/data/prepared.py."""
+"""Shared fixtures: a tiny prepared run folder written to the contract in trecsys/data/prepared.py.
+
+tests/ is on sys.path so test helpers import as plain modules.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,8 @@ import pyarrow as pa
 import pytest
 
 from trecsys.artifacts import write_manifest, write_parquet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHARED_DATA = Path(os.environ.get("TRECSYS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

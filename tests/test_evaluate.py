@@ -197,3 +197,89 @@ def test_cli_runs_the_stage(tiny_prepared):
     metrics = pd.read_parquet(tiny_prepared / "eval" / "metrics.parquet")
     assert set(metrics["k"]) == {1, 5}
     assert not np.isnan(metrics.loc[metrics["metric"] != "coverage", "ci_low"]).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# With a model checkpoint (trecsys.model)
+
+
+def save_model(folder: Path, prepared_run: Path, seed: int = 0, n_items: int | None = None,
+               text_dim: int | None = None) -> None:
+    import torch
+
+    from trecsys.config import ModelConfig
+    from trecsys.data.prepared import load_prepared
+    from trecsys.model import SeqRecModel, save_checkpoint
+
+    prepared = load_prepared(prepared_run)
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, max_seq_len=8, dropout=0.0, n_experts=2)
+    model = SeqRecModel(cfg, text_dim or prepared.embeddings.shape[1], n_items or prepared.n_items)
+    save_checkpoint(model, folder, extra={"stage": folder.name})
+
+
+def test_model_scorer_matches_a_direct_forward_pass(tiny_prepared):
+    import torch
+
+    from trecsys.data.prepared import load_prepared
+    from trecsys.data.sequences import history_batch
+    from trecsys.model import load_checkpoint
+    from trecsys.scorers import ModelScorer
+
+    save_model(tiny_prepared / "finetune", tiny_prepared)
+    prepared = load_prepared(tiny_prepared)
+    users = stage.eval_users(prepared, "test")
+    domain = prepared.domains["tgt"]
+    model, _ = load_checkpoint(tiny_prepared / "finetune")
+    scorer = ModelScorer(model, users.histories_global, domain, prepared.embeddings, torch.device("cpu"),
+                         user_batch=7)
+    model.set_item_text(torch.from_numpy(prepared.embeddings))
+    with torch.no_grad():
+        states = model.user_state(history_batch(users.histories_global[:5], 8))
+        expected = model.score(states, model.item_reps(domain.item_start, domain.item_stop))
+    got = scorer.score_chunk(torch.arange(5), 0, domain.n_items)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(scorer.score_chunk(torch.tensor([2, 3]), 10, 20), expected[2:4, 10:20], atol=1e-5)
+
+
+def test_latest_model_is_evaluated_against_the_baselines(tiny_prepared):
+    save_model(tiny_prepared / "pretrain", tiny_prepared)
+    metrics = evaluate(tiny_prepared)
+    assert list(dict.fromkeys(metrics["run"])) == ["pretrain (zero-shot)", "popularity", "item-knn"]
+    save_model(tiny_prepared / "finetune", tiny_prepared, seed=1)
+    metrics = evaluate(tiny_prepared)
+    assert list(dict.fromkeys(metrics["run"])) == ["finetune", "popularity", "item-knn"]
+    comparison = pd.read_parquet(tiny_prepared / "eval" / "comparison.parquet")
+    assert set(comparison["reference"]) == {"finetune"} and set(comparison["run"]) == {"popularity", "item-knn"}
+    manifest = json.loads((tiny_prepared / "eval" / "manifest.json").read_text())
+    assert any(i["path"].endswith("finetune/model.safetensors") for i in manifest["inputs"])
+
+    metrics = evaluate(tiny_prepared, model=str(tiny_prepared / "pretrain"))
+    assert metrics["run"].iloc[0] == str(tiny_prepared / "pretrain")
+
+
+def test_compare_runs_side_by_side_with_paired_p_values(tiny_prepared, tmp_path):
+    save_model(tiny_prepared / "finetune", tiny_prepared, seed=0)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_prepared / "prepared", other / "prepared")
+    save_model(other / "distill", other, seed=1)
+    metrics = evaluate(tiny_prepared, compare=[str(tiny_prepared), f"{other}/distill"])
+    runs = list(dict.fromkeys(metrics["run"]))
+    assert runs == [f"{tiny_prepared}/finetune", f"{other}/distill", "popularity", "item-knn"]
+    comparison = pd.read_parquet(tiny_prepared / "eval" / "comparison.parquet")
+    assert set(comparison["reference"]) == {runs[0]} and set(comparison["run"]) == set(runs[1:])
+    # The same model twice: zero difference, p = 1, on every slice.
+    evaluate(tiny_prepared, compare=[str(tiny_prepared), str(tiny_prepared / "finetune")])
+    same = pd.read_parquet(tiny_prepared / "eval" / "comparison.parquet")
+    same = same[same["run"] == f"{tiny_prepared}/finetune #2"]
+    assert len(same) and (same["delta"] == 0).all()
+    assert (same.loc[same["metric"] != "coverage", "p_value"] == 1).all()
+
+
+def test_model_for_another_catalogue_is_refused(tiny_prepared):
+    save_model(tiny_prepared / "finetune", tiny_prepared, n_items=91)
+    with pytest.raises(ArtifactError, match=r"finetune/config\.json: .*n_items=91 .* 90 items"):
+        evaluate(tiny_prepared)
+    save_model(tiny_prepared / "finetune", tiny_prepared, text_dim=9)
+    with pytest.raises(ArtifactError, match=r"finetune/config\.json: .*text_dim=9 .* 8 dimensions"):
+        evaluate(tiny_prepared)

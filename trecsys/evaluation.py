@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from trecsys import metrics as M
-from trecsys.errors import ConfigError
 
 METRICS_COLUMNS = ("run", "split", "slice", "metric", "k", "value", "ci_low", "ci_high", "n_users")
 COMPARISON_COLUMNS = ("run", "reference", "split", "slice", "metric", "k", "delta", "ci_low", "ci_high",
@@ -32,11 +31,6 @@ def history_labels(edges: Sequence[int]) -> list[str]:
     bounds = [0, *edges]
     labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     return [*labels, f"{bounds[-1]}+"]
-
-
-def check_history_buckets(edges: Sequence[int], key: str = "evaluate.history_buckets") -> None:
-    if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges[:-1], edges[1:], strict=True)):
-        raise ConfigError(f"config key '{key}': expected increasing cut-offs >= 1 such as [4, 8, 16], got {list(edges)}")
 
 
 def build_slices(targets: list[np.ndarray], train_lengths: np.ndarray, in_source: np.ndarray,

@@ -22,6 +22,7 @@ LOG_STAGES = ("pretrain", "distill", "finetune")
 FEWSHOT_TABLE = Path("fewshot") / "results.parquet"
 # The x axis of a training log, in order of preference.
 LOG_X_KEYS = ("step", "epoch", "iteration")
+SKIPPED_LOG_KEYS = ("lr", "time", "seconds", "best_step")
 
 
 def headline_k(ks: Sequence[int]) -> int:
@@ -224,15 +225,26 @@ def _curves(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for i, record in enumerate(records):
         x = record.get(x_key, i) if x_key else i
-        for key, value in record.items():
+        for key, value in _flatten(record).items():
             if key in LOG_X_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            if key.endswith("_s") or key in ("lr", "time", "seconds") or not math.isfinite(value):
-                continue  # timings and schedules are not learning curves
+            if key.endswith("_s") or key in SKIPPED_LOG_KEYS or not math.isfinite(value):
+                continue  # timings, schedules and bookkeeping are not learning curves
             xs, ys = curves.setdefault(key, ([], []))
             xs.append(x)
             ys.append(value)
     return curves
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """{"valid": {"ndcg@10": x}} -> {"valid/ndcg@10": x}: the engine logs validation metrics nested."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def plot_learning_curves(logs: dict[str, Path], path: Path) -> bool:

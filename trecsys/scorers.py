@@ -126,8 +126,7 @@ class ModelScorer:
             return self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop]).float()
 
 
-def check_model_catalogue(info: dict, folder: Path, n_items: int, text_dim: int,
-                          items_sha256: str | None) -> None:
+def check_model_catalogue(info: dict, folder: Path, n_items: int, text_dim: int) -> None:
     """Refuse a checkpoint made for another catalogue, naming what differs."""
     config_path = Path(folder) / "config.json"
     if int(info.get("n_items", -1)) != n_items:
@@ -139,10 +138,4 @@ def check_model_catalogue(info: dict, folder: Path, n_items: int, text_dim: int,
         raise ArtifactError(
             f"{config_path}: the model expects text_dim={info.get('text_dim')} but the prepared item "
             f"embeddings have {text_dim} dimensions: use the same embedding.encoder"
-        )
-    trained_on = (info.get("extra") or {}).get("prepared_items_sha256")
-    if trained_on and items_sha256 and trained_on != items_sha256:
-        raise ArtifactError(
-            f"{config_path}: the model was trained on items.parquet sha256 {trained_on[:12]}…, the prepared "
-            f"data here has {items_sha256[:12]}…: evaluate it with the run it was trained on"
         )

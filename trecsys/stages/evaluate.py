@@ -27,8 +27,9 @@ from trecsys.artifacts import (
     write_manifest,
     write_parquet,
 )
-from trecsys.config import EvaluateConfig, ExperimentConfig, to_dict
+from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.prepared import Prepared, domain_split, load_prepared
+from trecsys.engine import resolve_device
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.scorers import (
     ItemKNNScorer,
@@ -58,21 +59,11 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
         compare: list[str] | None = None) -> None:
     if split not in ("valid", "test"):
         raise ConfigError(f"option --split: expected 'valid' or 'test', got {split!r}")
-    check_config(cfg.evaluate)
     run_dir = Path(cfg.run_dir)
     prepared = load_prepared(run_dir)
     systems = model_systems(run_dir, prepared, model, compare)
     with run_lock(run_dir / EVAL):
         evaluate(cfg, prepared, systems, split)
-
-
-def check_config(ev: EvaluateConfig) -> None:
-    for key in ("user_batch", "item_chunk", "cold_item_interactions"):
-        if getattr(ev, key) < 1:
-            raise ConfigError(f"config key 'evaluate.{key}': must be >= 1, got {getattr(ev, key)}")
-    if ev.bootstrap < 0:
-        raise ConfigError(f"config key 'evaluate.bootstrap': must be >= 0 (0 = no intervals), got {ev.bootstrap}")
-    E.check_history_buckets(ev.history_buckets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +92,8 @@ def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare:
         folder = Path(model)
         if not is_checkpoint(folder):
             raise ArtifactError(f"--model {model}: no model.safetensors and config.json in that folder")
+        if (folder.parent / "prepared").is_dir():
+            check_same_prepared(folder.parent / "prepared", prepared, f"--model {model}")
         return [System(str(model), folder)]
     folder = latest_checkpoint(run_dir)
     if folder is None:
@@ -123,14 +116,14 @@ def _compare_system(entry: str, prepared: Prepared) -> System:
     else:
         raise ArtifactError(f"--compare {entry}: not a run folder or a checkpoint folder (model.safetensors + config.json)")
     if (other_run / "prepared").is_dir():
-        check_same_prepared(other_run / "prepared", prepared, entry)
+        check_same_prepared(other_run / "prepared", prepared, f"--compare {entry}")
     if folder is None:
         raise ArtifactError(f"--compare {entry}: the run has no model in {', '.join(MODEL_STAGES)}/: train one first")
     label = entry if folder == path else f"{entry.rstrip('/')}/{folder.name}"
     return System(label, folder)
 
 
-def check_same_prepared(other: Path, prepared: Prepared, entry: str) -> None:
+def check_same_prepared(other: Path, prepared: Prepared, option: str) -> None:
     """Paired comparisons need the same users, targets and catalogue: refuse other prepared data."""
     if other.resolve() == prepared.folder.resolve():
         return
@@ -139,7 +132,7 @@ def check_same_prepared(other: Path, prepared: Prepared, entry: str) -> None:
     for name in COMPARABLE_FILES:
         if ours.get(name) != theirs.get(name):
             raise ArtifactError(
-                f"--compare {entry}: {other / name} (sha256 {str(theirs.get(name))[:12]}…) differs from "
+                f"{option}: {other / name} (sha256 {str(theirs.get(name))[:12]}…) differs from "
                 f"{prepared.folder / name} (sha256 {str(ours.get(name))[:12]}…): compare runs prepared from the same data"
             )
 
@@ -191,12 +184,6 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[System], split: str) -> None:
     ev = cfg.evaluate
     domain = prepared.domain(prepared.target, key="data.target")
@@ -208,12 +195,11 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[System], s
                             ev.history_buckets, ev.cold_item_interactions)
     item_text = prepared.embeddings[domain.item_start:domain.item_stop]
     percentile = M.popularity_percentile(counts)
-    items_sha = _output_hashes(prepared.manifest).get("items.parquet")
 
     labels, per_user, topks, timings = [], [], [], {}
     for system in [*systems, System(PopularityScorer.name), System(ItemKNNScorer.name)]:
         t0 = time.perf_counter()
-        scorer = make_scorer(system, prepared, users, n_items, items_sha, resolve_device(cfg.device), ev.user_batch)
+        scorer = make_scorer(system, prepared, users, n_items, resolve_device(cfg.device), ev.user_batch)
         _, topk = M.full_ranking_topk(
             scorer.score_chunk, len(users.targets), n_items, max(ks),
             exclude=users.histories if ev.exclude_seen else None,
@@ -248,8 +234,8 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[System], s
     print(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots")
 
 
-def make_scorer(system: System, prepared: Prepared, users: EvalUsers, n_items: int, items_sha: str | None,
-                device: torch.device, user_batch: int):
+def make_scorer(system: System, prepared: Prepared, users: EvalUsers, n_items: int, device: torch.device,
+                user_batch: int):
     if system.checkpoint is None:
         if system.label == PopularityScorer.name:
             return PopularityScorer(users.train_sequences, n_items)
@@ -257,7 +243,7 @@ def make_scorer(system: System, prepared: Prepared, users: EvalUsers, n_items: i
     from trecsys.model import load_checkpoint
 
     model, info = load_checkpoint(system.checkpoint, map_location=device)
-    check_model_catalogue(info, system.checkpoint, prepared.n_items, prepared.embeddings.shape[1], items_sha)
+    check_model_catalogue(info, system.checkpoint, prepared.n_items, prepared.embeddings.shape[1])
     domain = prepared.domain(prepared.target, key="data.target")
     return ModelScorer(model, users.histories_global, domain, prepared.embeddings, device,
                        name=system.label, user_batch=user_batch)
