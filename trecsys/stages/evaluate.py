@@ -170,7 +170,8 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
             "no held-out interactions: evaluate another --split or check data.split"
         )
     keep = np.flatnonzero(has_target)
-    histories_global = [ds.history(split)[u] for u in keep]
+    all_histories = ds.history(split)
+    histories_global = [all_histories[u] for u in keep]
     source_rows = prepared.interactions["domain"].isin(prepared.source)
     source_users = np.unique(prepared.interactions.loc[source_rows, "user_idx"].to_numpy())
     return EvalUsers(
