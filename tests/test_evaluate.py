@@ -307,3 +307,17 @@ def test_model_for_another_catalogue_is_refused(tiny_prepared):
     save_model(tiny_prepared / "finetune", tiny_prepared, text_dim=17)
     with pytest.raises(ArtifactError, match=r"finetune/config\.json: .*text_dim=17 .* 16 dimensions"):
         evaluate(tiny_prepared)
+
+
+def test_popularity_without_exclusion_matches_a_count_by_hand(tiny_prepared):
+    stage.run(load_config(write_config(tiny_prepared, exclude_seen=False)))
+    metrics = pd.read_parquet(tiny_prepared / "eval" / "metrics.parquet")
+    rows = pd.read_parquet(tiny_prepared / "prepared" / "interactions.parquet")
+    food = rows[rows["domain"] == "Food"]
+    counts = food.loc[food["split"] == "train", "item_idx"].value_counts()
+    domain = json.loads((tiny_prepared / "prepared" / "manifest.json").read_text())["domains"]["Food"]
+    ranked = sorted(range(domain["item_start"], domain["item_stop"]), key=lambda i: (-counts.get(i, 0), i))
+    targets = food.loc[food["split"] == "test", "item_idx"]
+    for k in KS:
+        got = metrics.query("run == 'popularity' and slice == 'all' and metric == 'recall' and k == @k")["value"]
+        assert got.item() == pytest.approx(targets.isin(ranked[:k]).mean())
