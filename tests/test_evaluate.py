@@ -321,3 +321,21 @@ def test_popularity_without_exclusion_matches_a_count_by_hand(tiny_prepared):
     for k in KS:
         got = metrics.query("run == 'popularity' and slice == 'all' and metric == 'recall' and k == @k")["value"]
         assert got.item() == pytest.approx(targets.isin(ranked[:k]).mean())
+
+
+def test_slices_on_a_hand_example():
+    from trecsys.evaluation import build_slices
+
+    targets = [np.array([0]), np.array([1]), np.array([2, 0]), np.array([3])]
+    counts = np.array([0, 3, 10, 5])  # item 0 never trained on, 1 cold, 2 and 3 warm (>= 5)
+    slices = build_slices(targets, np.array([0, 4, 9, 20]), np.array([True, False, True, False]), counts,
+                          [4, 8, 16], 5)
+    users = {s.name: s.users.tolist() for s in slices}
+    assert users == {"all": [0, 1, 2, 3], "history:0-3": [0], "history:4-7": [1], "history:8-15": [2],
+                     "history:16+": [3], "source:shared": [0, 2], "source:target-only": [1, 3],
+                     "target:unseen": [0, 2], "target:cold(<5)": [0, 1, 2], "target:warm": [2, 3]}
+    by_name = {s.name: s for s in slices}
+    assert [t.tolist() for t in by_name["target:unseen"].targets] == [[0], [0]]
+    assert [t.tolist() for t in by_name["target:warm"].targets] == [[2], [3]]
+    without_source = build_slices(targets, np.array([0, 4, 9, 20]), None, counts, [4, 8, 16], 5)
+    assert not any(s.name.startswith("source:") for s in without_source)

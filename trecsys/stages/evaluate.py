@@ -154,7 +154,7 @@ class EvalUsers:
     histories: list[np.ndarray]
     targets: list[np.ndarray]
     train_lengths: np.ndarray
-    in_source: np.ndarray
+    in_source: np.ndarray | None  # None when the prepared data has no source domain
     train_sequences: list[np.ndarray]  # every target user's train items, for the baselines
 
 
@@ -180,7 +180,7 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
         histories=to_local(histories_global, domain),
         targets=to_local([targets[u] for u in keep], domain),
         train_lengths=np.array([len(ds.train[u]) for u in keep]),
-        in_source=np.isin(ds.user_idx[keep], source_users),
+        in_source=np.isin(ds.user_idx[keep], source_users) if prepared.source else None,
         train_sequences=to_local(ds.train, domain),
     )
 
