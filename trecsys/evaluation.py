@@ -61,12 +61,12 @@ def build_slices(targets: list[np.ndarray], train_lengths: np.ndarray, in_source
     return [s for s in slices if len(s.users)]
 
 
-def per_user_metrics(topk: np.ndarray, slices: list[Slice], ks: Sequence[int], unit_embeddings: np.ndarray,
+def per_user_metrics(topk: np.ndarray, slices: list[Slice], ks: Sequence[int], item_embeddings: np.ndarray,
                      item_percentile: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """{slice: {"ndcg@10": per-user values, ...}} for one system's top lists (catalogue-local)."""
     everyone = slices[0]
     accuracy = M.ranking_metrics(topk, everyone.targets, ks)
-    lists = {**M.intra_list_diversity(topk, unit_embeddings, ks), **M.average_popularity(topk, item_percentile, ks)}
+    lists = {**M.intra_list_diversity(topk, item_embeddings, ks), **M.average_popularity(topk, item_percentile, ks)}
     out: dict[str, dict[str, np.ndarray]] = {}
     for s in slices:
         if s.describes_lists:
