@@ -123,6 +123,156 @@ class EmbeddingConfig:
 
 
 @dataclass
+class TrainConfig:
+    """One training run of trecsys/engine.py: optimiser, schedule, precision, loss, validation."""
+
+    epochs: int = 20
+    # Training windows per optimizer step, summed over all processes and accumulation steps.
+    batch_size: int = 256
+    # Micro-batches per optimizer step on each process (same result, less memory per micro-batch).
+    grad_accum_steps: int = 1
+    # Peak learning rate of AdamW, reached after the warm-up.
+    lr: float = 1e-3
+    # AdamW decoupled weight decay; never applied to norms, biases or embeddings.
+    weight_decay: float = 0.01
+    # Linear warm-up over this fraction of all steps, then cosine decay to lr * min_lr_fraction.
+    warmup_fraction: float = 0.05
+    min_lr_fraction: float = 0.1
+    # Clip the global gradient norm to this value (0 = no clipping).
+    grad_clip: float = 1.0
+    # auto: bf16 autocast on a GPU that supports it, else fp16 with loss scaling; fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # full: softmax over the domain's whole catalogue (chunked); sampled: n_negatives with logQ correction.
+    loss: Literal["full", "sampled"] = "full"
+    # Catalogue items scored at once by the full loss (memory is positions x loss_chunk_size).
+    loss_chunk_size: int = 8192
+    # Negatives per step for loss: sampled.
+    n_negatives: int = 1024
+    # Validate every this many optimizer steps; 0 = at the end of each epoch.
+    eval_every_steps: int = 0
+    # Stop after this many validations without a better NDCG@10 (0 = never stop early).
+    patience: int = 5
+    # Write the resumable `last/` checkpoint every this many steps (0 = only at epoch ends).
+    checkpoint_every_steps: int = 0
+    # Users ranked at once during validation.
+    eval_user_batch: int = 1024
+    # Stop after this many optimizer steps in all (0 = no limit). The lr schedule still spans
+    # `epochs`, so a run cut short this way can be finished exactly with --resume and max_steps=0.
+    max_steps: int = 0
+
+    def validate(self, prefix: str = "train.", where: str = "") -> None:
+        """Check value ranges that the types alone cannot."""
+        at_least_one = ("epochs", "batch_size", "grad_accum_steps", "loss_chunk_size", "n_negatives",
+                        "eval_user_batch")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every_steps", "patience", "checkpoint_every_steps", "max_steps", "weight_decay",
+                     "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"config key '{prefix}lr'{where}: must be > 0, got {self.lr}")
+        for name in ("warmup_fraction", "min_lr_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be in [0, 1], got {getattr(self, name)}")
+        if self.batch_size < self.grad_accum_steps:
+            raise ConfigError(
+                f"config key '{prefix}batch_size'{where}: {self.batch_size} windows cannot be split into "
+                f"{prefix}grad_accum_steps={self.grad_accum_steps} micro-batches"
+            )
+
+
+@dataclass
+class PretrainConfig:
+    """`trec pretrain-source`: the teacher trained on every source domain's train split."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The one model family (trecsys/model.py): item tower + causal Transformer over the sequence."""
+
+    # Width of item and sequence representations.
+    d_model: int = 64
+    # Transformer blocks in the sequence tower.
+    n_layers: int = 2
+    # Attention heads per block; must divide d_model.
+    n_heads: int = 2
+    # Longest history the sequence tower reads (older items are dropped); also the training window.
+    max_seq_len: int = 50
+    # Dropout on item representations, attention, and residual branches.
+    dropout: float = 0.2
+    # Text embedding -> d_model: UniSRec's mixture of whitening experts, a 2-layer MLP, or one Linear.
+    adaptor: Literal["moe", "mlp", "linear"] = "moe"
+    # Experts in the moe adaptor.
+    n_experts: int = 8
+    # Use the frozen text embedding in the item tower: any item with text can be scored (inductive).
+    item_text: bool = True
+    # Add a learned per-item ID embedding (transductive: only items seen in training get a useful one).
+    item_ids: bool = False
+    # Score of a user state s and an item e: s·e, or cos(s, e) / temperature.
+    score: Literal["dot", "cosine"] = "dot"
+    # Softmax temperature for score: cosine (ignored for dot).
+    temperature: float = 0.07
+
+    def validate(self, prefix: str = "model.", where: str = "") -> None:
+        """Check combinations of keys that their types alone cannot."""
+        if not (self.item_text or self.item_ids):
+            raise ConfigError(
+                f"config key '{prefix}item_text'{where}: the item tower needs text or IDs; "
+                f"set {prefix}item_text=true or {prefix}item_ids=true"
+            )
+        for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "n_experts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"config key '{prefix}n_heads'{where}: {self.n_heads} heads do not divide "
+                f"{prefix}d_model={self.d_model}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config key '{prefix}dropout'{where}: must be in [0, 1), got {self.dropout}")
+        if self.temperature <= 0.0:
+            raise ConfigError(f"config key '{prefix}temperature'{where}: must be > 0, got {self.temperature}")
+
+
+@dataclass
+class EvaluateConfig:
+    """`trec evaluate`: full ranking of the target catalogue (trecsys/stages/evaluate.py)."""
+
+    # Cut-offs K of every @K metric; each must be <= the target catalogue size.
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    # Never rank items already in the user's history (they are masked out of the catalogue).
+    exclude_seen: bool = True
+    # Bootstrap resamples of the users for 95% confidence intervals and paired p-values; 0 = none.
+    bootstrap: int = 1000
+    # Users scored at once, and catalogue items per score block: memory is user_batch × item_chunk.
+    user_batch: int = 1024
+    item_chunk: int = 65536
+    # History-length slices by train interactions in the target: the first bucket (below the first
+    # edge) is the cold users, each edge starts a bucket: [4, 8, 16] gives 0-3, 4-7, 8-15, 16+.
+    history_buckets: list[int] = field(default_factory=lambda: [4, 8, 16])
+    # Target items with fewer train interactions than this form the cold-item slice.
+    cold_item_interactions: int = 5
+
+    def validate(self, prefix: str = "evaluate.", where: str = "") -> None:
+        """Check value ranges that the types alone cannot (K against the catalogue: at run time)."""
+        for name in ("user_batch", "item_chunk", "cold_item_interactions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"config key '{prefix}bootstrap'{where}: must be >= 0 (0 = no intervals), got {self.bootstrap}")
+        edges = self.history_buckets
+        if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges[:-1], edges[1:], strict=True)):
+            raise ConfigError(
+                f"config key '{prefix}history_buckets'{where}: expected increasing cut-offs >= 1 such as "
+                f"[4, 8, 16], got {edges}"
+            )
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: every stage reads this whole config and uses its own sections."""
 
@@ -134,6 +284,9 @@ class ExperimentConfig:
     # auto: cuda when available, else cpu.
     device: str = "auto"
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +412,11 @@ def build(cls: type, data: Any, where: str = "", prefix: str = "") -> Any:
             kwargs[name] = _coerce(data[name], hints[name], full, where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config value '{full}'{where}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    # A section may check combinations of its keys in `validate(prefix, where)`.
+    if hasattr(obj, "validate"):
+        obj.validate(prefix, where)
+    return obj
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:

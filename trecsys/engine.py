@@ -1,0 +1,665 @@
+"""The one training loop every training stage uses (nanoGPT-style: one function, `if ddp:` branches).
+
+AdamW with linear warm-up + cosine decay, gradient clipping and accumulation, autocast (bf16, or fp16
+with loss scaling), DDP under torchrun, validation with early stopping, a `best/` checkpoint and a
+resumable `last/` checkpoint. A stage supplies the model, its examples, a loss and a validate function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from trecsys.artifacts import atomic_path, stage_output
+from trecsys.config import TrainConfig
+from trecsys.errors import ArtifactError, ConfigError, DivergedError, InterruptedRun, OutOfMemoryError
+
+WEIGHTS = "model.safetensors"  # what `save_model` must write; resume loads it back
+STATE = "train_state.pt"  # optimizer, scaler, position in the data, RNG states, early-stopping state
+LAST, BEST, LOG = "last", "best", "train_log.jsonl"
+STATE_FORMAT = 1
+# Keys that may change between an interrupted run and its resume: they do not change the weights.
+_RESUME_FREE_KEYS = ("max_steps", "checkpoint_every_steps", "eval_user_batch")
+
+# loss_fn(model, batch) -> (sum of the batch's loss terms, 0-dim tensor). The engine divides by the
+# number of terms in the whole global batch, so any split over processes/micro-batches gives the
+# same gradient as one big batch.
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+# validate(model) -> {"ndcg@10": ..., ...}; called on rank 0 in eval mode under no_grad.
+ValidateFn = Callable[[nn.Module], dict[str, float]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and processes
+
+
+@dataclass
+class Dist:
+    """Where this process trains: its rank among `world_size` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.ddp:
+            torch_dist.barrier()
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """`auto` is cuda when available, else cpu; anything else must be a device torch knows."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key '{key}': {name!r} is not a device (use auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key '{key}': {name!r} was asked for but CUDA is not available; use device=cpu")
+    return device
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """One process, or one rank of a torchrun launch (WORLD_SIZE > 1): init the process group once."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = resolve_device(device)
+    if world_size <= 1:
+        return Dist(device=resolved)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", local_rank)
+        torch.cuda.set_device(resolved)
+    if not torch_dist.is_initialized():
+        # Rank 0 validates alone while the others wait: allow a long validation.
+        torch_dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo",
+                                      timeout=datetime.timedelta(hours=1))
+    return Dist(rank, world_size, local_rank, resolved)
+
+
+def teardown_distributed() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_setup(precision: str, device: torch.device, key: str = "train.precision"
+                   ) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler, str]:
+    """(autocast context, GradScaler, resolved precision); the scaler is live only for fp16."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp16" and device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"config key '{key}': fp16 is not supported on {device.type}; use bf16 or fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    ctx = contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return ctx, scaler, precision
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order
+
+
+@dataclass
+class TrainData:
+    """What the engine needs from a stage's training examples (e.g. sequence windows)."""
+
+    n_terms: np.ndarray  # loss terms each example contributes (e.g. its target positions)
+    make_batch: Callable[[np.ndarray], Any]  # example indices -> one micro-batch for loss_fn
+    groups: np.ndarray | None = None  # a group id per example; every batch is drawn from one group
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.n_terms)
+
+    def group_members(self) -> list[np.ndarray]:
+        if self.groups is None:
+            return [np.arange(self.n_examples)]
+        return [np.flatnonzero(self.groups == g) for g in np.unique(self.groups)]
+
+
+def epoch_batches(members: list[np.ndarray], batch_size: int, seed: int, epoch: int,
+                  min_size: int = 1) -> list[np.ndarray]:
+    """The global batches of one epoch, a pure function of (seed, epoch) so a resume sees the same.
+
+    Each group is shuffled and cut into ceil(n / batch_size) batches of near-equal size (no tiny last
+    batch); a batch smaller than `min_size` (processes x accumulation steps) can only come from a
+    group that small and is left out. The batches of all groups are then shuffled together.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for group in members:
+        shuffled = group[rng.permutation(len(group))]
+        n_batches = -(-len(shuffled) // batch_size)
+        batches.extend(b for b in np.array_split(shuffled, n_batches) if len(b) >= min_size)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def shard(batch: np.ndarray, rank: int, world_size: int, accum_steps: int) -> list[np.ndarray]:
+    """This rank's micro-batches of a global batch: world_size x accum_steps near-equal parts."""
+    parts = np.array_split(batch, world_size * accum_steps)
+    return parts[rank * accum_steps:(rank + 1) * accum_steps]
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over warmup_fraction of the steps, then cosine decay to lr * min_lr_fraction."""
+    warmup = round(cfg.warmup_fraction * total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    min_lr = cfg.lr * cfg.min_lr_fraction
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only: not on norms, biases or embedding tables."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embedding_weights else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_weights(model: nn.Module, folder: Path) -> None:
+    """The default `save_model`: the state dict as safetensors (stages pass their own richer one)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(Path(folder) / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise ArtifactError(f"missing checkpoint weights: {path}")
+    model.load_state_dict(load_file(str(path), device="cpu"))
+
+
+def _rng_state(device: torch.device) -> dict:
+    """RNG states as tensors and plain lists, so `torch.load(weights_only=True)` reads them back."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _all_rng_states(dist: Dist) -> list[dict]:
+    """Every rank's RNG state (each rank draws its own dropout masks), gathered on all ranks."""
+    mine = _rng_state(dist.device)
+    if not dist.ddp:
+        return [mine]
+    gathered: list = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _resume_key(cfg: TrainConfig, config_key: str, fingerprint: dict) -> dict:
+    """Flat {dotted key: value} of everything that must match for a resume to continue exactly."""
+    key = {f"{config_key}.{k}": v for k, v in asdict(cfg).items() if k not in _RESUME_FREE_KEYS}
+    key.update(_flatten(fingerprint))
+    return key
+
+
+def _flatten(obj: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_resume_key(saved_json: str, current: dict, state_path: Path) -> None:
+    saved = json.loads(saved_json)
+    current = json.loads(json.dumps(current, default=str))  # same normal form as what was saved
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise ArtifactError(
+                f"cannot resume from {state_path}: '{key}' was {saved.get(key)!r} there and is "
+                f"{current.get(key)!r} now; set it back, or run without --resume to start over"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish its step and save; a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FitResult:
+    steps: int
+    stopped: str  # "completed", "early_stop" or "max_steps"
+    best_metrics: dict[str, float] | None
+    best_step: int | None
+    best_dir: Path
+    elapsed_s: float
+    precision: str
+
+
+class _LossModule(nn.Module):
+    """The loss as a module's forward, so DDP's gradient hooks see it."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+@dataclass
+class _Window:
+    """Training since the last log line: loss sum, loss terms, sequences, seconds of steps."""
+
+    loss: float = 0.0
+    terms: int = 0
+    sequences: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, terms: int, sequences: int, seconds: float) -> None:
+        self.loss, self.terms = self.loss + loss, self.terms + terms
+        self.sequences, self.seconds = self.sequences + sequences, self.seconds + seconds
+
+
+@dataclass
+class _Progress:
+    """What a resume needs besides the weights and the optimizer."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global batches of `epoch` already done
+    best_metric: float = -math.inf
+    best_step: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    bad_evals: int = 0
+    elapsed_s: float = 0.0
+
+
+def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn, cfg: TrainConfig,
+        work_dir: Path, *, seed: int, dist: Dist | None = None,
+        save_model: Callable[[nn.Module, Path], None] = save_weights, monitor: str = "ndcg@10",
+        config_key: str = "train", fingerprint: dict | None = None, resume: bool = False,
+        resume_hint: str = "re-run with --resume") -> FitResult:
+    """Train `model` in place; `work_dir` receives `last/`, `best/` and `train_log.jsonl` (rank 0).
+
+    The best model by `validate(model)[monitor]` (higher is better) is in `work_dir/best/`; the
+    in-memory model holds the last weights. `fingerprint` (model config, data hashes, ...) must match
+    for `resume=True` to continue from `work_dir/last/`.
+    """
+    dist = dist or Dist()
+    device = dist.device
+    work_dir = Path(work_dir)
+    last_dir, best_dir, log_path = work_dir / LAST, work_dir / BEST, work_dir / LOG
+    model.to(device)
+    members = data.group_members()
+    accum = cfg.grad_accum_steps
+    min_size = dist.world_size * accum
+    n_batches = len(epoch_batches(members, cfg.batch_size, seed, 0, min_size))
+    if n_batches == 0:
+        raise ConfigError(
+            f"config key '{config_key}.batch_size': no training batch of at least {min_size} examples "
+            f"(processes x {config_key}.grad_accum_steps) can be formed from {data.n_examples} examples"
+        )
+    total_steps = cfg.epochs * n_batches
+    ctx, scaler, precision = autocast_setup(cfg.precision, device, f"{config_key}.precision")
+    optimizer = make_optimizer(model, cfg, device)
+    resume_key = _resume_key(cfg, config_key, {**(fingerprint or {}), "seed": seed})
+
+    progress = _Progress()
+    if resume:
+        progress = _load_resume_state(model, optimizer, scaler, last_dir, resume_key, dist)
+        if dist.is_main:
+            _truncate_log(log_path, progress.step)
+    else:
+        seed_everything(int(np.random.SeedSequence([seed, dist.rank]).generate_state(1)[0]))
+        if dist.is_main:
+            _clear(work_dir)
+    dist.barrier()
+
+    wrapped: nn.Module = _LossModule(model, loss_fn)
+    if dist.ddp:
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None,
+            # The frozen item-text buffer is identical everywhere: do not re-send it every step.
+            broadcast_buffers=False,
+        )
+
+    def write_last() -> None:
+        rng = _all_rng_states(dist)
+        if dist.is_main:
+            state = {
+                "format": STATE_FORMAT, **asdict(progress),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                "resume_key": json.dumps(resume_key, default=str),
+            }
+            with stage_output(last_dir) as tmp:
+                save_model(model, tmp)
+                torch.save(state, tmp / STATE)
+        dist.barrier()
+
+    def run_validation() -> tuple[dict | None, bool]:
+        """Validate on rank 0 and keep `best/`; returns (metrics on rank 0, patience ran out)."""
+        stop, metrics = 0, None
+        if dist.is_main:
+            model.eval()
+            try:
+                with torch.no_grad(), ctx:
+                    metrics = {k: float(v) for k, v in validate(model).items()}
+            except torch.OutOfMemoryError:
+                raise OutOfMemoryError(
+                    f"out of {device.type} memory while validating at step {progress.step}: lower "
+                    f"'{config_key}.eval_user_batch' (now {cfg.eval_user_batch})"
+                ) from None
+            model.train()
+            if monitor not in metrics:
+                raise KeyError(f"validate() returned {sorted(metrics)}, without the monitored {monitor!r}")
+            if metrics[monitor] > progress.best_metric:
+                progress.best_metric, progress.best_step = metrics[monitor], progress.step
+                progress.best_metrics, progress.bad_evals = metrics, 0
+                with stage_output(best_dir) as tmp:
+                    save_model(model, tmp)
+            else:
+                progress.bad_evals += 1
+            stop = int(cfg.patience > 0 and progress.bad_evals >= cfg.patience)
+        if dist.ddp:
+            flag = torch.tensor([stop], device=device)
+            torch_dist.broadcast(flag, src=0)
+            stop = int(flag.item())
+        return metrics, bool(stop)
+
+    def log_line(metrics: dict | None) -> None:
+        """One train_log.jsonl line (rank 0): training since the previous line, and validation if any."""
+        nonlocal window
+        if dist.is_main:
+            train_loss = window.loss / max(window.terms, 1)
+            record = {
+                "step": progress.step, "epoch": progress.epoch + progress.batch_in_epoch / n_batches,
+                "loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                "sequences_per_s": window.sequences / max(window.seconds, 1e-9),
+                "elapsed_s": round(progress.elapsed_s, 3),
+            }
+            shown = f"step {progress.step}: train loss {train_loss:.4f}"
+            if metrics is not None:
+                record.update(valid=metrics, best_step=progress.best_step)
+                shown += ", valid " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
+                shown += " (best)" if progress.best_step == progress.step else ""
+            _append_log(log_path, record)
+            tqdm.write(shown, file=sys.stderr)
+        window = _Window()
+
+    started = time.perf_counter()
+    stopped = "completed"
+    window = _Window()
+    model.train()
+    with _StopRequest() as stop_request:
+        for epoch in range(progress.epoch, cfg.epochs):
+            batches = epoch_batches(members, cfg.batch_size, seed, epoch, min_size)
+            bar = tqdm(total=n_batches, initial=progress.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       file=sys.stderr, disable=not dist.is_main, dynamic_ncols=True, mininterval=0.5,
+                       leave=False)
+            for b in range(progress.batch_in_epoch, n_batches):
+                if cfg.max_steps and progress.step >= cfg.max_steps:
+                    break
+                t0 = time.perf_counter()
+                batch = batches[b]
+                lr = lr_at(progress.step, total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                n_terms = int(data.n_terms[batch].sum())
+                try:
+                    local_loss = _step_backward(wrapped, data, shard(batch, dist.rank, dist.world_size, accum),
+                                                n_terms, dist, ctx, scaler)
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    raise OutOfMemoryError(
+                        f"out of {device.type} memory at step {progress.step + 1} with about "
+                        f"{len(batch) // min_size} windows per micro-batch: lower '{config_key}.batch_size' "
+                        f"(now {cfg.batch_size}) or raise '{config_key}.grad_accum_steps' (now {accum})"
+                    ) from None
+                # One small all-reduce: the global loss sum, and whether any rank was asked to stop.
+                asked = torch.tensor(float(stop_request.signum is not None), dtype=torch.float64, device=device)
+                stats = torch.stack([local_loss.double(), asked])
+                if dist.ddp:
+                    torch_dist.all_reduce(stats)
+                loss_sum, stop_now = float(stats[0]), bool(stats[1] > 0)
+                if not math.isfinite(loss_sum):
+                    optimizer.zero_grad(set_to_none=True)
+                    _raise_diverged(f"the training loss became {loss_sum}", progress.step + 1, lr,
+                                    last_dir, precision, config_key)
+                scaler.unscale_(optimizer)
+                if cfg.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    if not scaler.is_enabled() and not torch.isfinite(norm):
+                        optimizer.zero_grad(set_to_none=True)
+                        _raise_diverged(f"the gradient norm became {float(norm)}", progress.step + 1, lr,
+                                        last_dir, precision, config_key)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                progress.batch_in_epoch = b + 1
+                dt = time.perf_counter() - t0
+                window.add(loss_sum, n_terms, len(batch), dt)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / max(n_terms, 1):.4f}", lr=f"{lr:.2e}",
+                                seq_s=f"{len(batch) / max(dt, 1e-9):.0f}", refresh=False)
+
+                epoch_end = progress.batch_in_epoch == n_batches
+                if epoch_end:
+                    progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+                hit_max = bool(cfg.max_steps) and progress.step >= cfg.max_steps
+                due = (progress.step % cfg.eval_every_steps == 0) if cfg.eval_every_steps else epoch_end
+                last_step = progress.step == total_steps
+                validating = not stop_now and (due or hit_max or last_step)
+                ckpt_due = bool(cfg.checkpoint_every_steps) and progress.step % cfg.checkpoint_every_steps == 0
+                checkpointing = stop_now or epoch_end or hit_max or ckpt_due
+                metrics, early_stop = run_validation() if validating else (None, False)
+                progress.elapsed_s += time.perf_counter() - started
+                started = time.perf_counter()
+                if validating or checkpointing:
+                    log_line(metrics)
+                if checkpointing or early_stop:
+                    write_last()
+                if stop_now:
+                    bar.close()
+                    name = signal.Signals(stop_request.signum).name if stop_request.signum else "a signal"
+                    raise InterruptedRun(
+                        f"stopped by {name} after step {progress.step}; the state is saved in {last_dir}: "
+                        f"{resume_hint}"
+                    )
+                if early_stop:
+                    stopped = "early_stop"
+                    break
+            bar.close()
+            if stopped == "early_stop" or (cfg.max_steps and progress.step >= cfg.max_steps):
+                break
+    if stopped != "early_stop" and progress.step < total_steps:
+        stopped = "max_steps"
+    return FitResult(
+        steps=progress.step, stopped=stopped,
+        best_metrics=(progress.best_metrics or None) if dist.is_main else None,
+        best_step=progress.best_step if progress.best_step >= 0 else None,
+        best_dir=best_dir, elapsed_s=progress.elapsed_s, precision=precision,
+    )
+
+
+def _step_backward(wrapped: nn.Module, data: TrainData, micro_batches: list[np.ndarray], n_terms: int,
+                   dist: Dist, ctx: contextlib.AbstractContextManager, scaler: torch.amp.GradScaler
+                   ) -> torch.Tensor:
+    """Forward and backward every micro-batch of this rank; returns this rank's summed loss.
+
+    Each micro-batch's loss sum is divided by the global batch's term count and multiplied by the
+    number of processes (DDP averages gradients over them), so the gradient is the global mean.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    scale = dist.world_size / max(n_terms, 1)
+    for i, indices in enumerate(micro_batches):
+        sync = not dist.ddp or i == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else wrapped.no_sync():
+            with ctx:
+                loss_sum = wrapped(to_device(data.make_batch(indices), dist.device))
+            scaler.scale(loss_sum.float() * scale).backward()
+        total += loss_sum.detach().double()  # stays on the device: no sync per micro-batch
+    return total
+
+
+def _raise_diverged(what: str, step: int, lr: float, last_dir: Path, precision: str, config_key: str) -> None:
+    kept = f"the last good checkpoint is kept in {last_dir}" if last_dir.is_dir() else "no checkpoint was written yet"
+    hint = f"lower '{config_key}.lr'"
+    if precision == "fp16":
+        hint += f" or set '{config_key}.precision' to bf16/fp32"
+    raise DivergedError(f"training diverged at step {step} (lr {lr:.3g}): {what}; {kept}; {hint}")
+
+
+def _load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                       last_dir: Path, resume_key: dict, dist: Dist) -> _Progress:
+    state_path = last_dir / STATE
+    if not state_path.is_file():
+        raise ArtifactError(f"nothing to resume: {state_path} does not exist; run without --resume")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable state file means the same to the user
+        raise ArtifactError(f"{state_path}: unreadable training state ({type(exc).__name__}); "
+                            "run without --resume to start over") from None
+    if state.get("format") != STATE_FORMAT:
+        raise ArtifactError(f"{state_path}: training state format {state.get('format')!r}, expected {STATE_FORMAT}")
+    _check_resume_key(state["resume_key"], resume_key, state_path)
+    load_weights(model, last_dir)
+    model.to(dist.device)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    _set_rng_state(rng[dist.rank] if dist.rank < len(rng) else rng[0], dist.device)
+    names = {f.name for f in _Progress.__dataclass_fields__.values()}
+    return _Progress(**{k: v for k, v in state.items() if k in names})
+
+
+def _clear(work_dir: Path) -> None:
+    for name in (LAST, BEST, LOG):
+        path = work_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a resume starts from."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
+def read_log(path: Path) -> Iterator[dict]:
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            yield json.loads(line)

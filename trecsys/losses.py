@@ -1,0 +1,127 @@
+"""Next-item losses over a catalogue: exact full-softmax cross-entropy computed in item chunks, and
+sampled softmax with logQ correction for catalogues too large to score in full.
+
+`score_fn(states (..., N, d), item_reps (..., n, d)) -> (..., N, n)` is a pure function of its two
+inputs (e.g. `SeqRecModel.score`) that broadcasts leading dimensions like matmul, so that
+`score_fn(s[:, None], e[:, None])` scores row-wise pairs. Targets are catalogue-local indices
+(`item_idx - domain.item_start`); rows whose target is negative (padding) are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _labelled(states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten (..., d) states and (...) targets, keeping only rows with a real target."""
+    states, targets = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
+    keep = targets >= 0
+    return states[keep], targets[keep]
+
+
+def pair_scores(states: torch.Tensor, reps: torch.Tensor, score_fn: ScoreFn) -> torch.Tensor:
+    """Score row i of `states` against row i of `reps`: (N, d), (N, d) -> (N,)."""
+    return score_fn(states[:, None, :], reps[:, None, :])[:, 0, 0]
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """logsumexp over items of score_fn(states, item_reps), forward and backward chunk by chunk.
+
+    Forward keeps only the running (N,) logsumexp; backward recomputes each chunk's logits and
+    uses d lse / d logits = softmax, so at most (N × chunk_size) logits exist at any time. (A
+    checkpoint per chunk would also bound the logits, but each chunk's slice backward would
+    allocate a full-catalogue gradient: quadratic in the catalogue size.)
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, states, item_reps, score_fn, chunk_size):
+        lse = torch.full((states.shape[0],), -torch.inf, device=states.device)
+        for lo in range(0, item_reps.shape[0], chunk_size):
+            logits = score_fn(states, item_reps[lo:lo + chunk_size]).float()
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        ctx.save_for_backward(states, item_reps, lse)
+        ctx.score_fn, ctx.chunk_size = score_fn, chunk_size
+        return lse
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")  # recompute under the forward's autocast state
+    def backward(ctx, grad_lse):
+        states, item_reps, lse = ctx.saved_tensors
+        grad_states, grad_reps = torch.zeros_like(states), torch.zeros_like(item_reps)
+        for lo in range(0, item_reps.shape[0], ctx.chunk_size):
+            with torch.enable_grad():
+                s = states.detach().requires_grad_()
+                r = item_reps[lo:lo + ctx.chunk_size].detach().requires_grad_()
+                logits = ctx.score_fn(s, r)
+            softmax = torch.exp(logits.detach().float() - lse[:, None])
+            g_states, g_reps = torch.autograd.grad(logits, (s, r), (softmax * grad_lse[:, None]).to(logits.dtype))
+            grad_states += g_states
+            grad_reps[lo:lo + ctx.chunk_size] = g_reps
+        return grad_states, grad_reps, None, None
+
+
+def chunked_cross_entropy(states: torch.Tensor, targets: torch.Tensor, item_reps: torch.Tensor,
+                          score_fn: ScoreFn, chunk_size: int = 8192) -> torch.Tensor:
+    """Mean full-softmax cross-entropy of each state's target among all `item_reps`.
+
+    Exact (not sampled): loss = logsumexp(all scores) - target score, where the logsumexp is
+    computed and differentiated in chunks of `chunk_size` items (memory O(N × chunk_size)).
+    """
+    states, targets = _labelled(states, targets)
+    if len(targets) == 0:
+        return states.sum() * 0.0  # keeps the graph connected for a batch without labels
+    if item_reps.shape[0] <= chunk_size:  # one chunk: the plain computation is the same and cheaper
+        return F.cross_entropy(score_fn(states, item_reps).float(), targets)
+    lse = _ChunkedLogSumExp.apply(states, item_reps, score_fn, chunk_size)
+    return (lse - pair_scores(states, item_reps[targets], score_fn).float()).mean()
+
+
+def sampled_softmax_loss(states: torch.Tensor, targets: torch.Tensor, item_reps: torch.Tensor,
+                         score_fn: ScoreFn, n_negatives: int, item_log_q: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean sampled-softmax loss with logQ correction (Jean et al. 2015; Yi et al. 2019).
+
+    `n_negatives` items are drawn with replacement from the proposal q (`item_log_q`: (n_items,)
+    log-probabilities, see `proposal_log_q`) and shared by the whole batch. A negative's logit is
+    corrected by -log(n_negatives · q), its expected count, which makes the sum over negatives an
+    unbiased estimate of the partition function over the rest of the catalogue; a negative equal
+    to the row's target (an accidental hit) is masked out.
+    """
+    probs = item_log_q.float().exp()
+    negatives = torch.multinomial(probs, n_negatives, replacement=True, generator=generator)
+    log_expected_count = item_log_q.float()[negatives] + math.log(n_negatives)
+    return softmax_over_candidates(states, targets, item_reps, score_fn, negatives, log_expected_count)
+
+
+def softmax_over_candidates(states: torch.Tensor, targets: torch.Tensor, item_reps: torch.Tensor,
+                            score_fn: ScoreFn, negatives: torch.Tensor,
+                            log_expected_count: torch.Tensor) -> torch.Tensor:
+    """Softmax of each target against the given shared `negatives` (K,), each logit minus its
+    `log_expected_count` (K,). With every item once as a negative and log counts 0, this is the
+    full cross-entropy exactly."""
+    states, targets = _labelled(states, targets)
+    if len(targets) == 0:
+        return states.sum() * 0.0
+    positive = pair_scores(states, item_reps[targets], score_fn).float()
+    negative = score_fn(states, item_reps[negatives]).float() - log_expected_count[None, :]
+    negative = negative.masked_fill(negatives[None, :] == targets[:, None], -torch.inf)
+    logits = torch.cat([positive[:, None], negative], dim=1)
+    return (torch.logsumexp(logits, dim=1) - positive).mean()
+
+
+def proposal_log_q(item_counts: np.ndarray | torch.Tensor, power: float = 0.75) -> torch.Tensor:
+    """log q for sampled softmax: q ∝ (count + 1)^power; power 0 is uniform, 1 is popularity.
+
+    The +1 keeps items never seen in training samplable, so they are pushed down as negatives too.
+    """
+    counts = torch.as_tensor(np.asarray(item_counts), dtype=torch.float64)
+    weights = (counts + 1.0) ** power
+    return torch.log(weights / weights.sum()).float()

@@ -1,0 +1,267 @@
+"""The one model family of trecsys, top to bottom: item tower, sequence tower, score, checkpoints.
+
+Items are represented from their frozen text embedding (and optionally a learned ID); a causal
+Transformer reads a user's left-padded item sequence and gives the state after every prefix; the
+score of a state and an item is a dot product or a scaled cosine. Sizes come from `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trecsys import __version__
+from trecsys.artifacts import atomic_path, read_json, write_json
+from trecsys.config import ModelConfig, build
+from trecsys.errors import ArtifactError, ConfigError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+PAD = -1  # sequences are left-padded with this item index
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, drawing its mask from torch.rand on CPU: `bernoulli_` there is ~4x slower and
+    was the largest single cost of a CPU training step. On GPU the fused kernel is used."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item tower: text embedding -> adaptor (+ ID embedding) -> LayerNorm -> dropout
+
+
+class MoEAdaptor(nn.Module):
+    """UniSRec's MoE adaptor: expert k whitens the text embedding as (x - b_k) W_k; a softmax gate
+    computed from x mixes the experts. Several experts let domains use different projections."""
+
+    def __init__(self, text_dim: int, d_model: int, n_experts: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n_experts, text_dim))
+        self.weight = nn.Parameter(torch.randn(n_experts, text_dim, d_model) * 0.02)
+        # A zero gate starts as a uniform mixture, as in UniSRec.
+        self.gate = nn.Linear(text_dim, n_experts, bias=False)
+        nn.init.zeros_(self.gate.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_experts, text_dim, d_model = self.weight.shape
+        # (x - b_k) W_k = x W_k - b_k W_k: all experts in one matmul.
+        experts = (x @ self.weight.transpose(0, 1).reshape(text_dim, n_experts * d_model))
+        experts = experts.view(-1, n_experts, d_model) - torch.einsum("kt,ktd->kd", self.bias, self.weight)
+        gates = torch.softmax(self.gate(x), dim=-1)
+        return torch.einsum("nk,nkd->nd", gates, experts)
+
+
+def make_adaptor(kind: str, text_dim: int, d_model: int, n_experts: int) -> nn.Module:
+    if kind == "moe":
+        return MoEAdaptor(text_dim, d_model, n_experts)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(text_dim, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+    if kind == "linear":
+        return nn.Linear(text_dim, d_model)
+    raise ConfigError(f"config key 'model.adaptor': unknown adaptor {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence tower: pre-norm causal Transformer blocks
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, L, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model)
+        )
+        self.drop = Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), allowed))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class SeqRecModel(nn.Module):
+    """Item tower + causal sequence tower. `n_items` is the prepared catalogue size (all domains)."""
+
+    def __init__(self, cfg: ModelConfig, text_dim: int, n_items: int):
+        super().__init__()
+        cfg.validate()
+        self.config, self.text_dim, self.n_items = cfg, int(text_dim), int(n_items)
+        d = cfg.d_model
+        self.adaptor = make_adaptor(cfg.adaptor, text_dim, d, cfg.n_experts) if cfg.item_text else None
+        self.item_id = nn.Embedding(n_items, d) if cfg.item_ids else None
+        if self.item_id is not None:
+            nn.init.normal_(self.item_id.weight, std=0.02)
+        self.item_norm = nn.LayerNorm(d)
+        self.position = nn.Embedding(cfg.max_seq_len, d)
+        nn.init.normal_(self.position.weight, std=0.02)
+        self.drop = Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(d)
+        # Frozen text embeddings live outside the checkpoint; set_item_text() fills this.
+        self.register_buffer("item_text", None, persistent=False)
+
+    def set_item_text(self, emb: torch.Tensor) -> None:
+        """Attach the prepared text embeddings (n_items, text_dim), row i = item_idx i."""
+        emb = torch.as_tensor(emb)
+        if emb.ndim != 2 or emb.shape[1] != self.text_dim:
+            raise ArtifactError(
+                f"item text embeddings have shape {tuple(emb.shape)}, the model expects (n, {self.text_dim}): "
+                "the checkpoint was trained with another encoder; re-run with the same embedding.encoder"
+            )
+        # A text-only model scores any catalogue (inductive); an ID table fixes the catalogue size.
+        if self.item_id is not None and emb.shape[0] != self.n_items:
+            raise ArtifactError(
+                f"item text embeddings cover {emb.shape[0]} items, the model's ID table {self.n_items}: "
+                "use the prepared data the checkpoint was trained on"
+            )
+        self.item_text = emb.to(device=self.position.weight.device, dtype=torch.float32)
+
+    def _item_features(self, idx: torch.Tensor) -> torch.Tensor:
+        """Item tower before dropout, for any valid item indices."""
+        x = 0
+        if self.adaptor is not None:
+            if self.item_text is None:
+                raise RuntimeError("call model.set_item_text(embeddings) before using a text item tower")
+            x = self.adaptor(self.item_text[idx])
+        if self.item_id is not None:
+            x = x + self.item_id(idx)
+        return self.item_norm(x)
+
+    def item_reps(self, start: int, stop: int) -> torch.Tensor:
+        """Item tower output for the catalogue range [start, stop) (a domain's items are contiguous)."""
+        idx = torch.arange(start, stop, device=self.position.weight.device)
+        return self.drop(self._item_features(idx))
+
+    def encode(self, seq: torch.Tensor) -> torch.Tensor:
+        """States after every prefix: (B, L) left-padded item_idx (-1 = padding) -> (B, L, d_model).
+
+        Padding is inert: real positions never attend to it, positions count from the first real
+        item, and padded positions return zeros — so an all-padding row (no history) is all zeros.
+        """
+        B, L = seq.shape
+        if L > self.config.max_seq_len:
+            raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.config.max_seq_len}")
+        valid = seq != PAD
+        # The tower runs once per distinct item in the batch, not once per position (~10x less work).
+        unique, inverse = torch.unique(seq.clamp(min=0), return_inverse=True)
+        x = self.drop(self._item_features(unique)[inverse])
+        positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
+        x = x + self.position(positions)
+        # Causal, and never a padded key — except a padded query's own key, so no softmax row is empty.
+        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
+        diagonal = torch.eye(L, dtype=torch.bool, device=seq.device)
+        allowed = (causal & (valid[:, None, :] | diagonal))[:, None]  # (B, 1, L, L) over heads
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.final_norm(x) * valid[..., None]
+
+    def user_state(self, seq: torch.Tensor) -> torch.Tensor:
+        """State after the whole (left-padded) history: (B, L) -> (B, d_model); zeros for no history."""
+        return self.encode(seq)[:, -1]
+
+    def score(self, states: torch.Tensor, item_reps: torch.Tensor) -> torch.Tensor:
+        """(B, d) states × (n, d) items -> (B, n): dot product, or cosine / temperature.
+
+        Leading batch dimensions broadcast like matmul: (N, 1, d) × (N, 1, d) -> (N, 1, 1) pairs.
+        """
+        if self.config.score == "cosine":
+            states, item_reps = F.normalize(states, dim=-1), F.normalize(item_reps, dim=-1)
+            return states @ item_reps.mT / self.config.temperature
+        return states @ item_reps.mT
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: safetensors weights + config.json (never pickle)
+
+
+def save_checkpoint(model: SeqRecModel, folder: str | Path, extra: dict | None = None) -> None:
+    """Write `model.safetensors` and `config.json` into `folder`, each atomically."""
+    folder = Path(folder)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "trecsys_version": __version__})
+    write_json(folder / CONFIG, {
+        "model": dataclasses.asdict(model.config),
+        "text_dim": model.text_dim,
+        "n_items": model.n_items,
+        "trecsys_version": __version__,
+        "extra": extra or {},
+    })
+
+
+def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[SeqRecModel, dict]:
+    """Rebuild the model from `config.json` and load `model.safetensors`; returns (model, info).
+
+    The text embeddings are not in the checkpoint: call `model.set_item_text(...)` afterwards.
+    """
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    if not folder.is_dir():
+        raise ArtifactError(f"checkpoint folder not found: {folder}")
+    info = read_json(config_path)
+    try:
+        cfg = build(ModelConfig, info["model"], where=f" in {config_path}", prefix="model.")
+        model = SeqRecModel(cfg, int(info["text_dim"]), int(info["n_items"]))
+    except ConfigError as exc:
+        raise ArtifactError(str(exc)) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{config_path}: not a trecsys model config ({exc!r}): re-save the checkpoint") from None
+    if not weights_path.is_file():
+        raise ArtifactError(f"missing checkpoint weights: {weights_path}")
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ArtifactError(f"{weights_path}: unreadable safetensors ({reason}): the file is truncated or corrupt") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{weights_path} does not match {config_path}: missing tensors {missing[:3]}, "
+            f"unexpected tensors {unexpected[:3]}"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ArtifactError(
+                f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)} but {config_path} "
+                f"describes {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors)
+    return model.to(map_location), info
