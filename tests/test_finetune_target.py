@@ -17,13 +17,14 @@ from typer.testing import CliRunner
 
 from trecsys.artifacts import read_parquet, stage_output, write_manifest, write_parquet
 from trecsys.cli import app
-from trecsys.data.context import target_sequences
+from trecsys.data.context import histories_for, target_sequences
 from trecsys.data.prepared import load_prepared
 from trecsys.data.sequences import history_batch
 from trecsys.engine import LOG, read_log
 from trecsys.metrics import full_ranking_topk
 from trecsys.model import load_checkpoint
 from trecsys.stages.common import EvalCase, local_items, make_ranker
+from trecsys.stages.evaluate import System, eval_users, make_scorer
 
 runner = CliRunner()
 FINETUNE = {"epochs": 3, "batch_size": 16, "lr": 0.01, "patience": 0}
@@ -79,6 +80,18 @@ def test_full_finetune_with_source_context_writes_the_checkpoint_and_manifest(ru
     assert model.item_id is not None and info["extra"]["history"] == "all_domains"
     assert info["extra"]["strategy"] == "full" and info["extra"]["init_from"] == str(run_copy / "pretrain")
     assert not (run_copy / ".finetune.work").exists()
+    # `trec evaluate` gives this model the histories it was trained with: source items included.
+    prepared = load_prepared(run_copy)
+    users = eval_users(prepared, "test")
+    scorer = make_scorer(System("finetune", out), prepared, users, 16, torch.device("cpu"), 64)
+    mixed = histories_for(prepared, "all_domains", "test", users.user_idx)
+    assert sum(map(len, mixed)) > sum(map(len, users.histories_global))
+    model.set_item_text(torch.from_numpy(prepared.embeddings))
+    with torch.no_grad():
+        expected = model.eval().user_state(history_batch(mixed, model.config.max_seq_len))
+    assert torch.allclose(scorer.states, expected, atol=1e-5)
+    result = trec("evaluate", "-c", str(cfg), "evaluate.bootstrap=0", "evaluate.ks=[5, 10]")
+    assert result.exit_code == 0, result.output
 
 
 def test_auto_keeps_every_candidate_and_the_adaptor_leaves_the_sequence_tower_as_pretrained(run_copy, tmp_path):

@@ -137,8 +137,9 @@ def test_kd_loss_equals_a_hand_computed_value_and_is_zero_for_the_teacher_itself
     assert got.item() == pytest.approx(expected, rel=1e-6)
     assert chunked_kd_loss(student_state, items, dot, teacher_state, teacher_items, dot, mask, T, 2).item() == \
         pytest.approx(expected, rel=1e-6)
-    same = chunked_kd_loss(teacher_state, teacher_items, dot, teacher_state, teacher_items, dot, mask, T)
-    assert same.item() == 0.0
+    for chunk in (8192, 2):
+        same = chunked_kd_loss(teacher_state, teacher_items, dot, teacher_state, teacher_items, dot, mask, T, chunk)
+        assert same.item() == 0.0
 
 
 @pytest.mark.parametrize("score", ["dot", "cosine"])

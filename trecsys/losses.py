@@ -129,15 +129,54 @@ def proposal_log_q(item_counts: np.ndarray | torch.Tensor, power: float = 0.75) 
 
 
 
-def _kd_chunk(states: torch.Tensor, item_reps: torch.Tensor, score_fn: ScoreFn, teacher_states: torch.Tensor,
-              teacher_reps: torch.Tensor, teacher_score_fn: ScoreFn, teacher_lse: torch.Tensor,
-              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One item chunk's share of the KL: (Σ_j p_j (t_j − s_j), logsumexp_j s_j), logits over T."""
-    with torch.no_grad():
-        teacher = teacher_score_fn(teacher_states, teacher_reps).float() / temperature
-        p = torch.exp(teacher - teacher_lse[:, None])
-    student = score_fn(states, item_reps).float() / temperature
-    return (p * (teacher - student)).sum(dim=1), torch.logsumexp(student, dim=1)
+
+class _ChunkedKL(torch.autograd.Function):
+    """Per-row KL(softmax(t) ‖ softmax(s)) over the catalogue, with t = teacher scores / T and
+    s = student scores / T, forward and backward chunk by chunk (as `_ChunkedLogSumExp`).
+
+    KL = Σ_j p_j (t_j − s_j) − lse(t) + lse(s), p = softmax(t). Forward: one pass for lse(t), one
+    for Σ p (t − s) and lse(s). Backward: ∂KL/∂s_j = softmax(s)_j − p_j, each chunk's logits
+    recomputed. The teacher gets no gradient.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, states, item_reps, score_fn, teacher_states, teacher_reps, teacher_score_fn,
+                temperature, chunk_size):
+        n_items = item_reps.shape[0]
+        teacher = lambda lo: teacher_score_fn(teacher_states, teacher_reps[lo:lo + chunk_size]).float() / temperature  # noqa: E731
+        lse_t = torch.full((states.shape[0],), -torch.inf, device=states.device)
+        for lo in range(0, n_items, chunk_size):
+            lse_t = torch.logaddexp(lse_t, torch.logsumexp(teacher(lo), dim=1))
+        lse_s, cross = torch.full_like(lse_t, -torch.inf), torch.zeros_like(lse_t)
+        for lo in range(0, n_items, chunk_size):
+            t = teacher(lo)
+            s = score_fn(states, item_reps[lo:lo + chunk_size]).float() / temperature
+            cross += (torch.exp(t - lse_t[:, None]) * (t - s)).sum(dim=1)
+            lse_s = torch.logaddexp(lse_s, torch.logsumexp(s, dim=1))
+        ctx.save_for_backward(states, item_reps, teacher_states, teacher_reps, lse_t, lse_s)
+        ctx.score_fns, ctx.temperature, ctx.chunk_size = (score_fn, teacher_score_fn), temperature, chunk_size
+        return cross - lse_t + lse_s
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_kl):
+        states, item_reps, teacher_states, teacher_reps, lse_t, lse_s = ctx.saved_tensors
+        (score_fn, teacher_score_fn), T, chunk = ctx.score_fns, ctx.temperature, ctx.chunk_size
+        grad_states, grad_reps = torch.zeros_like(states), torch.zeros_like(item_reps)
+        for lo in range(0, item_reps.shape[0], chunk):
+            t = teacher_score_fn(teacher_states, teacher_reps[lo:lo + chunk]).float() / T
+            with torch.enable_grad():
+                st = states.detach().requires_grad_()
+                r = item_reps[lo:lo + chunk].detach().requires_grad_()
+                logits = score_fn(st, r)
+            q = torch.exp(logits.detach().float() / T - lse_s[:, None])
+            p = torch.exp(t - lse_t[:, None])
+            upstream = ((q - p) * (grad_kl[:, None] / T)).to(logits.dtype)
+            g_states, g_reps = torch.autograd.grad(logits, (st, r), upstream)
+            grad_states += g_states
+            grad_reps[lo:lo + chunk] = g_reps
+        return grad_states, grad_reps, None, None, None, None, None, None
 
 
 def chunked_kd_loss(states: torch.Tensor, item_reps: torch.Tensor, score_fn: ScoreFn,
@@ -146,12 +185,9 @@ def chunked_kd_loss(states: torch.Tensor, item_reps: torch.Tensor, score_fn: Sco
     """Mean over the rows where `mask` holds of T² · KL(softmax(teacher / T) ‖ softmax(student / T)).
 
     The softmax runs over the whole catalogue: `item_reps` rows for the student, `teacher_reps` rows
-    for the teacher (the same items in the same order; the two may differ in width and score). With
-    t, s the logits over T and p = softmax(t): KL = Σ_j p_j (t_j − s_j) − lse(t) + lse(s). A first
-    pass computes lse(t) chunk by chunk without gradients (the teacher is fixed); a second gives
-    each chunk's Σ_j p_j (t_j − s_j) and lse(s), checkpointed like `chunked_cross_entropy`. So no
-    more than `chunk_size` items' logits exist at once, and the value equals the unchunked one.
-    The T² factor keeps the gradient scale independent of T (Hinton et al. 2015).
+    for the teacher (the same items in the same order; the two may differ in width and score).
+    Memory is O(rows × chunk_size) like `chunked_cross_entropy`, and the value equals the unchunked
+    one. The T² factor keeps the gradient scale independent of T (Hinton et al. 2015).
     """
     keep = mask.reshape(-1)
     states = states.reshape(-1, states.shape[-1])[keep]
@@ -159,22 +195,13 @@ def chunked_kd_loss(states: torch.Tensor, item_reps: torch.Tensor, score_fn: Sco
     teacher_reps = teacher_reps.detach()
     if len(states) == 0:
         return states.sum() * 0.0  # keeps the graph connected for a batch without rows
-    n_items = item_reps.shape[0]
-    if teacher_reps.shape[0] != n_items:
-        raise ValueError(f"the teacher scores {teacher_reps.shape[0]} items, the student {n_items}")
-    bounds = [(lo, min(lo + chunk_size, n_items)) for lo in range(0, n_items, chunk_size)]
-    with torch.no_grad():
-        teacher_lse = torch.logsumexp(torch.stack([
-            torch.logsumexp(teacher_score_fn(teacher_states, teacher_reps[lo:hi]).float() / temperature, dim=1)
-            for lo, hi in bounds
-        ], dim=1), dim=1)
-    if len(bounds) == 1:  # one chunk: nothing to recompute, skip the checkpoint
-        cross, student_lse = _kd_chunk(states, item_reps, score_fn, teacher_states, teacher_reps,
-                                       teacher_score_fn, teacher_lse, temperature)
+    if teacher_reps.shape[0] != item_reps.shape[0]:
+        raise ValueError(f"the teacher scores {teacher_reps.shape[0]} items, the student {item_reps.shape[0]}")
+    if item_reps.shape[0] <= chunk_size:  # one chunk: the plain computation is the same and cheaper
+        log_p = torch.log_softmax(teacher_score_fn(teacher_states, teacher_reps).float() / temperature, dim=1)
+        log_q = torch.log_softmax(score_fn(states, item_reps).float() / temperature, dim=1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
     else:
-        parts = [checkpoint(_kd_chunk, states, item_reps[lo:hi], score_fn, teacher_states, teacher_reps[lo:hi],
-                            teacher_score_fn, teacher_lse, temperature, use_reentrant=False)
-                 for lo, hi in bounds]
-        cross = torch.stack([c for c, _ in parts], dim=1).sum(dim=1)
-        student_lse = torch.logsumexp(torch.stack([s for _, s in parts], dim=1), dim=1)
-    return temperature * temperature * (cross - teacher_lse + student_lse).mean()
+        kl = _ChunkedKL.apply(states, item_reps, score_fn, teacher_states, teacher_reps, teacher_score_fn,
+                              temperature, chunk_size)
+    return temperature * temperature * kl.mean()

@@ -93,3 +93,12 @@ def _history_before(seq: np.ndarray, target: np.ndarray, kind: np.ndarray, split
     visible = ("train",) if split == "valid" else ("train", "valid")
     keep = ~target[:end] | np.isin(kind[:end], visible)
     return seq[:end][keep]
+
+
+def histories_for(prepared: Prepared, history: str, split: str, user_idx: np.ndarray) -> list[np.ndarray]:
+    """What a model trained with `history` reads before `split` for each of `user_idx` (target users)."""
+    seqs = target_sequences(prepared, history)
+    rows = np.searchsorted(seqs.user_idx, user_idx)
+    if not np.array_equal(seqs.user_idx[np.minimum(rows, len(seqs.user_idx) - 1)], user_idx):
+        raise ValueError("histories_for: some users are not target-domain users")
+    return [seqs.histories[split][r] for r in rows]
