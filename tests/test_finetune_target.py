@@ -23,7 +23,8 @@ from trecsys.data.sequences import history_batch
 from trecsys.engine import LOG, read_log
 from trecsys.metrics import full_ranking_topk
 from trecsys.model import load_checkpoint
-from trecsys.stages.common import EvalCase, local_items, make_ranker
+from trecsys.scorers import to_local
+from trecsys.stages.common import EvalCase, make_ranker
 from trecsys.stages.evaluate import System, eval_users, make_scorer
 
 runner = CliRunner()
@@ -167,7 +168,7 @@ def test_auto_chooses_on_validation_even_when_test_says_otherwise(tmp_path):
         seq = history_batch([seqs.histories["test"][u] for u in users], model.config.max_seq_len)
         states, reps = model.eval().user_state(seq), model.item_reps(domain.item_start, domain.item_stop)
         _, top = full_ranking_topk(lambda r, a, b: model.score(states[r], reps[a:b]), len(users), domain.n_items,
-                                   k=1, exclude=local_items([seqs.histories["test"][u] for u in users], domain))
+                                   k=1, exclude=to_local([seqs.histories["test"][u] for u in users], domain))
     new_items = {int(seqs.user_idx[u]): int(top[i, 0]) + domain.item_start for i, u in enumerate(users)}
 
     second = tmp_path / "b"
@@ -216,6 +217,10 @@ def test_bad_input_is_one_line_naming_the_key(run_copy, tmp_path):
                   f"finetune.init_from={run_copy / 'pretrain'}")
     assert result.exit_code == 2 and "'finetune.init_from'" in result.output
     assert "trained on other prepared data" in result.output
+    # scratch borrows only the architecture, but an existing incompatible checkpoint is still refused.
+    result = trec("finetune-target", "-c", str(tmp_path / "o.yaml"), f"finetune.init_from={run_copy / 'pretrain'}",
+                  "finetune.strategy=scratch")
+    assert result.exit_code == 2 and "trained on other prepared data" in result.output
 
 
 def test_scratch_alone_needs_no_pretrained_checkpoint(tmp_path):

@@ -21,6 +21,7 @@ from trecsys.errors import ArtifactError, ConfigError
 from trecsys.losses import chunked_cross_entropy, proposal_log_q, sampled_softmax_loss
 from trecsys.metrics import full_ranking_topk, ranking_metrics
 from trecsys.model import CONFIG, WEIGHTS, SeqRecModel, load_checkpoint
+from trecsys.scorers import to_local
 
 MONITOR = "ndcg@10"
 REPORTED = ("ndcg@10", "recall@10")
@@ -75,10 +76,19 @@ def check_target(prepared: Prepared, cfg: ExperimentConfig) -> DomainRange:
 # Checkpoints
 
 
-def resolve_checkpoint(value: str, run_dir: Path, key: str) -> Path:
+def checkpoint_folder(value: str, run_dir: Path) -> Path:
     """A stage name of this run (pretrain, distill, finetune) or a checkpoint folder -> the folder."""
-    folder = Path(run_dir) / value if value in CHECKPOINT_STAGES else Path(value).expanduser()
-    if not ((folder / WEIGHTS).is_file() and (folder / CONFIG).is_file()):
+    return Path(run_dir) / value if value in CHECKPOINT_STAGES else Path(value).expanduser()
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file()
+
+
+def resolve_checkpoint(value: str, run_dir: Path, key: str) -> Path:
+    """The checkpoint folder `value` names, which must hold a checkpoint."""
+    folder = checkpoint_folder(value, run_dir)
+    if not has_checkpoint(folder):
         if value in CHECKPOINT_STAGES:
             hint = f"run `trec {CHECKPOINT_STAGES[value]}` first"
         else:
@@ -214,15 +224,6 @@ class EvalCase:
     targets: list[np.ndarray]
 
 
-def local_items(sequences: Sequence[np.ndarray], domain: DomainRange) -> list[np.ndarray]:
-    """Catalogue-local indices of the items of `domain` in each sequence (others dropped)."""
-    out = []
-    for seq in sequences:
-        seq = np.asarray(seq, dtype=np.int64)
-        out.append(seq[(seq >= domain.item_start) & (seq < domain.item_stop)] - domain.item_start)
-    return out
-
-
 def make_ranker(cases: list[EvalCase], user_batch: int, device: torch.device, ks: Sequence[int] = (10,),
                 key: str = "data.source") -> Callable[[SeqRecModel], dict[str, float]]:
     """rank(model) -> NDCG/Recall@K pooled over every case's users with a held-out item, and per case
@@ -231,8 +232,8 @@ def make_ranker(cases: list[EvalCase], user_batch: int, device: torch.device, ks
     for case in cases:
         users = [u for u, t in enumerate(case.targets) if len(t)]
         histories = [case.histories[u] for u in users]
-        prepared_cases.append((case, histories, local_items(histories, case.domain),
-                               local_items([case.targets[u] for u in users], case.domain)))
+        prepared_cases.append((case, histories, to_local(histories, case.domain),
+                               to_local([case.targets[u] for u in users], case.domain)))
     reported = [f"{m}@{k}" for k in ks for m in ("ndcg", "recall")]
     batches: dict[tuple[int, int], torch.Tensor] = {}  # (case, max_seq_len) -> history batch
 

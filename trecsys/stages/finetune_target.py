@@ -33,7 +33,7 @@ from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.context import TargetSequences, target_sequences
 from trecsys.data.prepared import Prepared, load_prepared
 from trecsys.engine import LOG, STATE, Dist, fit, setup_distributed, teardown_distributed
-from trecsys.errors import ArtifactError, ConfigError
+from trecsys.errors import ConfigError
 from trecsys.model import WEIGHTS, SeqRecModel, save_checkpoint
 from trecsys.stages.common import (
     MONITOR,
@@ -43,7 +43,9 @@ from trecsys.stages.common import (
     check_prepared,
     check_target,
     checkpoint_files,
+    checkpoint_folder,
     domain_windows,
+    has_checkpoint,
     load_compatible,
     make_ranker,
     metrics_line,
@@ -124,12 +126,10 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist) -> None:
 def init_model(cfg: ExperimentConfig, prepared: Prepared, strategies: list[str]
                ) -> tuple[SeqRecModel | None, Path | None]:
     """The init_from model; scratch and id_only alone may go without (the `model` section is used)."""
-    try:
-        model, _, folder = load_compatible(cfg.finetune.init_from, Path(cfg.run_dir), prepared, "finetune.init_from")
-    except ArtifactError:
-        if any(s in TRANSFERRING for s in strategies):
-            raise
+    run_dir, value = Path(cfg.run_dir), cfg.finetune.init_from
+    if not any(s in TRANSFERRING for s in strategies) and not has_checkpoint(checkpoint_folder(value, run_dir)):
         return None, None
+    model, _, folder = load_compatible(value, run_dir, prepared, "finetune.init_from")
     return model, folder
 
 
