@@ -134,3 +134,16 @@ def test_cuda_bf16_pretrain_runs_when_a_gpu_is_present(tiny_prepared, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tiny_prepared / "pretrain" / "manifest.json").read_text())
     assert manifest["precision"] in ("bf16", "fp16")
+
+
+def test_a_diverged_run_exits_4_and_leaves_the_previous_pretrain_untouched(tiny_prepared, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_prepared, tmp_path / "cfg.yaml")
+    assert trec("pretrain-source", "-c", str(cfg)).exit_code == 0
+    before = (tiny_prepared / "pretrain" / "model.safetensors").read_bytes()
+    import trecsys.stages.pretrain_source as stage
+
+    real = stage.chunked_cross_entropy
+    monkeypatch.setattr(stage, "chunked_cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    result = trec("pretrain-source", "-c", str(cfg))
+    assert result.exit_code == 4 and "diverged at step 1" in result.output
+    assert (tiny_prepared / "pretrain" / "model.safetensors").read_bytes() == before
