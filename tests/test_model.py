@@ -24,6 +24,15 @@ from trecsys.model import SeqRecModel, load_checkpoint, save_checkpoint
 TEXT_DIM, N_ITEMS, L = 24, 40, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run fastest on one thread; on shared cores, two threads wait on each other (5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_config(**overrides) -> ModelConfig:
     base = dict(d_model=16, n_layers=2, n_heads=2, max_seq_len=L, dropout=0.0, n_experts=3)
     return ModelConfig(**{**base, **overrides})
@@ -162,6 +171,21 @@ def test_chunked_cross_entropy_equals_full(score):
         assert torch.allclose(loss, reference, atol=1e-5), chunk
         assert torch.allclose(states.grad, ref_states.grad, atol=1e-6), chunk
         assert torch.allclose(reps.grad, ref_reps.grad, atol=1e-6), chunk
+
+
+def test_chunked_cross_entropy_never_scores_more_than_a_chunk():
+    model = make_model()
+    widths = []
+
+    def recording_score(states, reps):
+        widths.append(reps.shape[-2])
+        return model.score(states, reps)
+
+    states = torch.randn(30, 16, requires_grad=True)
+    reps = torch.randn(N_ITEMS, 16, requires_grad=True)
+    chunked_cross_entropy(states, torch.randint(0, N_ITEMS, (30,)), reps, recording_score, chunk_size=8).backward()
+    # Forward and backward each visit all 5 chunks; the target scores are (N, 1) pairs.
+    assert max(widths) <= 8 and sum(w for w in widths if w > 1) == 2 * N_ITEMS
 
 
 def test_sampled_softmax_limits():
