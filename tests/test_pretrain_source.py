@@ -147,3 +147,18 @@ def test_a_diverged_run_exits_4_and_leaves_the_previous_pretrain_untouched(tiny_
     result = trec("pretrain-source", "-c", str(cfg))
     assert result.exit_code == 4 and "diverged at step 1" in result.output
     assert (tiny_prepared / "pretrain" / "model.safetensors").read_bytes() == before
+
+
+def test_trimming_shared_left_padding_does_not_change_the_model_output():
+    from trecsys.config import ModelConfig
+    from trecsys.model import SeqRecModel
+    from trecsys.stages.pretrain_source import trim_left_padding
+
+    torch.manual_seed(0)
+    model = SeqRecModel(ModelConfig(d_model=16, n_layers=1, n_heads=2, max_seq_len=8, dropout=0.0), 4, 30).eval()
+    model.set_item_text(torch.randn(30, 4))
+    seq = torch.tensor([[-1, -1, -1, -1, 3, 4, 5, 6], [-1, -1, -1, -1, -1, -1, 7, 8]])
+    trimmed = trim_left_padding(seq)
+    assert trimmed.shape == (2, 4)
+    assert torch.allclose(model.user_state(seq), model.user_state(trimmed), atol=1e-6)
+    assert trim_left_padding(torch.full((2, 8), -1)).shape == (2, 1)

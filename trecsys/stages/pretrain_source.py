@@ -137,11 +137,7 @@ def training_setup(splits: dict[str, DomainSplit], cfg: ExperimentConfig, device
             log_q.append(proposal_log_q(counts).to(device))
 
     def make_batch(indices: np.ndarray) -> dict:
-        batch = windows[indices]
-        # Drop leading columns that are padding in every row: positions count from each row's first
-        # real item, so the result is the same, and short histories no longer pay for max_seq_len.
-        first = int((batch >= 0).argmax(axis=1).min())
-        return {"windows": torch.from_numpy(batch[:, first:]), "group": int(groups[indices[0]])}
+        return {"windows": trim_left_padding(torch.from_numpy(windows[indices])), "group": int(groups[indices[0]])}
 
     def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
         domain = domains[batch["group"]]
@@ -162,7 +158,8 @@ def make_validate(splits: dict[str, DomainSplit], max_seq_len: int, user_batch: 
     """validate(model) -> NDCG@10/Recall@10 pooled over every source user with a valid item, and per domain."""
     cases = []
     for name, split in splits.items():
-        users = [u for u, items in enumerate(split.valid) if len(items)]
+        # Users in order of history length, so a batch of them needs little padding.
+        users = sorted((u for u, items in enumerate(split.valid) if len(items)), key=lambda u: len(split.train[u]))
         start = split.domain.item_start
         histories = [split.train[u] for u in users]
         cases.append((name, split.domain, history_batch(histories, max_seq_len),
@@ -175,7 +172,7 @@ def make_validate(splits: dict[str, DomainSplit], max_seq_len: int, user_batch: 
             if not targets:
                 continue
             reps = model.item_reps(domain.item_start, domain.item_stop)
-            states = torch.cat([model.user_state(seq[lo:lo + user_batch].to(device))
+            states = torch.cat([model.user_state(trim_left_padding(seq[lo:lo + user_batch]).to(device))
                                 for lo in range(0, len(seq), user_batch)])
             _, top = full_ranking_topk(lambda rows, a, b, s=states, r=reps: model.score(s[rows], r[a:b]),
                                        len(targets), domain.n_items, k=10, exclude=exclude,
@@ -190,6 +187,16 @@ def make_validate(splits: dict[str, DomainSplit], max_seq_len: int, user_batch: 
         return metrics
 
     return validate
+
+
+def trim_left_padding(seq: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns that are padding in every row of a left-padded batch.
+
+    Positions count from each row's first real item, so the model's output is the same, and short
+    histories stop paying for `max_seq_len`.
+    """
+    real = (seq >= 0).any(dim=0)
+    return seq[:, int(real.int().argmax()):] if bool(real.any()) else seq[:, -1:]
 
 
 def summary(metrics: dict | None, best_step: int | None, steps: int, stopped: str, n_parameters: int,
