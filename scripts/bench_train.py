@@ -6,7 +6,7 @@ windows exactly as `trec pretrain-source` does, full-softmax loss over all 27,63
 vectors are random (384-d like all-MiniLM-L6-v2): training cost does not depend on their values.
 Each (size, device) runs in its own process so its peak RSS is its own.
 
-    python scripts/bench_train.py [--steps 20] [--sizes small,base] [--devices cpu,cuda] [--threads N]
+    python scripts/bench_train.py [--steps 10] [--sizes small,base] [--devices cpu,cuda] [--threads N]
 
 On a machine shared with other work, `--threads 1` gives steadier numbers: idle OpenMP threads spin
 while they wait for a core, which inflates both wall and CPU time.
@@ -140,7 +140,7 @@ def bench_one(size: str, device_name: str, steps: int, batch_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--sizes", default="small,base")
     parser.add_argument("--devices", default="cpu,cuda")
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # size:device, run in this process
     args = parser.parse_args()
     if not (shared_data() / "amazon_food_kitchen" / "Kitchen" / "Kitchen.inter.gz").is_file():
-        print(f"skipped: Kitchen data not found under {shared_data()} (set TRECSYS_SHARED_DATA)")
+        print(f"train: skipped (Kitchen data not found under {shared_data()}; set TRECSYS_SHARED_DATA)")
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,15 +163,19 @@ def main() -> None:
                                    "--batch-size", str(args.batch_size), "--threads", str(args.threads)],
                                   capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"{size} {device}: failed: {done.stderr.strip().splitlines()[-1]}")
+                print(f"train.{size}.{device}.failed: {done.stderr.strip().splitlines()[-1]}")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            cuda = f", peak CUDA {r['peak_cuda_mib']:.0f} MiB" if r["peak_cuda_mib"] is not None else ""
-            print(f"train {r['size']} ({r['parameters']:,} params) on {r['device']} {r['precision']}, "
-                  f"{r['torch_threads']} threads: {r['sequences_per_s']:.0f} sequences/s, "
-                  f"{r['s_per_epoch']:.1f} s/epoch est. ({r['windows']:,} windows, {r['items']:,} items, "
-                  f"batch {r['batch_size']}, {r['timed_steps']} timed steps), {r['sequences_per_cpu_s']:.0f} sequences per CPU-s = {r['windows'] / r['sequences_per_cpu_s']:.0f} CPU-s/epoch, peak RSS {r['peak_rss_mib']:.0f} MiB{cuda}; "
-                  f"fit {r['fit_wall_s']:.0f} s wall / {r['fit_cpu_s']:.0f} s CPU")
+            prefix = f"train.{size}.{r['device']}"
+            for key in ("parameters", "precision", "torch_threads", "windows", "items", "batch_size", "timed_steps"):
+                print(f"{prefix}.{key}: {r[key]}")
+            print(f"{prefix}.sequences_per_s: {r['sequences_per_s']:.0f}")
+            print(f"{prefix}.s_per_epoch (from the timed steps): {r['s_per_epoch']:.0f}")
+            print(f"{prefix}.sequences_per_cpu_s: {r['sequences_per_cpu_s']:.0f}")
+            print(f"{prefix}.cpu_s_per_epoch: {r['windows'] / r['sequences_per_cpu_s']:.0f}")
+            print(f"{prefix}.peak_rss_mib: {r['peak_rss_mib']:.0f}")
+            if r["peak_cuda_mib"] is not None:
+                print(f"{prefix}.peak_cuda_mib: {r['peak_cuda_mib']:.0f}")
 
 
 if __name__ == "__main__":
