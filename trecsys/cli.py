@@ -135,11 +135,24 @@ def finetune_target(
 def evaluate(
     config: Path = ConfigOption,
     overrides: list[str] = OverridesArg,
+    model: str = typer.Option(None, "--model", help="Checkpoint folder to evaluate instead of the run's latest."),
+    split: str = typer.Option("test", "--split", help="Held-out split: valid or test."),
+    compare: list[str] = typer.Option(
+        None, "--compare",
+        help="Runs or checkpoint folders to compare side by side, paired against the first "
+        "(repeat the option, or give a comma list, or list paths after it).",
+    ),
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
 ) -> None:
     """Full-ranking metrics, slices and confidence intervals: writes <run_dir>/eval/."""
-    _run_stage("evaluate", config, overrides, print_config, debug)
+    overrides = list(overrides or [])
+    if compare:
+        # `--compare runs/a runs/b`: paths after the option land among the overrides, which always
+        # contain "=", so a token without one can only be another run to compare.
+        compare = [*compare, *(o for o in overrides if "=" not in o)]
+        overrides = [o for o in overrides if "=" in o]
+    _run_stage("evaluate", config, overrides, print_config, debug, model=model, split=split, compare=compare)
 
 
 @app.command()

@@ -242,6 +242,40 @@ class ModelConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`trec evaluate`: full ranking of the target catalogue (trecsys/stages/evaluate.py)."""
+
+    # Cut-offs K of every @K metric; each must be <= the target catalogue size.
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    # Never rank items already in the user's history (they are masked out of the catalogue).
+    exclude_seen: bool = True
+    # Bootstrap resamples of the users for 95% confidence intervals and paired p-values; 0 = none.
+    bootstrap: int = 1000
+    # Users scored at once, and catalogue items per score block: memory is user_batch × item_chunk.
+    user_batch: int = 1024
+    item_chunk: int = 65536
+    # History-length slices by train interactions in the target: the first bucket (below the first
+    # edge) is the cold users, each edge starts a bucket: [4, 8, 16] gives 0-3, 4-7, 8-15, 16+.
+    history_buckets: list[int] = field(default_factory=lambda: [4, 8, 16])
+    # Target items with fewer train interactions than this form the cold-item slice.
+    cold_item_interactions: int = 5
+
+    def validate(self, prefix: str = "evaluate.", where: str = "") -> None:
+        """Check value ranges that the types alone cannot (K against the catalogue: at run time)."""
+        for name in ("user_batch", "item_chunk", "cold_item_interactions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"config key '{prefix}bootstrap'{where}: must be >= 0 (0 = no intervals), got {self.bootstrap}")
+        edges = self.history_buckets
+        if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges[:-1], edges[1:], strict=True)):
+            raise ConfigError(
+                f"config key '{prefix}history_buckets'{where}: expected increasing cut-offs >= 1 such as "
+                f"[4, 8, 16], got {edges}"
+            )
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: every stage reads this whole config and uses its own sections."""
 
@@ -255,6 +289,7 @@ class ExperimentConfig:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,35 +1,86 @@
-"""Full-ranking metrics in one place: exact top-K over the catalogue, and accuracy metrics from it.
+"""Full-ranking metrics in one place: exact top-K over the catalogue, accuracy and beyond-accuracy
+metrics from it, and bootstrap confidence intervals / paired tests over users.
 
 Tie rule (documented, deterministic): a higher score ranks first; equal scores rank by the lower
-item index. NaN scores rank last. The result is the same for any user batch or item chunk size.
+item index. NaN scores count as -inf, like excluded items: they rank last, by index among
+themselves. The result is the same for any user batch or item chunk size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from trecsys.errors import ConfigError
 
 # score_chunk(user_rows, item_start, item_stop) -> (len(user_rows), item_stop - item_start) scores,
 # where user_rows index the users being ranked and item indices are catalogue-local.
 ScoreChunk = Callable[[torch.Tensor, int, int], torch.Tensor]
 
+ACCURACY_METRICS = ("recall", "hit", "ndcg", "mrr", "precision")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact top-K
+
 
 def chunk_topk(scores: torch.Tensor, k: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of each row by (score desc, index asc); indices are shifted by `offset`."""
-    scores = torch.nan_to_num(scores.float(), nan=-torch.inf)
+    """Exact top-k of each row by (score desc, index asc), NaN as -inf; indices shifted by `offset`."""
+    return _exact_topk(scores.to(torch.float32, copy=True), k, offset)
+
+
+def _exact_topk(scores: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunk_topk on a float32 tensor it may change: rows holding NaN are cleaned in place."""
     k = min(k, scores.shape[1])
-    kth = torch.topk(scores, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-    greater = scores > kth
-    # torch.topk picks arbitrarily among scores equal to the k-th value: take the lowest indices.
-    ties = scores == kth
-    ties_needed = k - greater.sum(dim=1, keepdim=True)
-    selected = greater | (ties & (torch.cumsum(ties, dim=1) <= ties_needed))
-    index = selected.nonzero()[:, 1].view(scores.shape[0], k)  # row-major: ascending index per row
-    values = scores.gather(1, index)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    return values.gather(1, order), index.gather(1, order) + offset
+    # One extra place shows whether the k-th score is tied with an item left out; only such rows
+    # (rare for learned scores, common for counts) need the exact pass over the whole row.
+    probe = min(k + 1, scores.shape[1])
+    values, index = torch.topk(scores, probe, dim=1, sorted=True)
+    # torch.topk ranks NaN above everything, so a row with a NaN shows one first: clean and redo
+    # only those rows, rather than a pass over every score.
+    nan_rows = values[:, 0].isnan().nonzero().squeeze(1)
+    if len(nan_rows):
+        clean = scores[nan_rows].nan_to_num_(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+        scores[nan_rows] = clean
+        values[nan_rows], index[nan_rows] = torch.topk(clean, probe, dim=1, sorted=True)
+    crowded = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1) if probe > k else None
+    if crowded is not None and len(crowded) == len(scores):  # e.g. counts: skip the row copies
+        values[:, :k], index[:, :k] = _exact_topk_of_tied_rows(scores, values, index, k)
+    elif crowded is not None and len(crowded):
+        values[crowded, :k], index[crowded, :k] = _exact_topk_of_tied_rows(
+            scores[crowded], values[crowded], index[crowded], k)
+    values, index = values[:, :k], index[:, :k]
+    # topk sorts by score only: rows with equal scores inside the list need the index order.
+    if k > 1 and bool((values[:, 1:] == values[:, :-1]).any()):
+        values, index = _by_score_then_index(values, index)
+    return values, index + offset
+
+
+def _by_score_then_index(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    by_index = torch.sort(index, dim=1, stable=True).indices
+    values, index = values.gather(1, by_index), index.gather(1, by_index)
+    by_score = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return values.gather(1, by_score), index.gather(1, by_score)
+
+
+def _exact_topk_of_tied_rows(scores: torch.Tensor, values: torch.Tensor, index: torch.Tensor, k: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose k-th score is tied with an item torch.topk left out, which it picks arbitrarily.
+
+    The items above the k-th score are all in topk's list (its first places); the places left go
+    to the lowest indices among the items equal to the k-th score.
+    """
+    kth = values[:, k - 1:k]
+    n_above = (values[:, :k] > kth).sum(dim=1, keepdim=True)
+    positions = torch.arange(scores.shape[1], dtype=torch.int32, device=scores.device)
+    tie_key = torch.where(scores == kth, -positions, torch.iinfo(torch.int32).min)
+    lowest_ties = torch.topk(tie_key, k, dim=1, sorted=True).indices
+    slot = torch.arange(k, device=scores.device).expand(len(scores), k)
+    chosen = torch.where(slot < n_above, index[:, :k], lowest_ties.gather(1, (slot - n_above).clamp(min=0)))
+    return _by_score_then_index(scores.gather(1, chosen), chosen)
 
 
 def merge_topk(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
@@ -43,78 +94,237 @@ def merge_topk(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torc
     return values.gather(1, by_score), index.gather(1, by_score)
 
 
+def _merge_ascending_chunks(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                            k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge_topk when every index in `a` is below every index in `b` (chunks in catalogue order):
+    both lists are already (score desc, index asc), so one stable sort by score keeps the tie rule."""
+    values = torch.cat([a[0], b[0]], dim=1)
+    index = torch.cat([a[1], b[1]], dim=1)
+    by_score = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    return values.gather(1, by_score), index.gather(1, by_score)
+
+
 def full_ranking_topk(score_chunk: ScoreChunk, n_users: int, n_items: int, k: int,
                       exclude: Sequence[np.ndarray] | None = None, user_batch: int = 1024,
                       item_chunk: int = 65536, device: str | torch.device = "cpu"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k catalogue-local item indices for every user, with `exclude[u]` items masked out.
 
-    Memory is O(user_batch × item_chunk), whatever the number of users and items.
+    Masked items score -inf: they rank after every other item, so they appear only when fewer than
+    k items remain. Memory is O(user_batch × item_chunk), whatever the number of users and items.
+    `score_chunk` must return a tensor it does not keep: it is masked in place.
     """
     if k < 1:
         raise ValueError("k must be >= 1")
+    masks = ExclusionMasks(exclude) if exclude is not None else None
     all_values, all_index = [], []
     for lo in range(0, n_users, user_batch):
-        rows = torch.arange(lo, min(lo + user_batch, n_users), device=device)
+        hi = min(lo + user_batch, n_users)
+        rows = torch.arange(lo, hi, device=device)
         best = None
         for start in range(0, n_items, item_chunk):
             stop = min(start + item_chunk, n_items)
+            # Changed in place: score_chunk hands over a tensor of its own (never shared state).
             scores = score_chunk(rows, start, stop).float()
-            if exclude is not None:
-                _mask_excluded(scores, exclude, lo, start, stop)
-            part = chunk_topk(scores, k, offset=start)
-            best = part if best is None else merge_topk(best, part, k)
+            if masks is not None:
+                masks.apply(scores, lo, hi, start, stop)
+            part = _exact_topk(scores, k, offset=start)
+            best = part if best is None else _merge_ascending_chunks(best, part, k)
         all_values.append(best[0].cpu())
         all_index.append(best[1].cpu())
     return torch.cat(all_values), torch.cat(all_index)
 
 
-def _mask_excluded(scores: torch.Tensor, exclude: Sequence[np.ndarray], first_user: int, start: int,
-                   stop: int) -> None:
-    rows, cols = [], []
-    for r in range(scores.shape[0]):
-        items = exclude[first_user + r]
-        items = items[(items >= start) & (items < stop)]
-        rows.append(np.full(len(items), r))
-        cols.append(items - start)
-    if rows:
-        r = torch.from_numpy(np.concatenate(rows)).to(scores.device)
-        c = torch.from_numpy(np.concatenate(cols)).to(scores.device)
-        scores[r, c] = -torch.inf
+class ExclusionMasks:
+    """Each user's excluded items in one CSR layout, so masking a block costs no per-user Python loop."""
+
+    def __init__(self, exclude: Sequence[np.ndarray]):
+        lengths = np.fromiter((len(e) for e in exclude), dtype=np.int64, count=len(exclude))
+        self.indptr = np.concatenate([[0], np.cumsum(lengths)])
+        self.items = (np.concatenate([np.asarray(e, dtype=np.int64) for e in exclude])
+                      if len(exclude) else np.zeros(0, dtype=np.int64))
+        self.rows = np.repeat(np.arange(len(exclude), dtype=np.int64), lengths)
+
+    def apply(self, scores: torch.Tensor, first_user: int, last_user: int, start: int, stop: int) -> None:
+        lo, hi = self.indptr[first_user], self.indptr[last_user]
+        items, rows = self.items[lo:hi], self.rows[lo:hi]
+        keep = (items >= start) & (items < stop)
+        if keep.any():
+            r = torch.from_numpy(rows[keep] - first_user).to(scores.device)
+            c = torch.from_numpy(items[keep] - start).to(scores.device)
+            scores[r, c] = -torch.inf
 
 
-def ranking_metrics(topk_index: torch.Tensor, targets: Sequence[np.ndarray], ks: Sequence[int]
+def check_ks(ks: Sequence[int], n_items: int, key: str = "evaluate.ks") -> list[int]:
+    """Sorted unique cut-offs, refused when empty, below 1 or beyond the catalogue."""
+    if not ks:
+        raise ConfigError(f"config key '{key}' is empty: give at least one cut-off, e.g. [10]")
+    bad = [k for k in ks if k < 1]
+    if bad:
+        raise ConfigError(f"config key '{key}': cut-offs must be >= 1, got {bad}")
+    too_big = [k for k in ks if k > n_items]
+    if too_big:
+        raise ConfigError(
+            f"config key '{key}': K={max(too_big)} is larger than the target catalogue of {n_items} items; "
+            f"use cut-offs <= {n_items}"
+        )
+    return sorted(set(ks))
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy
+
+
+def hit_matrix(topk_index: torch.Tensor | np.ndarray, targets: Sequence[np.ndarray]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(n_users, depth) bool: is the ranked item a target; and each user's number of distinct targets."""
+    topk = np.asarray(topk_index, dtype=np.int64)
+    n_users = topk.shape[0]
+    lengths = np.fromiter((len(t) for t in targets), dtype=np.int64, count=len(targets))
+    if len(targets) != n_users:
+        raise ValueError(f"{n_users} ranked users but {len(targets)} target sets")
+    flat = (np.concatenate([np.asarray(t, dtype=np.int64) for t in targets])
+            if n_users else np.zeros(0, dtype=np.int64))
+    # One (user, item) key per pair turns the per-user membership test into one np.isin.
+    width = int(max(topk.max(initial=-1), flat.max(initial=-1))) + 1
+    target_keys = np.unique(np.repeat(np.arange(n_users, dtype=np.int64), lengths) * width + flat)
+    n_targets = np.bincount(target_keys // max(width, 1), minlength=n_users)
+    hits = np.isin(np.arange(n_users, dtype=np.int64)[:, None] * width + topk, target_keys)
+    return hits, n_targets
+
+
+def ranking_metrics(topk_index: torch.Tensor | np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int]
                     ) -> dict[str, np.ndarray]:
     """Per-user Recall/HR/NDCG/MRR/Precision at each K from top lists and held-out target sets.
 
     Returns {"recall@10": array(n_users), ...}. Users without targets get NaN (callers drop them).
-    NDCG uses binary gains, log2(rank + 1) discounts, and the ideal DCG of min(|targets|, K) hits.
+    Repeated targets count once. NDCG uses binary gains, log2(rank + 1) discounts, and the ideal
+    DCG of min(|targets|, K) hits.
     """
-    topk = topk_index.numpy()
-    n_users, depth = topk.shape
-    hits = np.zeros((n_users, depth), dtype=bool)
-    n_targets = np.array([len(t) for t in targets], dtype=np.int64)
-    for u, t in enumerate(targets):
-        if len(t):
-            hits[u] = np.isin(topk[u], t)
+    hits, n_targets = hit_matrix(topk_index, targets)
+    depth = hits.shape[1]
     discounts = 1.0 / np.log2(np.arange(2, depth + 2))
+    ideal_by_count = np.concatenate([[0.0], np.cumsum(discounts)])
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), depth)
-    out: dict[str, np.ndarray] = {}
     valid = n_targets > 0
+    out: dict[str, np.ndarray] = {}
     for k in ks:
         if k > depth:
             raise ValueError(f"K={k} is larger than the ranked depth {depth}")
-        h = hits[:, :k]
-        n_hit = h.sum(axis=1)
-        ideal = np.array([discounts[: min(n, k)].sum() for n in n_targets])
+        n_hit = hits[:, :k].sum(axis=1)
+        ideal = ideal_by_count[np.minimum(n_targets, k)]
         with np.errstate(invalid="ignore", divide="ignore"):
             metrics = {
                 "recall": n_hit / n_targets,
                 "hit": (n_hit > 0).astype(float),
-                "ndcg": (h * discounts[:k]).sum(axis=1) / ideal,
+                "ndcg": (hits[:, :k] @ discounts[:k]) / ideal,
                 "mrr": np.where(first_hit < k, 1.0 / (first_hit + 1), 0.0),
                 "precision": n_hit / k,
             }
         for name, values in metrics.items():
             out[f"{name}@{k}"] = np.where(valid, values, np.nan)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond accuracy
+
+
+def catalogue_coverage(topk_index: torch.Tensor | np.ndarray, n_items: int, ks: Sequence[int]
+                       ) -> dict[str, float]:
+    """Fraction of the catalogue that appears in at least one user's top-K."""
+    topk = np.asarray(topk_index, dtype=np.int64)
+    return {f"coverage@{k}": len(np.unique(topk[:, :k])) / n_items for k in ks}
+
+
+def intra_list_diversity(topk_index: torch.Tensor | np.ndarray, item_embeddings: np.ndarray,
+                         ks: Sequence[int], user_batch: int = 8192) -> dict[str, np.ndarray]:
+    """Per-user mean pairwise (1 − cosine) of the top-K items' text embeddings (K >= 2 only).
+
+    With unit rows r_i, Σ_{i≠j} cos_ij = ‖Σ r_i‖² − Σ ‖r_i‖², so only the sum of each list's
+    vectors is needed: embedding_bag forms it without materialising (users × K × dim).
+    """
+    topk = torch.as_tensor(np.asarray(topk_index, dtype=np.int64))
+    norms = np.linalg.norm(item_embeddings, axis=1, keepdims=True)
+    unit = torch.from_numpy(np.divide(item_embeddings, norms, out=np.zeros_like(item_embeddings),
+                                      where=norms > 0).astype(np.float32))
+    has_text = torch.from_numpy((norms[:, 0] > 0).astype(np.float64))  # ‖r_i‖², 0 for an item without text
+    ks = sorted(k for k in ks if k >= 2)
+    out = {f"diversity@{k}": np.empty(len(topk)) for k in ks}
+    for lo in range(0, len(topk), user_batch):
+        block = topk[lo:lo + user_batch]
+        squares = torch.cumsum(has_text[block], dim=1)
+        total, done = torch.zeros(len(block), unit.shape[1], dtype=torch.float64), 0
+        for k in ks:  # each K adds the items after the previous K
+            total += F.embedding_bag(block[:, done:k], unit, mode="sum").double()
+            done = k
+            pair_cos = (total * total).sum(dim=1) - squares[:, k - 1]
+            out[f"diversity@{k}"][lo:lo + user_batch] = (1.0 - pair_cos / (k * (k - 1))).numpy()
+    return out
+
+
+def popularity_percentile(counts: np.ndarray) -> np.ndarray:
+    """Each item's popularity as a percentile (0–100) of the catalogue; equal counts share the mean rank."""
+    counts = np.asarray(counts)
+    if len(counts) < 2:
+        return np.full(len(counts), 100.0)
+    order = np.argsort(counts, kind="stable")
+    ranks = np.empty(len(counts))
+    sorted_counts = counts[order]
+    # Average rank within each group of equal counts, like scipy.stats.rankdata(method="average").
+    _, first, group_size = np.unique(sorted_counts, return_index=True, return_counts=True)
+    mean_rank = first + (group_size - 1) / 2.0
+    ranks[order] = np.repeat(mean_rank, group_size)
+    return 100.0 * ranks / (len(counts) - 1)
+
+
+def average_popularity(topk_index: torch.Tensor | np.ndarray, percentile: np.ndarray, ks: Sequence[int]
+                       ) -> dict[str, np.ndarray]:
+    """Per-user mean popularity percentile of the top-K items (higher: a more popularity-biased list)."""
+    topk = np.asarray(topk_index, dtype=np.int64)
+    pct = percentile[topk]
+    running = np.cumsum(pct, axis=1)
+    return {f"popularity@{k}": running[:, k - 1] / k for k in ks}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap over users
+
+
+def resample_counts(n_users: int, n_samples: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of bootstrap resamples as per-user multiplicities (block, n_users), in a seeded order.
+
+    The same (n_users, n_samples, seed) gives the same resamples, so two systems scored on the
+    same users share them: that is what makes the comparison paired. The block size depends on
+    n_users only (the random stream depends on it), and bounds memory to ~4M counts.
+    """
+    rng = np.random.default_rng(seed)
+    block = max(1, (1 << 22) // max(n_users, 1))
+    for lo in range(0, n_samples, block):
+        size = min(block, n_samples - lo)
+        draws = rng.integers(0, n_users, size=(size, n_users))
+        flat = (draws + np.arange(size)[:, None] * n_users).ravel()
+        yield np.bincount(flat, minlength=size * n_users).reshape(size, n_users)
+
+
+def bootstrap_means(values: np.ndarray, n_samples: int, seed: int) -> np.ndarray:
+    """(n_samples, n_columns) means of `values` (n_users, n_columns) over resampled users."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[:, None]
+    n_users = len(values)
+    blocks = [counts @ values / n_users for counts in resample_counts(n_users, n_samples, seed)]
+    return np.concatenate(blocks) if blocks else np.zeros((0, values.shape[1]))
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    tail = (1.0 - level) / 2.0 * 100.0
+    return np.percentile(samples, tail, axis=0), np.percentile(samples, 100.0 - tail, axis=0)
+
+
+def paired_p_value(deltas: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Two-sided paired bootstrap p-value of a mean difference: how often a resampled difference,
+    re-centred on zero (the null), is at least as far from zero as the observed one."""
+    deltas = np.atleast_2d(np.asarray(deltas, dtype=np.float64).T).T
+    extreme = (np.abs(deltas - observed) >= np.abs(observed) - 1e-12).sum(axis=0)
+    return (extreme + 1.0) / (len(deltas) + 1.0)

@@ -1,0 +1,306 @@
+"""What a person reads after `trec evaluate`: report.md tables, PNG plots and the terminal summary.
+
+Plots: metric@K curves per run, slice bars, learning curves from the stages' train_log.jsonl, and the
+few-shot curve when a few-shot study table (`<run_dir>/fewshot/results.parquet` with columns
+train_fraction, strategy, metric, k, value) exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from trecsys.artifacts import write_text
+
+CURVE_METRICS = ("recall", "ndcg", "mrr", "hit")
+TABLE_METRICS = ("recall", "ndcg", "mrr", "hit", "precision", "coverage", "diversity", "popularity")
+LOG_STAGES = ("pretrain", "distill", "finetune")
+FEWSHOT_TABLE = Path("fewshot") / "results.parquet"
+# The x axis of a training log, in order of preference.
+LOG_X_KEYS = ("step", "epoch", "iteration")
+SKIPPED_LOG_KEYS = ("lr", "time", "seconds", "best_step")
+
+
+def headline_k(ks: Sequence[int]) -> int:
+    """The K the summaries show: 10 when evaluated, else the nearest."""
+    return min(ks, key=lambda k: (abs(k - 10), k))
+
+
+def _fmt(value: float, low: float, high: float) -> str:
+    if math.isnan(value):
+        return "–"
+    if math.isnan(low):
+        return f"{value:.4f}"
+    return f"{value:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def _fmt_short(value: float, digits: int = 4) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pivot(metrics: pd.DataFrame, slice_name: str, k: int) -> dict[tuple[str, str], pd.Series]:
+    rows = metrics[(metrics["slice"] == slice_name) & (metrics["k"] == k)]
+    return {(r.run, r.metric): r for r in rows.itertuples(index=False)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal and Markdown
+
+
+def terminal_table(metrics: pd.DataFrame, context: dict) -> str:
+    k = headline_k(context["ks"])
+    cells = _pivot(metrics, "all", k)
+    runs = list(dict.fromkeys(metrics["run"]))
+    columns = [m for m in ("recall", "ndcg", "mrr", "hit", "coverage") if (runs[0], m) in cells]
+    ci = f"95% CI from {context['bootstrap']} bootstrap resamples" if context["bootstrap"] else "no CIs"
+    lines = [f"evaluate: target {context['target']!r}, split {context['split']}, {context['n_users']} users, "
+             f"{context['n_items']} items, K={k} ({ci})"]
+    width = max(len(r) for r in runs) + 2
+    lines.append("run".ljust(width) + "".join(f"{m}@{k}".ljust(26) for m in columns))
+    for run in runs:
+        parts = [_fmt(cells[(run, m)].value, cells[(run, m)].ci_low, cells[(run, m)].ci_high).ljust(26)
+                 for m in columns]
+        lines.append(run.ljust(width) + "".join(parts))
+    return "\n".join(lines)
+
+
+def write_report(path: Path, metrics: pd.DataFrame, comparison: pd.DataFrame, context: dict,
+                 plots: list[str]) -> None:
+    ks, k = context["ks"], headline_k(context["ks"])
+    runs = list(dict.fromkeys(metrics["run"]))
+    out = [
+        f"# Evaluation: {context['run_dir']}",
+        "",
+        f"Target domain **{context['target']}**, split **{context['split']}**: {context['n_users']} users with "
+        f"held-out items, full ranking of {context['n_items']} items"
+        f"{', items in the history excluded' if context['exclude_seen'] else ''}. "
+        f"Intervals: 95% bootstrap over users ({context['bootstrap']} resamples, seed {context['seed']}).",
+        "",
+    ]
+    if context["models"]:
+        out += ["Models: " + "; ".join(f"`{label}` from `{folder}`" for label, folder in context["models"].items()), ""]
+    out += ["Baselines: `popularity` (training counts) and `item-knn` (cosine of item co-occurrence in "
+            "training sequences).", ""]
+    for kk in ks:
+        cells = _pivot(metrics, "all", kk)
+        header = ["run"] + [f"{m}@{kk}" for m in TABLE_METRICS if (runs[0], m) in cells]
+        rows = [[run] + [_fmt(cells[(run, m)].value, cells[(run, m)].ci_low, cells[(run, m)].ci_high)
+                         for m in TABLE_METRICS if (runs[0], m) in cells] for run in runs]
+        out += [f"## All users, K={kk}", "", _markdown_table(header, rows), ""]
+    if not comparison.empty:
+        rows = comparison[(comparison["slice"] == "all") & (comparison["k"] == k)]
+        table = [[r.run, f"{r.metric}@{r.k}", _fmt(r.delta, r.ci_low, r.ci_high), _fmt_short(r.p_value, 3)]
+                 for r in rows.itertuples(index=False)]
+        out += [f"## Paired comparison against `{runs[0]}` (all users, K={k})", "",
+                "Difference of means with its 95% paired-bootstrap CI and two-sided p-value.", "",
+                _markdown_table(["run", "metric", "delta [95% CI]", "p"], table), ""]
+    out += [f"## Slices (NDCG@{k} and Recall@{k})", "",
+            f"History buckets count train interactions in the target (the first bucket are the cold users); "
+            f"`source:shared` users also have interactions in a source domain; target slices keep only the "
+            f"held-out items that had no (`unseen`) or fewer than {context['cold_item_interactions']} (`cold`) "
+            "training interactions.", ""]
+    sliced = metrics[(metrics["k"] == k) & metrics["metric"].isin(["ndcg", "recall"])]
+    header = ["slice", "users"] + [f"{run} {m}" for run in runs for m in ("ndcg", "recall")]
+    table = []
+    for slice_name, group in sliced.groupby("slice", sort=False):
+        cells = {(r.run, r.metric): r for r in group.itertuples(index=False)}
+        table.append([slice_name, str(group["n_users"].iloc[0])]
+                     + [_fmt_short(cells[(run, m)].value) for run in runs for m in ("ndcg", "recall")])
+    out += [_markdown_table(header, table), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    out += ["Tie rule: equal scores rank by the lower item index, so every number is reproducible. "
+            f"Seconds per run: {', '.join(f'{r} {s}' for r, s in context['seconds'].items())}.", ""]
+    write_text(path, "\n".join(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, the same on every machine
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(folder: Path, metrics: pd.DataFrame, run_dirs: Sequence[Path], ks: Sequence[int]) -> list[str]:
+    """Write the PNGs that have data; returns their file names."""
+    names = []
+    if plot_metric_curves(metrics, folder / "metrics_at_k.png"):
+        names.append("metrics_at_k.png")
+    if plot_slices(metrics, folder / "slices.png", headline_k(ks)):
+        names.append("slices.png")
+    logs = {f"{run_dir.name}/{stage}": run_dir / stage / "train_log.jsonl"
+            for run_dir in dict.fromkeys(run_dirs) for stage in LOG_STAGES}
+    if plot_learning_curves({k: p for k, p in logs.items() if p.is_file()}, folder / "learning_curves.png"):
+        names.append("learning_curves.png")
+    tables = [d / FEWSHOT_TABLE for d in dict.fromkeys(run_dirs) if (d / FEWSHOT_TABLE).is_file()]
+    if tables and plot_fewshot(pd.read_parquet(tables[0]), folder / "fewshot.png"):
+        names.append("fewshot.png")
+    return names
+
+
+def plot_metric_curves(metrics: pd.DataFrame, path: Path) -> bool:
+    rows = metrics[(metrics["slice"] == "all") & metrics["metric"].isin(CURVE_METRICS)]
+    if rows.empty:
+        return False
+    plt = _pyplot()
+    shown = [m for m in CURVE_METRICS if m in set(rows["metric"])]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], shown, strict=True):
+        for run, group in rows[rows["metric"] == metric].groupby("run", sort=False):
+            group = group.sort_values("k")
+            ax.plot(group["k"], group["value"], marker="o", label=run)
+            ax.fill_between(group["k"], group["ci_low"], group["ci_high"], alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(rows["k"])), labels=[str(k) for k in sorted(set(rows["k"]))])
+        ax.set_xlabel("K")
+        ax.set_title(f"{metric}@K")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_slices(metrics: pd.DataFrame, path: Path, k: int, metric: str = "ndcg") -> bool:
+    rows = metrics[(metrics["metric"] == metric) & (metrics["k"] == k)]
+    if rows.empty:
+        return False
+    plt = _pyplot()
+    slices = list(dict.fromkeys(rows["slice"]))
+    runs = list(dict.fromkeys(rows["run"]))
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(slices)), 3.8))
+    for i, run in enumerate(runs):
+        cells = rows[rows["run"] == run].set_index("slice").reindex(slices)
+        x = [s + (i - (len(runs) - 1) / 2) * width for s in range(len(slices))]
+        err_low = (cells["value"] - cells["ci_low"]).clip(lower=0).fillna(0)
+        err_high = (cells["ci_high"] - cells["value"]).clip(lower=0).fillna(0)
+        ax.bar(x, cells["value"], width, label=run, yerr=[err_low, err_high], capsize=2)
+    n_users = rows.drop_duplicates("slice").set_index("slice")["n_users"]
+    ax.set_xticks(range(len(slices)), labels=[f"{s}\n(n={n_users[s]})" for s in slices], rotation=30,
+                  ha="right", fontsize=8)
+    ax.set_ylabel(f"{metric}@{k}")
+    ax.set_title(f"{metric}@{k} by slice (95% CI)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def read_train_log(path: Path) -> list[dict]:
+    """The JSON lines of a training log; a torn last line (a killed run) is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _x_key(records: list[dict]) -> str | None:
+    return next((k for k in LOG_X_KEYS if any(k in r for r in records)), None)
+
+
+def _curves(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """Every numeric field against the log's x axis (step, epoch, ... or the line number)."""
+    x_key = _x_key(records)
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for i, record in enumerate(records):
+        x = record.get(x_key, i) if x_key else i
+        for key, value in _flatten(record).items():
+            if key in LOG_X_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if key.endswith("_s") or key in SKIPPED_LOG_KEYS or not math.isfinite(value):
+                continue  # timings, schedules and bookkeeping are not learning curves
+            xs, ys = curves.setdefault(key, ([], []))
+            xs.append(x)
+            ys.append(value)
+    return curves
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """{"valid": {"ndcg@10": x}} -> {"valid/ndcg@10": x}: the engine logs validation metrics nested."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def plot_learning_curves(logs: dict[str, Path], path: Path) -> bool:
+    """Losses on the left, any other logged metric (validation NDCG, ...) on the right."""
+    records = {label: read_train_log(p) for label, p in logs.items()}
+    series = {label: _curves(r) for label, r in records.items()}
+    series = {label: c for label, c in series.items() if c}
+    if not series:
+        return False
+    x_label = next((_x_key(records[label]) for label in series if _x_key(records[label])), None) or "log line"
+    plt = _pyplot()
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    any_metric = False
+    for label, curves in series.items():
+        for key, (xs, ys) in curves.items():
+            is_loss = "loss" in key
+            ax = loss_ax if is_loss else metric_ax
+            any_metric |= not is_loss
+            ax.plot(xs, ys, label=f"{label}: {key}", marker="." if len(xs) < 30 else None)
+    loss_ax.set_title("training loss")
+    metric_ax.set_title("logged metrics")
+    for ax in (loss_ax, metric_ax):
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if not any_metric:
+        metric_ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_fewshot(table: pd.DataFrame, path: Path, metric: str = "ndcg", k: int = 10) -> bool:
+    needed = {"train_fraction", "strategy", "metric", "k", "value"}
+    if not needed <= set(table.columns):
+        return False
+    rows = table[(table["metric"] == metric) & (table["k"] == k)]
+    if rows.empty:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for strategy, group in rows.groupby("strategy", sort=False):
+        group = group.sort_values("train_fraction")
+        ax.plot(group["train_fraction"], group["value"], marker="o", label=str(strategy))
+    ax.set_xlabel("fraction of target training data")
+    ax.set_ylabel(f"{metric}@{k}")
+    ax.set_title("few-shot: transfer vs target data")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,143 @@
+"""What ranks a domain's catalogue for a domain's users: a trained model or a simple baseline.
+
+Every scorer has the same shape, `score_chunk(user_rows, start, stop)` -> (len(user_rows), stop - start)
+scores, with user rows indexing the histories it was built with and catalogue-local item indices,
+so `metrics.full_ranking_topk` (evaluate) and the recommend stage can rank with any of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.preprocessing import normalize
+
+from trecsys.data.prepared import DomainRange
+from trecsys.errors import ArtifactError
+
+
+class Scorer(Protocol):
+    name: str
+    # Where score_chunk returns its tensors, so the top-K runs there too.
+    device: torch.device
+
+    def score_chunk(self, user_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
+
+
+def to_local(sequences: Sequence[np.ndarray], domain: DomainRange) -> list[np.ndarray]:
+    """Global item_idx -> catalogue-local indices, dropping items of other domains."""
+    out = []
+    for seq in sequences:
+        seq = np.asarray(seq, dtype=np.int64)
+        out.append(seq[(seq >= domain.item_start) & (seq < domain.item_stop)] - domain.item_start)
+    return out
+
+
+def item_counts(sequences: Sequence[np.ndarray], n_items: int) -> np.ndarray:
+    """Interactions per catalogue-local item over all `sequences`."""
+    flat = np.concatenate(list(sequences)) if len(sequences) else np.zeros(0, dtype=np.int64)
+    return np.bincount(flat.astype(np.int64), minlength=n_items)[:n_items]
+
+
+class PopularityScorer:
+    """Everyone gets the same list: items by training interaction count (ties: lower index first)."""
+
+    name = "popularity"
+
+    def __init__(self, train_sequences: Sequence[np.ndarray], n_items: int):
+        self.device = torch.device("cpu")
+        self.counts = torch.from_numpy(item_counts(train_sequences, n_items).astype(np.float32))
+
+    def score_chunk(self, user_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self.counts[start:stop].expand(len(user_rows), -1).clone()
+
+
+class ItemKNNScorer:
+    """Item-based kNN: score(u, j) = Σ_{i in history(u)} cos(i, j), the cosine of the items' user columns
+    in the binary (train user × item) matrix, with self-similarity removed."""
+
+    name = "item-knn"
+
+    def __init__(self, train_sequences: Sequence[np.ndarray], histories: Sequence[np.ndarray], n_items: int):
+        self.device = torch.device("cpu")
+        interactions = _binary_rows(train_sequences, n_items)
+        unit_columns = normalize(interactions, norm="l2", axis=0)
+        similarity = (unit_columns.T @ unit_columns).tocsc()
+        similarity.setdiag(0.0)
+        similarity.eliminate_zeros()
+        self.similarity = similarity.astype(np.float32)
+        self.histories = _binary_rows(histories, n_items)
+        self._columns: tuple[int, int, sp.csc_matrix] | None = None
+
+    def score_chunk(self, user_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        # Every user batch asks for the same item chunks: keep the last column slice.
+        if self._columns is None or self._columns[:2] != (start, stop):
+            self._columns = (start, stop, self.similarity[:, start:stop])
+        rows = self.histories[user_rows.cpu().numpy()]
+        scores = (rows @ self._columns[2]).toarray()
+        return torch.from_numpy(scores.astype(np.float32, copy=False))
+
+
+def _binary_rows(sequences: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:
+    lengths = [len(s) for s in sequences]
+    cols = np.concatenate(list(sequences)).astype(np.int64) if sum(lengths) else np.zeros(0, dtype=np.int64)
+    rows = np.repeat(np.arange(len(sequences)), lengths)
+    matrix = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)),
+                           shape=(len(sequences), n_items))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0  # an item repeated in a sequence counts once
+    return matrix
+
+
+class ModelScorer:
+    """A trained SeqRecModel: user states from the histories, item reps over the domain's range.
+
+    Both are computed once up front (n_users × d and n_items × d are small), in bf16 autocast on
+    CUDA; score_chunk is then one fp32 matrix product per block.
+    """
+
+    def __init__(self, model, histories: Sequence[np.ndarray], domain: DomainRange,
+                 item_text: np.ndarray, device: torch.device, name: str = "model", user_batch: int = 1024):
+        from trecsys.data.sequences import history_batch
+
+        self.name, self.device, self.model = name, torch.device(device), model.to(device).eval()
+        model.set_item_text(torch.from_numpy(np.asarray(item_text, dtype=np.float32)))
+        max_seq_len = model.config.max_seq_len
+        with torch.no_grad(), self._autocast():
+            self.reps = model.item_reps(domain.item_start, domain.item_stop).float()
+            states = []
+            for lo in range(0, len(histories), user_batch):
+                seq = history_batch(list(histories[lo:lo + user_batch]), max_seq_len).to(self.device)
+                states.append(model.user_state(seq).float())
+        self.states = torch.cat(states) if states else torch.zeros(0, self.reps.shape[1], device=self.device)
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def score_chunk(self, user_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        # The towers ran in bf16; the final product stays fp32 (it is cheap at this width), because
+        # bf16's 8-bit mantissa would turn close scores into ties and reorder the top of the list.
+        with torch.no_grad():
+            return self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop]).float()
+
+
+def check_model_catalogue(info: dict, folder: Path, n_items: int, text_dim: int) -> None:
+    """Refuse a checkpoint made for another catalogue, naming what differs."""
+    config_path = Path(folder) / "config.json"
+    if int(info.get("n_items", -1)) != n_items:
+        raise ArtifactError(
+            f"{config_path}: the model was built for n_items={info.get('n_items')} but the prepared catalogue "
+            f"has {n_items} items: evaluate it with the run whose prepared data it was trained on"
+        )
+    if int(info.get("text_dim", -1)) != text_dim:
+        raise ArtifactError(
+            f"{config_path}: the model expects text_dim={info.get('text_dim')} but the prepared item "
+            f"embeddings have {text_dim} dimensions: use the same embedding.encoder"
+        )

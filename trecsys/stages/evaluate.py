@@ -1,0 +1,257 @@
+"""`trec evaluate`: full ranking of the target catalogue by the run's latest model (or `--model`, or
+the runs given with `--compare`) and two baselines, popularity and item-kNN, as a floor.
+
+Writes `<run_dir>/eval/`: metrics.parquet (one row per run × slice × metric × K, with a bootstrap
+95% CI), comparison.parquet (paired bootstrap against the first run), report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from trecsys import evaluation as E
+from trecsys import metrics as M
+from trecsys import report
+from trecsys.artifacts import (
+    describe_file,
+    read_manifest,
+    run_lock,
+    stage_output,
+    write_manifest,
+    write_parquet,
+)
+from trecsys.config import ExperimentConfig, to_dict
+from trecsys.data.prepared import Prepared, domain_split, load_prepared
+from trecsys.engine import resolve_device
+from trecsys.errors import ArtifactError, ConfigError, DataError
+from trecsys.scorers import (
+    ItemKNNScorer,
+    ModelScorer,
+    PopularityScorer,
+    check_model_catalogue,
+    item_counts,
+    to_local,
+)
+
+EVAL = "eval"
+# Where a run keeps its checkpoints, latest pipeline stage first.
+MODEL_STAGES = ("finetune", "distill", "pretrain")
+# The prepared files two runs must share to be compared user by user.
+COMPARABLE_FILES = ("items.parquet", "interactions.parquet")
+
+
+@dataclass
+class System:
+    """One ranked list maker: a checkpoint folder, or a baseline when `checkpoint` is None."""
+
+    label: str
+    checkpoint: Path | None = None
+
+
+def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
+        compare: list[str] | None = None) -> None:
+    if split not in ("valid", "test"):
+        raise ConfigError(f"option --split: expected 'valid' or 'test', got {split!r}")
+    run_dir = Path(cfg.run_dir)
+    prepared = load_prepared(run_dir)
+    systems = model_systems(run_dir, prepared, model, compare)
+    with run_lock(run_dir / EVAL):
+        evaluate(cfg, prepared, systems, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which models
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """finetune/, else distill/, else pretrain/: the last pipeline stage that left a model."""
+    for stage in MODEL_STAGES:
+        if is_checkpoint(run_dir / stage):
+            return run_dir / stage
+    return None
+
+
+def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare: list[str] | None
+                  ) -> list[System]:
+    if compare:
+        if model:
+            raise ConfigError("options --model and --compare: give one or the other")
+        return [_compare_system(entry, prepared) for entry in _split_entries(compare)]
+    if model:
+        folder = Path(model)
+        if not is_checkpoint(folder):
+            raise ArtifactError(f"--model {model}: no model.safetensors and config.json in that folder")
+        if (folder.parent / "prepared").is_dir():
+            check_same_prepared(folder.parent / "prepared", prepared, f"--model {model}")
+        return [System(str(model), folder)]
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        return []  # baselines only: nothing is trained yet
+    label = f"{folder.name} (zero-shot)" if folder.name == "pretrain" else folder.name
+    return [System(label, folder)]
+
+
+def _split_entries(entries: list[str]) -> list[str]:
+    return [part.strip() for entry in entries for part in str(entry).split(",") if part.strip()]
+
+
+def _compare_system(entry: str, prepared: Prepared) -> System:
+    """A run folder (its latest model) or a stage/checkpoint folder, on the same prepared data as ours."""
+    path = Path(entry)
+    if is_checkpoint(path):
+        folder, other_run = path, path.parent
+    elif (path / "prepared").is_dir() or any((path / s).is_dir() for s in MODEL_STAGES):
+        folder, other_run = latest_checkpoint(path), path
+    else:
+        raise ArtifactError(f"--compare {entry}: not a run folder or a checkpoint folder (model.safetensors + config.json)")
+    if (other_run / "prepared").is_dir():
+        check_same_prepared(other_run / "prepared", prepared, f"--compare {entry}")
+    if folder is None:
+        raise ArtifactError(f"--compare {entry}: the run has no model in {', '.join(MODEL_STAGES)}/: train one first")
+    label = entry if folder == path else f"{entry.rstrip('/')}/{folder.name}"
+    return System(label, folder)
+
+
+def check_same_prepared(other: Path, prepared: Prepared, option: str) -> None:
+    """Paired comparisons need the same users, targets and catalogue: refuse other prepared data."""
+    if other.resolve() == prepared.folder.resolve():
+        return
+    ours = _output_hashes(prepared.manifest)
+    theirs = _output_hashes(read_manifest(other, stage="prepare"))
+    for name in COMPARABLE_FILES:
+        if ours.get(name) != theirs.get(name):
+            raise ArtifactError(
+                f"{option}: {other / name} (sha256 {str(theirs.get(name))[:12]}…) differs from "
+                f"{prepared.folder / name} (sha256 {str(ours.get(name))[:12]}…): compare runs prepared from the same data"
+            )
+
+
+def _output_hashes(manifest: dict) -> dict[str, str]:
+    return {entry["path"]: entry["sha256"] for entry in manifest.get("outputs", [])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalUsers:
+    """The target domain's users that have held-out items in the split, catalogue-local."""
+
+    user_idx: np.ndarray
+    histories_global: list[np.ndarray]
+    histories: list[np.ndarray]
+    targets: list[np.ndarray]
+    train_lengths: np.ndarray
+    in_source: np.ndarray | None  # None when the prepared data has no source domain
+    train_sequences: list[np.ndarray]  # every target user's train items, for the baselines
+
+
+def eval_users(prepared: Prepared, split: str) -> EvalUsers:
+    target = prepared.target
+    ds = domain_split(prepared, target)
+    domain = ds.domain
+    targets = ds.targets(split)
+    has_target = np.fromiter((len(t) > 0 for t in targets), dtype=bool, count=len(targets))
+    if not has_target.any():
+        raise DataError(
+            f"{prepared.folder / 'interactions.parquet'}: the {split} split of target domain {target!r} has "
+            "no held-out interactions: evaluate another --split or check data.split"
+        )
+    keep = np.flatnonzero(has_target)
+    all_histories = ds.history(split)
+    histories_global = [all_histories[u] for u in keep]
+    source_rows = prepared.interactions["domain"].isin(prepared.source)
+    source_users = np.unique(prepared.interactions.loc[source_rows, "user_idx"].to_numpy())
+    return EvalUsers(
+        user_idx=ds.user_idx[keep],
+        histories_global=histories_global,
+        histories=to_local(histories_global, domain),
+        targets=to_local([targets[u] for u in keep], domain),
+        train_lengths=np.array([len(ds.train[u]) for u in keep]),
+        in_source=np.isin(ds.user_idx[keep], source_users) if prepared.source else None,
+        train_sequences=to_local(ds.train, domain),
+    )
+
+
+def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[System], split: str) -> None:
+    ev = cfg.evaluate
+    domain = prepared.domain(prepared.target, key="data.target")
+    n_items = domain.n_items
+    ks = M.check_ks(ev.ks, n_items)
+    users = eval_users(prepared, split)
+    counts = item_counts(users.train_sequences, n_items)
+    slices = E.build_slices(users.targets, users.train_lengths, users.in_source, counts,
+                            ev.history_buckets, ev.cold_item_interactions)
+    item_text = prepared.embeddings[domain.item_start:domain.item_stop]
+    percentile = M.popularity_percentile(counts)
+
+    labels, per_user, topks, timings = [], [], [], {}
+    for system in [*systems, System(PopularityScorer.name), System(ItemKNNScorer.name)]:
+        t0 = time.perf_counter()
+        scorer = make_scorer(system, prepared, users, n_items, resolve_device(cfg.device), ev.user_batch)
+        _, topk = M.full_ranking_topk(
+            scorer.score_chunk, len(users.targets), n_items, max(ks),
+            exclude=users.histories if ev.exclude_seen else None,
+            user_batch=ev.user_batch, item_chunk=ev.item_chunk, device=scorer.device,
+        )
+        topk = topk.numpy()
+        labels.append(_unique_label(system.label, labels))
+        per_user.append(E.per_user_metrics(topk, slices, ks, item_text, percentile))
+        topks.append(topk)
+        timings[labels[-1]] = round(time.perf_counter() - t0, 3)
+        del scorer
+
+    metric_rows, comparison_rows = E.summarise(labels, per_user, topks, ks, n_items, split, ev.bootstrap, cfg.seed)
+    metrics_df = pd.DataFrame(metric_rows, columns=list(E.METRICS_COLUMNS))
+    comparison_df = pd.DataFrame(comparison_rows, columns=list(E.COMPARISON_COLUMNS))
+    context = dict(run_dir=str(cfg.run_dir), target=prepared.target, split=split, n_users=len(users.targets),
+                   n_items=n_items, ks=ks, exclude_seen=ev.exclude_seen, bootstrap=ev.bootstrap, seed=cfg.seed,
+                   cold_item_interactions=ev.cold_item_interactions, history_buckets=ev.history_buckets,
+                   models={s.label: str(s.checkpoint) for s in systems}, seconds=timings)
+    run_dirs = [Path(cfg.run_dir), *{s.checkpoint.parent for s in systems if s.checkpoint is not None}]
+    final = Path(cfg.run_dir) / EVAL
+    with stage_output(final) as out:
+        meta = {"split": split, "target": prepared.target}
+        write_parquet(pa.Table.from_pandas(metrics_df, preserve_index=False), out / "metrics.parquet", meta)
+        write_parquet(pa.Table.from_pandas(comparison_df, preserve_index=False), out / "comparison.parquet", meta)
+        plots = report.write_plots(out, metrics_df, run_dirs, ks)
+        report.write_report(out / "report.md", metrics_df, comparison_df, context, plots)
+        inputs = [entry for entry in prepared.manifest.get("outputs", []) if entry["path"] in COMPARABLE_FILES]
+        inputs += [describe_file(s.checkpoint / "model.safetensors") for s in systems if s.checkpoint is not None]
+        write_manifest(out, "evaluate", to_dict(cfg), inputs, {"context": context})
+    print(report.terminal_table(metrics_df, context))
+    print(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots")
+
+
+def make_scorer(system: System, prepared: Prepared, users: EvalUsers, n_items: int, device: torch.device,
+                user_batch: int):
+    if system.checkpoint is None:
+        if system.label == PopularityScorer.name:
+            return PopularityScorer(users.train_sequences, n_items)
+        return ItemKNNScorer(users.train_sequences, users.histories, n_items)
+    from trecsys.model import load_checkpoint
+
+    model, info = load_checkpoint(system.checkpoint, map_location=device)
+    check_model_catalogue(info, system.checkpoint, prepared.n_items, prepared.embeddings.shape[1])
+    domain = prepared.domain(prepared.target, key="data.target")
+    return ModelScorer(model, users.histories_global, domain, prepared.embeddings, device,
+                       name=system.label, user_batch=user_batch)
+
+
+def _unique_label(label: str, taken: list[str]) -> str:
+    candidate, n = label, 2
+    while candidate in taken:
+        candidate, n = f"{label} #{n}", n + 1
+    return candidate
