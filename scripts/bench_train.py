@@ -111,9 +111,10 @@ def bench_one(size: str, device_name: str, steps: int, batch_size: int) -> dict:
     sample = np.random.default_rng(0).choice(len(split.train), size=VALID_USERS, replace=False)
     valid_split = DomainSplit(split.domain, split.user_idx[sample], [split.train[i] for i in sample],
                               [split.valid[i] for i in sample], [split.test[i] for i in sample])
-    validate = make_validate({"Kitchen": valid_split}, cfg.model.max_seq_len, 1024, device)
+    item_text = np.random.default_rng(0).standard_normal((split.domain.n_items, TEXT_DIM), dtype=np.float32)
+    validate = make_validate({"Kitchen": valid_split}, item_text, 1024, device)
     model = SeqRecModel(cfg.model, TEXT_DIM, split.domain.n_items)
-    model.set_item_text(torch.randn(split.domain.n_items, TEXT_DIM))
+    model.set_item_text(torch.from_numpy(item_text))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as work:
