@@ -36,7 +36,7 @@ from trecsys import metrics as M  # noqa: E402
 from trecsys.artifacts import read_json, write_parquet, write_text  # noqa: E402
 from trecsys.config import load_config  # noqa: E402
 from trecsys.data.prepared import load_prepared  # noqa: E402
-from trecsys.engine import resolve_device  # noqa: E402
+from trecsys.devices import resolve_device  # noqa: E402
 from trecsys.errors import TrecError  # noqa: E402
 from trecsys.stages import distill, finetune_target, prepare, pretrain_source  # noqa: E402
 from trecsys.stages.evaluate import System, eval_users, make_scorer  # noqa: E402

@@ -134,7 +134,8 @@ def rewrite_test_items(src: Path, dst: Path, new_items: dict[int, int]) -> None:
 def candidate_test_scores(run_dir: Path, strategies: list[str]) -> dict[str, float]:
     prepared = load_prepared(run_dir)
     seqs = target_sequences(prepared, "target")
-    rank = make_ranker([EvalCase("Food", seqs.domain, seqs.histories["test"], seqs.targets["test"])], 64, "cpu")
+    rank = make_ranker([EvalCase("Food", seqs.domain, seqs.histories["test"], seqs.targets["test"])],
+                       prepared.embeddings, 64, torch.device("cpu"))
     out = {}
     for name in strategies:
         model, _ = load_checkpoint(run_dir / "finetune" / "candidates" / name)

@@ -15,13 +15,13 @@ import torch
 from trecsys.artifacts import MANIFEST, describe_file, sha256_file, stage_output, write_manifest, write_text
 from trecsys.config import ExperimentConfig, TrainConfig, to_dict, to_yaml
 from trecsys.data.prepared import DomainRange, Prepared
-from trecsys.data.sequences import history_batch, label_counts, training_windows, window_tensors
+from trecsys.data.sequences import label_counts, training_windows, trim_left_padding, window_tensors
 from trecsys.engine import TrainData
 from trecsys.errors import ArtifactError, ConfigError
 from trecsys.losses import chunked_cross_entropy, proposal_log_q, sampled_softmax_loss
 from trecsys.metrics import full_ranking_topk, ranking_metrics
 from trecsys.model import CONFIG, WEIGHTS, SeqRecModel, load_checkpoint
-from trecsys.scorers import to_local
+from trecsys.scorers import ModelScorer, to_local
 
 MONITOR = "ndcg@10"
 REPORTED = ("ndcg@10", "recall@10")
@@ -169,11 +169,7 @@ def window_train_data(parts: list[DomainWindows]) -> TrainData:
     n_terms = np.concatenate([label_counts(p.windows, p.domain.item_start, p.domain.item_stop) for p in parts])
 
     def make_batch(indices: np.ndarray) -> dict:
-        batch = windows[indices]
-        # Drop leading columns that are padding in every row: positions count from each row's first
-        # real item, so the result is the same, and short histories no longer pay for max_seq_len.
-        first = int((batch >= 0).argmax(axis=1).min())
-        return {"windows": torch.from_numpy(batch[:, first:]), "group": int(groups[indices[0]])}
+        return {"windows": trim_left_padding(torch.from_numpy(windows[indices])), "group": int(groups[indices[0]])}
 
     return TrainData(n_terms=n_terms, make_batch=make_batch, groups=groups)
 
@@ -224,36 +220,29 @@ class EvalCase:
     targets: list[np.ndarray]
 
 
-def make_ranker(cases: list[EvalCase], user_batch: int, device: torch.device, ks: Sequence[int] = (10,),
-                key: str = "data.source") -> Callable[[SeqRecModel], dict[str, float]]:
+def make_ranker(cases: list[EvalCase], item_text: np.ndarray, user_batch: int, device: torch.device,
+                ks: Sequence[int] = (10,), key: str = "data.source") -> Callable[[SeqRecModel], dict[str, float]]:
     """rank(model) -> NDCG/Recall@K pooled over every case's users with a held-out item, and per case
-    ("<name>/ndcg@10"). Items in a user's history are never ranked (excluded)."""
+    ("<name>/ndcg@10"). Each case's full catalogue is ranked by trecsys.scorers.ModelScorer (the
+    scorer `trec evaluate` uses), the items in the user's history excluded."""
     prepared_cases = []
     for case in cases:
-        users = [u for u, t in enumerate(case.targets) if len(t)]
+        # Users in order of history length, so a batch of them needs little padding.
+        users = sorted((u for u, t in enumerate(case.targets) if len(t)), key=lambda u: len(case.histories[u]))
         histories = [case.histories[u] for u in users]
         prepared_cases.append((case, histories, to_local(histories, case.domain),
                                to_local([case.targets[u] for u in users], case.domain)))
     reported = [f"{m}@{k}" for k in ks for m in ("ndcg", "recall")]
-    batches: dict[tuple[int, int], torch.Tensor] = {}  # (case, max_seq_len) -> history batch
 
     def rank(model: SeqRecModel) -> dict[str, float]:
         metrics: dict[str, float] = {}
         pooled: dict[str, list[np.ndarray]] = {k: [] for k in reported}
-        max_seq_len = model.config.max_seq_len
-        for i, (case, histories, exclude, targets) in enumerate(prepared_cases):
+        for case, histories, exclude, targets in prepared_cases:
             if not targets:
                 continue
-            if (i, max_seq_len) not in batches:
-                batches[(i, max_seq_len)] = history_batch(histories, max_seq_len)
-            seq = batches[(i, max_seq_len)]
-            domain = case.domain
-            reps = model.item_reps(domain.item_start, domain.item_stop)
-            states = torch.cat([model.user_state(seq[lo:lo + user_batch].to(device))
-                                for lo in range(0, len(seq), user_batch)])
-            _, top = full_ranking_topk(lambda rows, a, b, s=states, r=reps: model.score(s[rows], r[a:b]),
-                                       len(targets), domain.n_items, k=max(ks), exclude=exclude,
-                                       user_batch=user_batch, device=device)
+            scorer = ModelScorer(model, histories, case.domain, item_text, device, user_batch=user_batch)
+            _, top = full_ranking_topk(scorer.score_chunk, len(targets), case.domain.n_items, k=max(ks),
+                                       exclude=exclude, user_batch=user_batch, device=device)
             per_user = ranking_metrics(top, targets, ks=ks)
             for name in reported:
                 metrics[f"{case.name}/{name}"] = float(np.nanmean(per_user[name]))

@@ -106,7 +106,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist) -> None:
         if not parts:
             raise ConfigError(f"config key 'distill.data': the {dc.data} domains have no user with 2+ training items")
         cases = [EvalCase(s.domain.name, s.domain, s.train, s.valid) for s in splits]
-        rank = make_ranker(cases, dc.train.eval_user_batch, dist.device, key="distill.data")
+        rank = make_ranker(cases, prepared.embeddings, dc.train.eval_user_batch, dist.device, key="distill.data")
 
         seed_everything(cfg.seed)
         student = SeqRecModel(dc.student, prepared.embeddings.shape[1], prepared.n_items)

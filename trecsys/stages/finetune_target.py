@@ -97,7 +97,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist) -> None:
         seqs = target_sequences(prepared, ft.history)
         train_users = seqs.training_users(ft.train_fraction, cfg.seed)
         validate = make_ranker([EvalCase(domain.name, domain, seqs.histories["valid"], seqs.targets["valid"])],
-                               ft.train.eval_user_batch, dist.device, key="data.target")
+                               prepared.embeddings, ft.train.eval_user_batch, dist.device, key="data.target")
         context = {"stage": STAGE, "target": domain.name, "history": ft.history,
                    PREPARED_KEY: prepared_fingerprint(prepared), "init_from": str(init_dir) if init_dir else None}
         if dist.is_main:

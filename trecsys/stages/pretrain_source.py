@@ -13,6 +13,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from trecsys.artifacts import run_lock
@@ -62,7 +63,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist) -> None:
             raise ConfigError("config key 'data.source': no source domain to pretrain on; name at least one")
         splits = {name: domain_split(prepared, name) for name in sources}
         data, loss_fn = training_setup(splits, cfg, dist.device)
-        validate = make_validate(splits, cfg.pretrain.train.eval_user_batch, dist.device)
+        validate = make_validate(splits, prepared.embeddings, cfg.pretrain.train.eval_user_batch, dist.device)
 
         seed_everything(cfg.seed)
         model = SeqRecModel(cfg.model, prepared.embeddings.shape[1], prepared.n_items)
@@ -109,10 +110,10 @@ def training_setup(splits: dict[str, DomainSplit], cfg: ExperimentConfig, device
     return window_train_data(parts), ce_loss_fn(parts, train)
 
 
-def make_validate(splits: dict[str, DomainSplit], user_batch: int, device: torch.device):
+def make_validate(splits: dict[str, DomainSplit], item_text: np.ndarray, user_batch: int, device: torch.device):
     """validate(model) -> NDCG@10/Recall@10 pooled over every source user with a valid item, and per domain."""
     cases = [EvalCase(name, split.domain, split.train, split.valid) for name, split in splits.items()]
-    return make_ranker(cases, user_batch, device, key="data.source")
+    return make_ranker(cases, item_text, user_batch, device, key="data.source")
 
 
 def summary(metrics: dict | None, best_step: int | None, steps: int, stopped: str, n_parameters: int,
