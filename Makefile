@@ -29,7 +29,7 @@ demo: install
 	$(TREC) prepare -c configs/demo.yaml
 
 bench: install
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH)
 
 lint: install
 	$(PY) -m ruff check trecsys tests scripts

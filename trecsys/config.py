@@ -34,6 +34,8 @@ class ColumnConfig:
     # Sequence order: a unix time or any sortable number such as a `position` column.
     time: str = "timestamp"
     rating: str | None = None
+    # Pre-split inputs (split: given): a column of train / valid (or dev) / test.
+    split: str | None = None
 
 
 @dataclass
@@ -58,7 +60,8 @@ class SyntheticConfig:
     n_items_per_domain: int = 400
     # Fraction of users active in both domains: the users through whom transfer can happen.
     overlap_fraction: float = 0.6
-    mean_history: float = 12.0
+    # Mean interactions per user in a source domain; target histories are about half as long.
+    mean_history: float = 10.0
 
 
 @dataclass
@@ -77,8 +80,8 @@ class DataConfig:
     min_user_interactions: int = 1
     min_item_interactions: int = 1
     split: Literal["leave_one_out", "temporal", "given"] = "leave_one_out"
-    # split: temporal — interactions after this quantile of the domain's time range are held out,
-    # the first half of the held-out span is valid, the second half test.
+    # split: temporal — the latest `temporal_holdout` fraction of a domain's interactions (a global
+    # time cut at that quantile of its timestamps) is held out: the earlier half valid, the later test.
     temporal_holdout: float = 0.1
     on_bad_rows: Literal["error", "skip"] = "error"
 

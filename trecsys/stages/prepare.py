@@ -1,0 +1,314 @@
+"""`trec prepare`: read every domain, clean, split, map ids, embed item text → <run_dir>/prepared/.
+
+The folder is the contract every later stage reads (items, interactions, item embeddings, config,
+manifest); it is built under a temporary name and swapped in only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from trecsys.artifacts import describe_file, run_lock, stage_output, write_manifest, write_parquet, write_text
+from trecsys.config import DataConfig, ExperimentConfig, to_dict, to_yaml
+from trecsys.data.clean import clean_interactions
+from trecsys.data.embed import embed_texts
+from trecsys.data.raw import RawDomain
+from trecsys.data.readers import read_domain
+from trecsys.data.split import assign_split
+from trecsys.data.synthetic import generate_domains
+from trecsys.data.text import compose_text
+from trecsys.errors import ConfigError, DataError
+
+ENCODER_METADATA_KEY = "trecsys.encoder"
+# Item metadata columns copied to items.parquet (as str) when a domain has them.
+ITEM_FIELDS = ("brand", "category", "price")
+# Columns prepare sets itself; an item file's columns of these names are not copied.
+RESERVED_ITEM_COLUMNS = ("item_idx", "domain")
+
+
+def run(cfg: ExperimentConfig) -> None:
+    roles = domain_roles(cfg.data)
+    out = Path(cfg.run_dir).expanduser() / "prepared"
+    started = time.perf_counter()
+    with run_lock(out):
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        _note(f"reading {len(roles)} domain(s): {', '.join(roles)}")
+        raw = read_domains(cfg)
+        timings["read"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        cleaned, removed = {}, {}
+        for name, domain in raw.items():
+            cleaned[name], removed[name] = clean_interactions(domain.interactions, cfg.data, name)
+            if cleaned[name].empty:
+                raise DataError(
+                    f"domain {name!r} has no interactions left after cleaning ({_filters(cfg.data)}); "
+                    "relax those settings"
+                )
+        timings["clean"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        for name, frame in cleaned.items():
+            frame["split"] = assign_split(frame, cfg.data.split, cfg.data.temporal_holdout, name,
+                                          raw[name].order_only)
+        _check_target(cfg.data.target, cleaned[cfg.data.target])
+        items, interactions = build_tables(cleaned, raw)
+        timings["split"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        items["text"] = item_texts(items, cfg.data)
+        _note(f"embedding {len(items):,} item texts with {cfg.embedding.encoder}")
+        embeddings, encoder = embed_texts(items["text"].tolist(), cfg.embedding, device=resolve_device(cfg.device))
+        if embeddings.shape[0] != len(items):
+            raise DataError(f"the encoder returned {embeddings.shape[0]} embeddings for {len(items)} items")
+        timings["embed"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        stats = domain_stats(items, interactions, roles, raw, removed)
+        with stage_output(out) as folder:
+            write_parquet(items_table(items), folder / "items.parquet")
+            write_parquet(interactions_table(interactions), folder / "interactions.parquet")
+            write_parquet(embeddings_table(items["item_idx"].to_numpy(), embeddings), folder / "item_embeddings.parquet",
+                          metadata={ENCODER_METADATA_KEY: json.dumps(encoder, sort_keys=True)})
+            write_text(folder / "config.yaml", to_yaml(cfg))
+            timings["write"] = time.perf_counter() - clock
+            write_manifest(
+                folder, "prepare", to_dict(cfg),
+                inputs=[describe_file(Path(f)) for domain in raw.values() for f in domain.files],
+                extra={
+                    "seed": cfg.seed,
+                    "timings_s": {k: round(v, 3) for k, v in timings.items()},
+                    "domains": stats,
+                    "source": list(cfg.data.source),
+                    "target": cfg.data.target,
+                    "encoder": encoder,
+                    "n_users": int(interactions["user_idx"].max()) + 1,
+                    "n_items": len(items),
+                },
+            )
+    print(summary_table(stats))
+    for name, domain in raw.items():
+        if domain.skipped_rows:
+            examples = "; ".join(domain.skipped_examples[:3])
+            print(f"{name}: skipped {domain.skipped_rows:,} bad input rows (data.on_bad_rows=skip), e.g. {examples}")
+    print(f"prepared: {out} ({time.perf_counter() - started:.1f} s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and input
+
+
+def domain_roles(data: DataConfig) -> dict[str, str]:
+    """Check the domain names the config refers to; return each domain's role in mapping order."""
+    names = list(data.domains)
+    if not names:
+        raise ConfigError("data.domains is empty: name at least one domain (see configs/demo.yaml)")
+    if data.target not in data.domains:
+        raise ConfigError(f"data.target: {data.target!r} is not a domain of data.domains ({', '.join(names)})")
+    for i, source in enumerate(data.source):
+        if source not in data.domains:
+            raise ConfigError(f"data.source[{i}]: {source!r} is not a domain of data.domains ({', '.join(names)})")
+        if source == data.target:
+            raise ConfigError(f"data.source[{i}]: {source!r} is the target; a domain cannot be both")
+        if source in data.source[:i]:
+            raise ConfigError(f"data.source[{i}]: {source!r} is listed twice")
+    for key in ("min_user_interactions", "min_item_interactions"):
+        if getattr(data, key) < 1:
+            raise ConfigError(f"data.{key} must be at least 1, got {getattr(data, key)}")
+    return {name: "target" if name == data.target else "source" if name in data.source else "other"
+            for name in names}
+
+
+def read_domains(cfg: ExperimentConfig) -> dict[str, RawDomain]:
+    """Every domain in mapping order: synthetic ones generated together (they share users)."""
+    synthetic = generate_domains(cfg)
+    root = Path(cfg.data.root).expanduser()
+    return {
+        name: synthetic[name] if domain.format == "synthetic"
+        else read_domain(name, domain, root, cfg.data.on_bad_rows)
+        for name, domain in cfg.data.domains.items()
+    }
+
+
+def _note(message: str) -> None:
+    """Progress for people, on stderr so stdout stays the summary."""
+    print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _filters(data: DataConfig) -> str:
+    parts = [f"data.min_user_interactions={data.min_user_interactions}",
+             f"data.min_item_interactions={data.min_item_interactions}"]
+    if data.rating_threshold is not None:
+        parts.append(f"data.rating_threshold={data.rating_threshold:g}")
+    return ", ".join(parts)
+
+
+def _check_target(name: str, frame: pd.DataFrame) -> None:
+    if not (frame["split"] == "test").any():
+        raise DataError(
+            f"target domain {name!r} has no test interactions after the split (users need at least 2 "
+            "interactions for leave_one_out); check data.split and the filters"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def build_tables(cleaned: dict[str, pd.DataFrame], raw: dict[str, RawDomain]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Dense ids: items contiguous per domain (mapping order, sorted by item_id inside a domain),
+    users over the sorted original ids of all domains, so one person is one user everywhere."""
+    item_frames, start = [], 0
+    for name, frame in cleaned.items():
+        ids = np.sort(frame["item_id"].astype(str).unique())
+        meta = raw[name].items.drop_duplicates("item_id").set_index("item_id").reindex(ids)
+        block = pd.DataFrame({"item_idx": np.arange(start, start + len(ids), dtype=np.int32),
+                              "item_id": ids, "domain": name})
+        for column in meta.columns:
+            if column not in RESERVED_ITEM_COLUMNS:
+                block[column] = meta[column].to_numpy()
+        item_frames.append(block)
+        start += len(ids)
+    items = pd.concat(item_frames, ignore_index=True)
+
+    user_ids = np.sort(pd.unique(np.concatenate([f["user_id"].astype(str).to_numpy() for f in cleaned.values()])))
+    users = pd.Index(user_ids)
+    parts = []
+    for block, (name, frame) in zip(item_frames, cleaned.items(), strict=True):
+        item_index = pd.Index(block["item_id"])
+        parts.append(pd.DataFrame({
+            "user_idx": users.get_indexer(frame["user_id"].astype(str)).astype(np.int32),
+            "user_id": frame["user_id"].astype(str).to_numpy(),
+            "item_idx": block["item_idx"].to_numpy()[item_index.get_indexer(frame["item_id"].astype(str))],
+            "domain": name,
+            "timestamp": frame["timestamp"].to_numpy(dtype=np.int64),
+            "rating": (frame["rating"].to_numpy(dtype=np.float32) if "rating" in frame.columns
+                       else np.full(len(frame), np.nan, dtype=np.float32)),
+            "split": frame["split"].to_numpy(),
+        }))
+    interactions = pd.concat(parts, ignore_index=True)
+    # Stable: ties (same user, same time) keep domain mapping order, then each domain's input order.
+    order = np.lexsort((interactions["timestamp"].to_numpy(), interactions["user_idx"].to_numpy()))
+    return items, interactions.iloc[order].reset_index(drop=True)
+
+
+def item_texts(items: pd.DataFrame, data: DataConfig) -> pd.Series:
+    """The text the encoder sees; an item without metadata gets "" (counted in the stats).
+
+    When no domain has any item metadata (interactions only) every text is "": there is nothing to
+    compose. Otherwise a template field that no domain has is a ConfigError (most likely a typo).
+    """
+    fields = items.drop(columns=["item_idx", "item_id", "domain"])
+    if fields.columns.empty:
+        return pd.Series("", index=items.index, dtype=object)
+    texts = compose_text(fields, data.text_template, data.max_text_chars)
+    return pd.Series(texts.to_numpy(), index=items.index).fillna("").astype(str)
+
+
+def items_table(items: pd.DataFrame) -> pa.Table:
+    columns = {
+        "item_idx": pa.array(items["item_idx"].to_numpy(dtype=np.int32), pa.int32()),
+        "item_id": pa.array(items["item_id"].astype(str).tolist(), pa.string()),
+        "domain": pa.array(items["domain"].astype(str).tolist(), pa.string()),
+        "title": pa.array(_as_text(items, "title"), pa.string()),
+        "text": pa.array(items["text"].astype(str).tolist(), pa.string()),
+    }
+    for field in ITEM_FIELDS:
+        if field in items.columns:
+            columns[field] = pa.array(_as_text(items, field), pa.string())
+    return pa.table(columns)
+
+
+def _as_text(items: pd.DataFrame, column: str) -> list[str]:
+    if column not in items.columns:
+        return [""] * len(items)
+    values = items[column].astype(object)
+    return values.where(values.notna(), "").astype(str).tolist()
+
+
+def interactions_table(interactions: pd.DataFrame) -> pa.Table:
+    return pa.table({
+        "user_idx": pa.array(interactions["user_idx"].to_numpy(dtype=np.int32), pa.int32()),
+        "user_id": pa.array(interactions["user_id"].tolist(), pa.string()),
+        "item_idx": pa.array(interactions["item_idx"].to_numpy(dtype=np.int32), pa.int32()),
+        "domain": pa.array(interactions["domain"].tolist(), pa.string()),
+        "timestamp": pa.array(interactions["timestamp"].to_numpy(dtype=np.int64), pa.int64()),
+        "rating": pa.array(interactions["rating"].to_numpy(dtype=np.float32), pa.float32()),
+        "split": pa.array(interactions["split"].tolist(), pa.string()),
+    })
+
+
+def embeddings_table(item_idx: np.ndarray, embeddings: np.ndarray) -> pa.Table:
+    values = np.ascontiguousarray(embeddings, dtype=np.float32)
+    flat = pa.array(values.reshape(-1), pa.float32())
+    return pa.table({
+        "item_idx": pa.array(item_idx.astype(np.int32), pa.int32()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, values.shape[1]),
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def domain_stats(items: pd.DataFrame, interactions: pd.DataFrame, roles: dict[str, str],
+                 raw: dict[str, RawDomain], removed: dict[str, dict]) -> dict[str, dict]:
+    users_by_domain = {name: set(frame["user_idx"].unique())
+                       for name, frame in interactions.groupby("domain", sort=False)}
+    stats = {}
+    for name, role in roles.items():
+        frame = interactions[interactions["domain"] == name]
+        domain_items = items[items["domain"] == name]
+        users = users_by_domain[name]
+        others = set().union(*(u for other, u in users_by_domain.items() if other != name))
+        train_items = set(frame.loc[frame["split"] == "train", "item_idx"])
+        n_users, n_items = len(users), len(domain_items)
+        stats[name] = {
+            "role": role,
+            "item_start": int(domain_items["item_idx"].min()),
+            "item_stop": int(domain_items["item_idx"].max()) + 1,
+            "n_users": n_users,
+            "n_items": n_items,
+            "n_interactions": len(frame),
+            "density": len(frame) / (n_users * n_items),
+            "n_overlap_users": len(users & others),
+            # Items seen in valid (test) but never in this domain's training rows.
+            "cold_items_valid": len(set(frame.loc[frame["split"] == "valid", "item_idx"]) - train_items),
+            "cold_items_test": len(set(frame.loc[frame["split"] == "test", "item_idx"]) - train_items),
+            "items_without_text": int((domain_items["text"].str.strip() == "").sum()),
+            "skipped_rows": raw[name].skipped_rows,
+            "removed_rows": removed[name],
+            "splits": {s: int((frame["split"] == s).sum()) for s in ("train", "valid", "test")},
+        }
+    return stats
+
+
+def summary_table(stats: dict[str, dict]) -> str:
+    header = ("domain", "role", "users", "items", "interactions", "density", "overlap users",
+              "cold valid", "cold test", "no text")
+    rows = [header] + [
+        (name, s["role"], f"{s['n_users']:,}", f"{s['n_items']:,}", f"{s['n_interactions']:,}",
+         f"{s['density']:.5f}", f"{s['n_overlap_users']:,}", f"{s['cold_items_valid']:,}",
+         f"{s['cold_items_test']:,}", f"{s['items_without_text']:,}")
+        for name, s in stats.items()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    return "\n".join(lines)
