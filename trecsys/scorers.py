@@ -132,7 +132,7 @@ def check_model_catalogue(info: dict, folder: Path, n_items: int, text_dim: int)
     if int(info.get("n_items", -1)) != n_items:
         raise ArtifactError(
             f"{config_path}: the model was built for n_items={info.get('n_items')} but the prepared catalogue "
-            f"has {n_items} items: evaluate it with the run whose prepared data it was trained on"
+            f"has {n_items} items: use it with the run whose prepared data it was trained on"
         )
     if int(info.get("text_dim", -1)) != text_dim:
         raise ArtifactError(
