@@ -5,6 +5,7 @@ exact chunked top-K of trecsys/metrics.py ranks their result, as it does in eval
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,10 +130,8 @@ def category_mask(items: pd.DataFrame, include: list[str], exclude: list[str], d
 
 def _levels(category: str) -> set[str]:
     text = category.strip().lower()
-    parts = {text} if text else set()
-    for sep in (" > ", ", "):
-        parts |= {p.strip() for p in text.split(sep) if p.strip()}
-    return parts
+    parts = {p.strip() for p in re.split(r" > |, ", text) if p.strip()}
+    return parts | {text} if text else parts
 
 
 def masked(score_chunk: ScoreChunk, allowed: np.ndarray | None) -> ScoreChunk:

@@ -222,6 +222,7 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
                 exclude=exclude if any(len(e) for e in exclude) else None,
                 user_batch=hi - lo, item_chunk=rc.item_chunk, device=fused.device,
             )
+            top_values = _empty_masked(top_values, top_index, exclude, allowed)
             if unit is not None:
                 top_values, top_index = mmr_rerank(top_values.to(unit.device), top_index.to(unit.device), unit,
                                                    rc.k, rc.diversity)
@@ -229,6 +230,22 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
             index.append(top_index.cpu())
             bar.update(hi - lo)
     return torch.cat(values), torch.cat(index)
+
+
+def _empty_masked(values: torch.Tensor, index: torch.Tensor, exclude: list[np.ndarray], allowed: np.ndarray | None
+                  ) -> torch.Tensor:
+    """-inf for the places taken by seen or filtered items: the top-K ranks masked items after all others
+    (with the lowest finite score), so they fill a list only when too few items are left."""
+    index_np = index.numpy()
+    drop = ~np.isfinite(values.numpy())
+    if allowed is not None:
+        drop |= ~allowed[index_np]
+    lengths = [len(e) for e in exclude]
+    if sum(lengths):
+        width = max(int(index_np.max(initial=0)), max(int(e.max()) for e in exclude if len(e))) + 1
+        seen = np.repeat(np.arange(len(exclude)), lengths) * width + np.concatenate(exclude)
+        drop |= np.isin(np.arange(len(exclude))[:, None] * width + index_np, seen)
+    return values.masked_fill(torch.from_numpy(drop), -torch.inf)
 
 
 def _blend_with_user(fused: WeightedSum, n_rows: int, user_weight: float, n_items: int, item_chunk: int
