@@ -301,11 +301,13 @@ class RecommendConfig:
     # MMR re-ranks this many top items (at least k).
     diversity_candidates: int = 100
     # Rankers summed after z-scoring each one's scores over the catalogue per user; [] = the model alone.
+    # Each entry: {model: a checkpoint folder, latest, popularity or itemknn; weight: > 0, default 1}.
     fusion: list[FusionComponent] = field(default_factory=list)
     # Query mode with --user: weight of the user's history against the query (0 = the query alone).
     query_user_weight: float = 0.5
-    # Users scored at once, and catalogue items per score block: memory is user_batch × item_chunk.
+    # Users scored at once (memory is user_batch × item_chunk scores).
     user_batch: int = 1024
+    # Catalogue items per score block.
     item_chunk: int = 65536
 
     def validate(self, prefix: str = "recommend.", where: str = "") -> None:
