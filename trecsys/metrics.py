@@ -2,7 +2,8 @@
 metrics from it, and bootstrap confidence intervals / paired tests over users.
 
 Tie rule (documented, deterministic): a higher score ranks first; equal scores rank by the lower
-item index. NaN scores rank last. The result is the same for any user batch or item chunk size.
+item index. NaN scores count as -inf, like masked items, so they rank last. The result is the same for
+any user batch or item chunk size.
 """
 
 from __future__ import annotations
@@ -27,21 +28,26 @@ ACCURACY_METRICS = ("recall", "hit", "ndcg", "mrr", "precision")
 
 def chunk_topk(scores: torch.Tensor, k: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of each row by (score desc, index asc); indices are shifted by `offset`."""
-    scores = torch.nan_to_num(scores.float(), nan=-torch.inf)
+    scores = scores.float()
+    if torch.isnan(scores.sum()):  # one cheap reduction; a NaN anywhere makes the sum NaN
+        scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     k = min(k, scores.shape[1])
-    kth = torch.topk(scores, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-    greater = scores > kth
-    ties = scores == kth
-    ties_needed = k - greater.sum(dim=1, keepdim=True)
-    selected = greater | ties
-    # torch.topk picks arbitrarily among scores equal to the k-th value: take the lowest indices.
-    # Only rows with more ties than places need the (costly) running count.
-    crowded = (ties.sum(dim=1, keepdim=True) > ties_needed).squeeze(1).nonzero().squeeze(1)
+    # torch.topk picks arbitrarily among scores equal to the k-th value. One place more tells where
+    # that matters: when the (k+1)-th score is below the k-th, the top k is the exact set. Only rows
+    # with a tie across the cut (rare with real scores) need the lowest indices picked, by the costly
+    # running count.
+    values, index = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1, sorted=True)
+    crowded = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1) if values.shape[1] > k else []
+    values, index = values[:, :k], index[:, :k]
     if len(crowded):
-        row_ties = ties[crowded]
-        selected[crowded] = greater[crowded] | (row_ties & (torch.cumsum(row_ties, dim=1) <= ties_needed[crowded]))
-    index = selected.nonzero()[:, 1].view(scores.shape[0], k)  # row-major: ascending index per row
-    values = scores.gather(1, index)
+        rows, kth = scores[crowded], values[crowded, k - 1:]
+        greater, ties = rows > kth, rows == kth
+        ties_needed = k - greater.sum(dim=1, keepdim=True)
+        selected = greater | (ties & (torch.cumsum(ties, dim=1) <= ties_needed))
+        picked = selected.nonzero()[:, 1].view(len(crowded), k)  # row-major: ascending index per row
+        index[crowded], values[crowded] = picked, rows.gather(1, picked)
+    by_index = torch.sort(index, dim=1).indices
+    values, index = values.gather(1, by_index), index.gather(1, by_index)
     order = torch.sort(values, dim=1, descending=True, stable=True).indices
     return values.gather(1, order), index.gather(1, order) + offset
 

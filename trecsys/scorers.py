@@ -107,14 +107,18 @@ class ModelScorer:
 
         self.name, self.device, self.model = name, torch.device(device), model.to(device).eval()
         model.set_item_text(torch.from_numpy(np.asarray(item_text, dtype=np.float32)))
-        max_seq_len = model.config.max_seq_len
         with torch.no_grad(), self._autocast():
             self.reps = model.item_reps(domain.item_start, domain.item_stop).float()
-            states = []
-            for lo in range(0, len(histories), user_batch):
-                seq = history_batch(list(histories[lo:lo + user_batch]), max_seq_len).to(self.device)
-                states.append(model.user_state(seq).float())
-        self.states = torch.cat(states) if states else torch.zeros(0, self.reps.shape[1], device=self.device)
+            self.states = torch.zeros(len(histories), self.reps.shape[1], device=self.device)
+            # Users are encoded in groups of similar history length, each padded only to its group's
+            # width (a power of two): padding is inert, and most histories are far shorter than
+            # max_seq_len, so full-width batches would spend most of their time on padding. A user's
+            # width depends on their own history only, so the result does not depend on user_batch.
+            for width, members in _width_groups(histories, model.config.max_seq_len):
+                for lo in range(0, len(members), user_batch):
+                    rows = members[lo:lo + user_batch]
+                    seq = history_batch([histories[r] for r in rows], width).to(self.device)
+                    self.states[torch.from_numpy(rows).to(self.device)] = model.user_state(seq).float()
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -124,6 +128,13 @@ class ModelScorer:
     def score_chunk(self, user_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         with torch.no_grad(), self._autocast():
             return self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop]).float()
+
+
+def _width_groups(histories: Sequence[np.ndarray], max_seq_len: int) -> list[tuple[int, np.ndarray]]:
+    """(width, user rows) with width the next power of two of the history length, at most max_seq_len."""
+    lengths = np.fromiter((min(len(h), max_seq_len) for h in histories), dtype=np.int64, count=len(histories))
+    widths = np.minimum(max_seq_len, 1 << np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64))
+    return [(int(w), np.flatnonzero(widths == w)) for w in np.unique(widths)]
 
 
 def check_model_catalogue(info: dict, folder: Path, n_items: int, text_dim: int) -> None:
