@@ -63,7 +63,11 @@ def test_up_to_date_stages_are_skipped_and_changes_rerun_what_depends_on_them(co
     assert {s: a for s, (a, _) in first.items()} == {"prepare": "ran", "evaluate": "ran", "recommend": "ran"}
     assert all(reason.startswith("no output yet") for _, reason in first.values())
     printed = capsys.readouterr().out
-    assert "run: summary" in printed and "user " in printed  # the example list with titles
+    # It ends with the evaluation table and one example list with item titles.
+    tail = printed.split("run: summary", 1)[1]
+    assert "evaluate: target 'Food'" in tail and "popularity" in tail and "ndcg@10" in tail
+    assert "example recommendations" in tail and tail.count("user ") == 1
+    assert re.search(r"\n +1\. \S.* \[FOO\d+\]  -?\d", tail)  # rank, title, [item id], score
 
     assert run(config) == {s: ("skipped", "up to date") for s in first}
 

@@ -89,7 +89,7 @@ def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, s
             started = time.perf_counter()
             module = importlib.import_module(stage.module)
             try:
-                module.run(cfg, show=show) if stage.name == "recommend" else module.run(cfg)
+                module.run(cfg)
             except (TrecError, KeyboardInterrupt):
                 print(f"run: {stage.name}: failed; later stages were not run", file=sys.stderr, flush=True)
                 raise
@@ -97,6 +97,9 @@ def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, s
             state["stages"][stage.name] = _record(stage, cfg)
             write_json(run_dir / STATE, state)
     print(summary(outcomes))
+    shown = results(cfg, selected, show)
+    if shown:
+        print(shown)
     return outcomes
 
 
@@ -114,6 +117,29 @@ def select(stages: str | None) -> list[Stage]:
 def _note(outcome: Outcome) -> Outcome:
     print(f"run: {outcome.stage}: skipped ({outcome.reason})", flush=True)
     return outcome
+
+
+def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
+    """What the run is for, whether its stages ran now or earlier: the evaluation table and a few
+    users' recommendations with item titles."""
+    parts = []
+    names = {s.name for s in selected}
+    eval_dir = Path(cfg.run_dir).expanduser() / "eval"
+    if "evaluate" in names and (eval_dir / "metrics.parquet").is_file():
+        import pandas as pd
+
+        from trecsys.report import terminal_table
+
+        context = read_json(eval_dir / "manifest.json").get("context", {})
+        parts.append(terminal_table(pd.read_parquet(eval_dir / "metrics.parquet"), context)
+                     + f"\n(full report: {eval_dir / 'report.md'})")
+    if "recommend" in names and show > 0 and importlib.util.find_spec(BY_NAME["recommend"].module):
+        from trecsys.stages.recommend import show_latest
+
+        shown = show_latest(cfg, show)
+        if shown:
+            parts.append(shown)
+    return "\n\n".join(parts)
 
 
 def summary(outcomes: list[Outcome]) -> str:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from trecsys import __version__
-from trecsys.artifacts import describe_file, run_lock, write_manifest, write_parquet, write_text
+from trecsys.artifacts import describe_file, read_parquet, run_lock, write_manifest, write_parquet, write_text
 from trecsys.checkpoints import check_same_prepared, is_checkpoint, latest_checkpoint, weights_sha256
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.prepared import DomainRange, Prepared, domain_split, load_prepared
@@ -109,7 +109,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
               file=sys.stderr)
     n_shown = show if show is not None else (min(len(requests.labels), 5) if query_texts else 0)
     if n_shown:
-        print(show_lists(table, items, requests, mode, n_shown))
+        print(show_lists(table, item_titles(items), n_shown, history_titles(prepared, requests, n_shown)))
     what = "queries" if query_texts else "users"
     print(f"recommend: {len(requests.labels):,} {what} × {domain.n_items:,} items of {domain.name} in "
           f"{seconds:.1f} s ({len(requests.labels) / max(rank_seconds, 1e-9):,.0f} {what}/s ranking), "
@@ -393,18 +393,52 @@ def write_output(out: Output, table: pa.Table, requests: Requests, cfg: Experime
                    name=out.manifest.name)
 
 
-def show_lists(table: pa.Table, items, requests: Requests, mode: str, n: int) -> str:
-    """The first n lists with item titles, for people at a terminal."""
+def show_lists(table: pa.Table, titles: dict[str, str], n: int, histories: dict[str, list[str]] | None = None) -> str:
+    """The first n lists of an output table with item titles, for people at a terminal; with each
+    user's latest history items (titles) when `histories` are given."""
     frame = table.to_pandas()
-    key = "query" if mode == "queries" else "user_id"
-    titles = dict(zip(items["item_id"].astype(str), items["title"].fillna("").astype(str), strict=True))
+    key = "query" if "query" in frame.columns else "user_id"
     lines = []
-    for label in requests.labels[:n]:
-        rows = frame[frame[key] == label]
-        head = f"query {label!r}" if mode == "queries" else f"user {label}"
-        if mode == "queries" and requests.users[0] is not None:
-            head += f" (blended with user {requests.users[0]})"
+    for label, rows in list(frame.groupby(key, sort=False))[:n]:
+        head = f"query {label!r}" if key == "query" else f"user {label}"
+        if key == "query" and rows["user_id"].notna().any():
+            head += f" (blended with user {rows['user_id'].iloc[0]})"
         lines.append(f"{head}:")
+        history = (histories or {}).get(label)
+        if history:
+            more = "... " if len(history) > 3 else ""
+            lines.append(f"  history ({len(history)} items, latest last): {more}{'; '.join(history[-3:])}")
         for rank, item, score in zip(rows["rank"], rows["item_id"], rows["score"], strict=True):
             lines.append(f"  {rank:>3}. {titles.get(item) or item}  [{item}]  {score:.3f}")
     return "\n".join(lines)
+
+
+def item_titles(items) -> dict[str, str]:
+    return dict(zip(items["item_id"].astype(str), items["title"].fillna("").astype(str), strict=True))
+
+
+def history_titles(prepared: Prepared, requests: Requests, n: int) -> dict[str, list[str]]:
+    """The first n rows' histories as titles (new items by their text)."""
+    titles = prepared.items["title"].fillna("").astype(str).to_numpy()
+    ids = prepared.items["item_id"].astype(str).to_numpy()
+    out = {}
+    for label, history in zip(requests.labels[:n], requests.histories[:n], strict=False):
+        if requests.user_histories is not None:  # query mode: the query is the history
+            continue
+        out[label] = [titles[i] or ids[i] if i < len(ids) else requests.new_texts[i - len(ids)] for i in history]
+    return out
+
+
+def show_latest(cfg: ExperimentConfig, n: int) -> str | None:
+    """The first n lists of today's default output (what `trec run` ends with), or None when absent."""
+    path = output_paths(cfg, None).parquet
+    if not path.is_file():
+        return None
+    prepared = load_prepared(cfg.run_dir)
+    table = read_parquet(path)
+    domain = prepared.domain(cfg.recommend.domain or prepared.target, key="recommend.domain")
+    catalogue = Catalogue(prepared, domain)
+    users = list(dict.fromkeys(table.column("user_id").to_pylist()))[:n]
+    requests = user_requests(catalogue, [u for u in users if catalogue.knows(u)], None, exclude_seen=False)
+    return (f"example recommendations ({path}):\n"
+            + show_lists(table, item_titles(prepared.items), n, history_titles(prepared, requests, n)))
