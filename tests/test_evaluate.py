@@ -8,27 +8,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import yaml
+from conftest import tiny_config, write_tiny_prepared
 from typer.testing import CliRunner
 
+from trecsys.artifacts import write_manifest, write_parquet
 from trecsys.cli import app
 from trecsys.config import load_config
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.stages import evaluate as stage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+KS = [1, 5, 10]  # the tiny target catalogue has 16 items
 
 
 def write_config(run_dir: Path, **evaluate) -> Path:
-    data = {
-        "data": {"domains": {"src": {"format": "synthetic"}, "tgt": {"format": "synthetic"}},
-                 "target": "tgt", "source": ["src"]},
-        "run_dir": str(run_dir),
-        "seed": 3,
-        "evaluate": {"bootstrap": 100, **evaluate},
-    }
-    path = run_dir.parent / f"{run_dir.name}.yaml"
+    """conftest's tiny_config with an `evaluate` section: fast bootstrap, cut-offs within 16 items."""
+    path = tiny_config(run_dir, run_dir.parent / f"{run_dir.name}.yaml")
+    data = yaml.safe_load(path.read_text())
+    data.update(seed=3, evaluate={"bootstrap": 100, "ks": KS, **evaluate})
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -38,6 +38,30 @@ def evaluate(run_dir: Path, **kwargs) -> pd.DataFrame:
     return pd.read_parquet(run_dir / "eval" / "metrics.parquet")
 
 
+def rewrite_prepared(run_dir: Path, name: str, change) -> None:
+    """Apply `change` to one prepared table and re-write the manifest, as a re-run of prepare would."""
+    folder = run_dir / "prepared"
+    table = change(pd.read_parquet(folder / name))
+    write_parquet(pa.Table.from_pandas(table, preserve_index=False), folder / name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    generated = {"trecsys_version", "stage", "created_at", "host", "config", "inputs", "outputs"}
+    write_manifest(folder, "prepare", manifest["config"], manifest["inputs"],
+                   {k: v for k, v in manifest.items() if k not in generated})
+
+
+def expected_users(run_dir: Path) -> dict[str, int]:
+    """Slice sizes computed straight from interactions.parquet, independently of trecsys."""
+    rows = pd.read_parquet(run_dir / "prepared" / "interactions.parquet")
+    food = rows[rows["domain"] == "Food"]
+    users = food.loc[food["split"] == "test", "user_idx"].unique()
+    train = food[food["split"] == "train"].groupby("user_idx").size().reindex(users, fill_value=0)
+    in_source = np.isin(users, rows.loc[rows["domain"] != "Food", "user_idx"].unique())
+    sizes = {"all": len(users), "history:0-3": int((train <= 3).sum()), "history:4-7": int(train.between(4, 7).sum()),
+             "history:8-15": int(train.between(8, 15).sum()), "source:shared": int(in_source.sum()),
+             "source:target-only": int((~in_source).sum())}
+    return {name: n for name, n in sizes.items() if n}
+
+
 def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
     metrics = evaluate(tiny_prepared)
     out = tiny_prepared / "eval"
@@ -45,9 +69,12 @@ def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
     assert list(metrics.columns) == ["run", "split", "slice", "metric", "k", "value", "ci_low", "ci_high", "n_users"]
     assert set(metrics["run"]) == {"popularity", "item-knn"}
     assert set(metrics["split"]) == {"test"}
-    assert set(metrics["k"]) == {5, 10, 20, 50}
-    assert {"all", "history:0-3", "source:shared", "source:target-only", "target:unseen", "target:warm"} <= set(
-        metrics["slice"])
+    assert set(metrics["k"]) == set(KS)
+    sizes = metrics.drop_duplicates("slice").set_index("slice")["n_users"]
+    for name, n in expected_users(tiny_prepared).items():
+        assert sizes[name] == n, name
+    assert "history:16+" not in sizes  # no user has 16 train items: empty slices are left out
+    assert sizes["target:warm"] + sizes.get("target:cold(<5)", 0) == sizes["all"]  # one test item each
     assert set(metrics["metric"]) == {"recall", "hit", "ndcg", "mrr", "precision", "coverage", "diversity",
                                       "popularity"}
     per_user = metrics[metrics["metric"] != "coverage"]
@@ -58,12 +85,6 @@ def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
     assert set(coverage["slice"]) == {"all"} and coverage["ci_low"].isna().all()  # not a mean over users
     accuracy = metrics[metrics["metric"].isin(["recall", "hit", "ndcg", "mrr", "precision", "coverage"])]
     assert accuracy["value"].between(0, 1).all()
-    # Target users with a test item: 40 of the 60 (u % 3 != 0). Items never trained on have no count
-    # and no co-occurrence, so both baselines rank them last: zero recall at K=5.
-    assert (metrics.loc[metrics["slice"] == "all", "n_users"] == 40).all()
-    unseen = metrics[(metrics["slice"] == "target:unseen") & (metrics["metric"] == "recall") & (metrics["k"] == 5)]
-    assert len(unseen) == 2 and (unseen["value"] == 0).all()
-
     comparison = pd.read_parquet(out / "comparison.parquet")
     assert set(comparison["run"]) == {"item-knn"} and set(comparison["reference"]) == {"popularity"}
     tested = comparison[comparison["metric"] != "coverage"]
@@ -124,22 +145,25 @@ def test_learning_curves_and_fewshot_plots_when_their_inputs_exist(tiny_prepared
 
 
 def test_k_beyond_catalogue_names_the_key(tiny_prepared):
-    with pytest.raises(ConfigError, match=r"evaluate\.ks.*K=61.*60 items"):
-        stage.run(load_config(write_config(tiny_prepared), ["evaluate.ks=[10, 61]"]))
+    with pytest.raises(ConfigError, match=r"evaluate\.ks.*K=17.*16 items"):
+        stage.run(load_config(write_config(tiny_prepared), ["evaluate.ks=[10, 17]"]))
 
 
-def test_empty_split_is_a_data_error(tmp_path, make_prepared):
-    run_dir = make_prepared(tmp_path / "run", with_test=False)
-    with pytest.raises(DataError, match=r"interactions\.parquet.*test split of target domain 'tgt'"):
-        evaluate(run_dir)
+def test_empty_split_is_a_data_error(tiny_prepared):
+    rewrite_prepared(tiny_prepared, "interactions.parquet", lambda t: t.assign(split=t["split"].replace("test", "train")))
+    with pytest.raises(DataError, match=r"interactions\.parquet.*test split of target domain 'Food'"):
+        evaluate(tiny_prepared)
 
 
-def test_compare_refuses_runs_on_other_prepared_data(tiny_prepared, tmp_path, make_prepared):
-    other = make_prepared(tmp_path / "other", n_target_items=61)
+def test_compare_refuses_runs_on_other_prepared_data(tiny_prepared, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_prepared / "prepared", other / "prepared")
+    rewrite_prepared(other, "items.parquet", lambda t: t.assign(title=t["title"] + " (v2)"))
     with pytest.raises(ArtifactError, match=r"other/prepared/items\.parquet \(sha256 .*differs from .*run/prepared/"
                                             r"items\.parquet.*compare runs prepared from the same data"):
         evaluate(tiny_prepared, compare=[str(other)])
-    reshuffled = make_prepared(tmp_path / "reshuffled", seed=1)  # same items, other users
+    reshuffled = tmp_path / "reshuffled"
+    write_tiny_prepared(reshuffled, seed=1)  # the same items, other users
     with pytest.raises(ArtifactError, match=r"reshuffled/prepared/interactions\.parquet .*differs"):
         evaluate(tiny_prepared, compare=[str(reshuffled)])
     same = tmp_path / "same"
@@ -185,17 +209,17 @@ def test_cli_passes_options_to_the_stage(tiny_prepared, monkeypatch, args, expec
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tiny_prepared):
-    result = CliRunner().invoke(app, ["evaluate", "-c", str(write_config(tiny_prepared)), "evaluate.ks=[100]"])
+    result = CliRunner().invoke(app, ["evaluate", "-c", str(write_config(tiny_prepared)), "evaluate.ks=[17]"])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "evaluate.ks" in lines[0]
 
 
 def test_cli_runs_the_stage(tiny_prepared):
-    result = CliRunner().invoke(app, ["evaluate", "-c", str(write_config(tiny_prepared)), "evaluate.ks=[1,5]"])
+    result = CliRunner().invoke(app, ["evaluate", "-c", str(write_config(tiny_prepared)), "evaluate.ks=[2,5]"])
     assert result.exit_code == 0, result.output
     metrics = pd.read_parquet(tiny_prepared / "eval" / "metrics.parquet")
-    assert set(metrics["k"]) == {1, 5}
+    assert set(metrics["k"]) == {2, 5}
     assert not np.isnan(metrics.loc[metrics["metric"] != "coverage", "ci_low"]).any()
 
 
@@ -229,7 +253,7 @@ def test_model_scorer_matches_a_direct_forward_pass(tiny_prepared):
     save_model(tiny_prepared / "finetune", tiny_prepared)
     prepared = load_prepared(tiny_prepared)
     users = stage.eval_users(prepared, "test")
-    domain = prepared.domains["tgt"]
+    domain = prepared.domain(prepared.target)
     model, _ = load_checkpoint(tiny_prepared / "finetune")
     scorer = ModelScorer(model, users.histories_global, domain, prepared.embeddings, torch.device("cpu"),
                          user_batch=7)
@@ -277,9 +301,41 @@ def test_compare_runs_side_by_side_with_paired_p_values(tiny_prepared, tmp_path)
 
 
 def test_model_for_another_catalogue_is_refused(tiny_prepared):
-    save_model(tiny_prepared / "finetune", tiny_prepared, n_items=91)
-    with pytest.raises(ArtifactError, match=r"finetune/config\.json: .*n_items=91 .* 90 items"):
+    save_model(tiny_prepared / "finetune", tiny_prepared, n_items=71)
+    with pytest.raises(ArtifactError, match=r"finetune/config\.json: .*n_items=71 .* 70 items"):
         evaluate(tiny_prepared)
-    save_model(tiny_prepared / "finetune", tiny_prepared, text_dim=9)
-    with pytest.raises(ArtifactError, match=r"finetune/config\.json: .*text_dim=9 .* 8 dimensions"):
+    save_model(tiny_prepared / "finetune", tiny_prepared, text_dim=17)
+    with pytest.raises(ArtifactError, match=r"finetune/config\.json: .*text_dim=17 .* 16 dimensions"):
         evaluate(tiny_prepared)
+
+
+def test_popularity_without_exclusion_matches_a_count_by_hand(tiny_prepared):
+    stage.run(load_config(write_config(tiny_prepared, exclude_seen=False)))
+    metrics = pd.read_parquet(tiny_prepared / "eval" / "metrics.parquet")
+    rows = pd.read_parquet(tiny_prepared / "prepared" / "interactions.parquet")
+    food = rows[rows["domain"] == "Food"]
+    counts = food.loc[food["split"] == "train", "item_idx"].value_counts()
+    domain = json.loads((tiny_prepared / "prepared" / "manifest.json").read_text())["domains"]["Food"]
+    ranked = sorted(range(domain["item_start"], domain["item_stop"]), key=lambda i: (-counts.get(i, 0), i))
+    targets = food.loc[food["split"] == "test", "item_idx"]
+    for k in KS:
+        got = metrics.query("run == 'popularity' and slice == 'all' and metric == 'recall' and k == @k")["value"]
+        assert got.item() == pytest.approx(targets.isin(ranked[:k]).mean())
+
+
+def test_slices_on_a_hand_example():
+    from trecsys.evaluation import build_slices
+
+    targets = [np.array([0]), np.array([1]), np.array([2, 0]), np.array([3])]
+    counts = np.array([0, 3, 10, 5])  # item 0 never trained on, 1 cold, 2 and 3 warm (>= 5)
+    slices = build_slices(targets, np.array([0, 4, 9, 20]), np.array([True, False, True, False]), counts,
+                          [4, 8, 16], 5)
+    users = {s.name: s.users.tolist() for s in slices}
+    assert users == {"all": [0, 1, 2, 3], "history:0-3": [0], "history:4-7": [1], "history:8-15": [2],
+                     "history:16+": [3], "source:shared": [0, 2], "source:target-only": [1, 3],
+                     "target:unseen": [0, 2], "target:cold(<5)": [0, 1, 2], "target:warm": [2, 3]}
+    by_name = {s.name: s for s in slices}
+    assert [t.tolist() for t in by_name["target:unseen"].targets] == [[0], [0]]
+    assert [t.tolist() for t in by_name["target:warm"].targets] == [[2], [3]]
+    without_source = build_slices(targets, np.array([0, 4, 9, 20]), None, counts, [4, 8, 16], 5)
+    assert not any(s.name.startswith("source:") for s in without_source)

@@ -43,12 +43,18 @@ def reference_metrics(ranked: list[int], targets: list[int], k: int) -> dict[str
     }
 
 
-def random_case(seed: int, n_users: int = 23, n_items: int = 37, tie_levels: int = 5):
-    """Scores with many ties (few distinct levels) and some NaN; random exclusions and targets."""
+def random_case(seed: int, n_users: int = 23, n_items: int = 37, tie_levels: int = 5, nan_fraction: float = 0.05,
+                max_excluded: int = 8):
+    """Scores with many ties (few distinct levels, ±0.0), some NaN and ±inf; random exclusions and targets."""
     rng = np.random.default_rng(seed)
-    scores = rng.integers(0, tie_levels, size=(n_users, n_items)).astype(np.float32)
-    scores[rng.random(scores.shape) < 0.05] = np.nan
-    exclude = [rng.choice(n_items, size=rng.integers(0, 8), replace=False) for _ in range(n_users)]
+    scores = (rng.integers(0, tie_levels, size=(n_users, n_items)) - tie_levels // 2).astype(np.float32)
+    scores[scores == 0] = np.where(rng.random((scores == 0).sum()) < 0.5, -0.0, 0.0)  # equal, not identical
+    if tie_levels > 1000:
+        scores += rng.random(scores.shape).astype(np.float32)  # practically no ties
+    scores[rng.random(scores.shape) < 0.01] = np.inf
+    scores[rng.random(scores.shape) < 0.01] = -np.inf
+    scores[rng.random(scores.shape) < nan_fraction] = np.nan
+    exclude = [rng.choice(n_items, size=rng.integers(0, max_excluded), replace=False) for _ in range(n_users)]
     targets = [rng.choice(n_items, size=rng.integers(1, 6), replace=True) for _ in range(n_users)]
     return torch.from_numpy(scores), exclude, targets
 
@@ -62,9 +68,12 @@ def rank(scores: torch.Tensor, k: int, exclude, user_batch: int = 7, item_chunk:
 # Ranking and accuracy
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_topk_and_metrics_match_reference(seed):
-    scores, exclude, targets = random_case(seed)
+CASES = [dict(), dict(tie_levels=2), dict(tie_levels=10_000), dict(nan_fraction=0.3, max_excluded=20)]
+
+
+@pytest.mark.parametrize("seed,case", [(s, c) for s in range(3) for c in range(len(CASES))])
+def test_topk_and_metrics_match_reference(seed, case):
+    scores, exclude, targets = random_case(seed, **CASES[case])
     ks = [1, 3, 10, 20]  # K=20 is beyond every user's number of relevant items
     _, topk = rank(scores, max(ks), exclude)
     got = M.ranking_metrics(topk, targets, ks)
@@ -74,6 +83,16 @@ def test_topk_and_metrics_match_reference(seed):
         for k in ks:
             for name, value in reference_metrics(ranked, targets[u].tolist(), k).items():
                 assert got[f"{name}@{k}"][u] == pytest.approx(value, abs=1e-12), (u, name, k)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_chunk_topk_alone_matches_reference_and_leaves_its_input(case):
+    scores, _, _ = random_case(5, **CASES[case])
+    before = scores.clone()
+    values, index = M.chunk_topk(scores, 12, offset=100)
+    assert torch.equal(scores.isnan(), before.isnan()) and torch.equal(scores.nan_to_num(), before.nan_to_num())
+    for u in range(scores.shape[0]):
+        assert (index[u] - 100).tolist() == reference_topk(scores[u].tolist(), 12, set())
 
 
 def test_excluded_items_rank_last_only_when_needed():

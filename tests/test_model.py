@@ -164,6 +164,21 @@ def test_chunked_cross_entropy_equals_full(score):
         assert torch.allclose(reps.grad, ref_reps.grad, atol=1e-6), chunk
 
 
+def test_chunked_cross_entropy_never_scores_more_than_a_chunk():
+    model = make_model()
+    widths = []
+
+    def recording_score(states, reps):
+        widths.append(reps.shape[-2])
+        return model.score(states, reps)
+
+    states = torch.randn(30, 16, requires_grad=True)
+    reps = torch.randn(N_ITEMS, 16, requires_grad=True)
+    chunked_cross_entropy(states, torch.randint(0, N_ITEMS, (30,)), reps, recording_score, chunk_size=8).backward()
+    # Forward and backward each visit all 5 chunks; the target scores are (N, 1) pairs.
+    assert max(widths) <= 8 and sum(w for w in widths if w > 1) == 2 * N_ITEMS
+
+
 def test_sampled_softmax_limits():
     model = make_model()
     g = torch.Generator().manual_seed(4)

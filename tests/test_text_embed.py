@@ -100,6 +100,13 @@ def test_cap_at_word_boundary(text, cap, expected):
     assert len(out) <= cap
 
 
+def test_empty_table_and_pandas_string_dtype():
+    empty = pd.DataFrame({"title": pd.Series([], dtype=object)})
+    assert compose_text(empty, "{title}", 400).tolist() == []
+    strings = pd.DataFrame({"title": pd.Series(["Kettle", None], dtype="string")})
+    assert compose_text(strings, "{title}.", 400).tolist() == ["Kettle.", ""]
+
+
 def test_unknown_field_is_a_config_error_naming_key_and_columns():
     table = items(title=["Knife"], brand=["Zwilling"])
     with pytest.raises(ConfigError) as err:

@@ -111,9 +111,11 @@ def pretrain_source(
     overrides: list[str] = OverridesArg,
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or max_steps-limited run "
+                                "from <run_dir>/.pretrain.work/last/ exactly where it stopped."),
 ) -> None:
     """Train the teacher on the source domain(s): writes <run_dir>/pretrain/."""
-    _run_stage("pretrain-source", config, overrides, print_config, debug)
+    _run_stage("pretrain-source", config, overrides, print_config, debug, resume=resume)
 
 
 @app.command()

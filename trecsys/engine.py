@@ -346,6 +346,20 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 @dataclass
+class _Window:
+    """Training since the last log line: loss sum, loss terms, sequences, seconds of steps."""
+
+    loss: float = 0.0
+    terms: int = 0
+    sequences: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, terms: int, sequences: int, seconds: float) -> None:
+        self.loss, self.terms = self.loss + loss, self.terms + terms
+        self.sequences, self.seconds = self.sequences + sequences, self.seconds + seconds
+
+
+@dataclass
 class _Progress:
     """What a resume needs besides the weights and the optimizer."""
 
@@ -421,9 +435,9 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
                 torch.save(state, tmp / STATE)
         dist.barrier()
 
-    def run_validation(train_loss: float, seqs_per_s: float) -> bool:
-        """Validate on rank 0, keep `best/`, log; returns True when patience has run out."""
-        stop = 0
+    def run_validation() -> tuple[dict | None, bool]:
+        """Validate on rank 0 and keep `best/`; returns (metrics on rank 0, patience ran out)."""
+        stop, metrics = 0, None
         if dist.is_main:
             model.eval()
             try:
@@ -444,25 +458,36 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
                     save_model(model, tmp)
             else:
                 progress.bad_evals += 1
-            _append_log(log_path, {
-                "step": progress.step, "epoch": progress.epoch + progress.batch_in_epoch / n_batches,
-                "loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "sequences_per_s": seqs_per_s,
-                "elapsed_s": round(progress.elapsed_s + time.perf_counter() - started, 3),
-                "valid": metrics, "best_step": progress.best_step,
-            })
             stop = int(cfg.patience > 0 and progress.bad_evals >= cfg.patience)
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
-            mark = " (best)" if progress.best_step == progress.step else ""
-            tqdm.write(f"step {progress.step}: train loss {train_loss:.4f}, valid {shown}{mark}", file=sys.stderr)
         if dist.ddp:
             flag = torch.tensor([stop], device=device)
             torch_dist.broadcast(flag, src=0)
             stop = int(flag.item())
-        return bool(stop)
+        return metrics, bool(stop)
+
+    def log_line(metrics: dict | None) -> None:
+        """One train_log.jsonl line (rank 0): training since the previous line, and validation if any."""
+        nonlocal window
+        if dist.is_main:
+            train_loss = window.loss / max(window.terms, 1)
+            record = {
+                "step": progress.step, "epoch": progress.epoch + progress.batch_in_epoch / n_batches,
+                "loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                "sequences_per_s": window.sequences / max(window.seconds, 1e-9),
+                "elapsed_s": round(progress.elapsed_s, 3),
+            }
+            shown = f"step {progress.step}: train loss {train_loss:.4f}"
+            if metrics is not None:
+                record.update(valid=metrics, best_step=progress.best_step)
+                shown += ", valid " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
+                shown += " (best)" if progress.best_step == progress.step else ""
+            _append_log(log_path, record)
+            tqdm.write(shown, file=sys.stderr)
+        window = _Window()
 
     started = time.perf_counter()
     stopped = "completed"
-    window_loss, window_terms, window_seqs, window_time = 0.0, 0, 0, 0.0
+    window = _Window()
     model.train()
     with _StopRequest() as stop_request:
         for epoch in range(progress.epoch, cfg.epochs):
@@ -512,8 +537,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
                 progress.step += 1
                 progress.batch_in_epoch = b + 1
                 dt = time.perf_counter() - t0
-                window_loss, window_terms = window_loss + loss_sum, window_terms + n_terms
-                window_seqs, window_time = window_seqs + len(batch), window_time + dt
+                window.add(loss_sum, n_terms, len(batch), dt)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(n_terms, 1):.4f}", lr=f"{lr:.2e}",
                                 seq_s=f"{len(batch) / max(dt, 1e-9):.0f}", refresh=False)
@@ -524,15 +548,15 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
                 hit_max = bool(cfg.max_steps) and progress.step >= cfg.max_steps
                 due = (progress.step % cfg.eval_every_steps == 0) if cfg.eval_every_steps else epoch_end
                 last_step = progress.step == total_steps
-                early_stop = False
-                if not stop_now and (due or hit_max or last_step):
-                    early_stop = run_validation(window_loss / max(window_terms, 1),
-                                                window_seqs / max(window_time, 1e-9))
-                    window_loss, window_terms, window_seqs, window_time = 0.0, 0, 0, 0.0
+                validating = not stop_now and (due or hit_max or last_step)
+                ckpt_due = bool(cfg.checkpoint_every_steps) and progress.step % cfg.checkpoint_every_steps == 0
+                checkpointing = stop_now or epoch_end or hit_max or ckpt_due
+                metrics, early_stop = run_validation() if validating else (None, False)
                 progress.elapsed_s += time.perf_counter() - started
                 started = time.perf_counter()
-                ckpt_due = cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0
-                if stop_now or epoch_end or hit_max or ckpt_due or early_stop:
+                if validating or checkpointing:
+                    log_line(metrics)
+                if checkpointing or early_stop:
                     write_last()
                 if stop_now:
                     bar.close()

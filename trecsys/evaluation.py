@@ -33,20 +33,22 @@ def history_labels(edges: Sequence[int]) -> list[str]:
     return [*labels, f"{bounds[-1]}+"]
 
 
-def build_slices(targets: list[np.ndarray], train_lengths: np.ndarray, in_source: np.ndarray,
+def build_slices(targets: list[np.ndarray], train_lengths: np.ndarray, in_source: np.ndarray | None,
                  item_train_counts: np.ndarray, history_edges: Sequence[int], cold_item_interactions: int
                  ) -> list[Slice]:
     """all; history-length buckets (the first is the cold users); users also in a source domain or
-    not; and target items that are cold (< threshold train interactions), never seen in training, warm."""
+    not (when there are source domains: `in_source` not None); and target items that are cold
+    (< threshold train interactions), never seen in training, or warm."""
     everyone = np.arange(len(targets))
     slices = [Slice("all", everyone, targets, True)]
     bucket = np.searchsorted(np.asarray(history_edges), train_lengths, side="right")
     for b, label in enumerate(history_labels(history_edges)):
         users = everyone[bucket == b]
         slices.append(Slice(f"history:{label}", users, [targets[u] for u in users], True))
-    for label, mask in (("source:shared", in_source), ("source:target-only", ~in_source)):
-        users = everyone[mask]
-        slices.append(Slice(label, users, [targets[u] for u in users], True))
+    if in_source is not None:
+        for label, mask in (("source:shared", in_source), ("source:target-only", ~in_source)):
+            users = everyone[mask]
+            slices.append(Slice(label, users, [targets[u] for u in users], True))
     item_groups = {
         "target:unseen": item_train_counts == 0,
         f"target:cold(<{cold_item_interactions})": item_train_counts < cold_item_interactions,
@@ -59,12 +61,12 @@ def build_slices(targets: list[np.ndarray], train_lengths: np.ndarray, in_source
     return [s for s in slices if len(s.users)]
 
 
-def per_user_metrics(topk: np.ndarray, slices: list[Slice], ks: Sequence[int], unit_embeddings: np.ndarray,
+def per_user_metrics(topk: np.ndarray, slices: list[Slice], ks: Sequence[int], item_embeddings: np.ndarray,
                      item_percentile: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """{slice: {"ndcg@10": per-user values, ...}} for one system's top lists (catalogue-local)."""
     everyone = slices[0]
     accuracy = M.ranking_metrics(topk, everyone.targets, ks)
-    lists = {**M.intra_list_diversity(topk, unit_embeddings, ks), **M.average_popularity(topk, item_percentile, ks)}
+    lists = {**M.intra_list_diversity(topk, item_embeddings, ks), **M.average_popularity(topk, item_percentile, ks)}
     out: dict[str, dict[str, np.ndarray]] = {}
     for s in slices:
         if s.describes_lists:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,29 +31,56 @@ def pair_scores(states: torch.Tensor, reps: torch.Tensor, score_fn: ScoreFn) -> 
     return score_fn(states[:, None, :], reps[:, None, :])[:, 0, 0]
 
 
-def _chunk_logsumexp(states: torch.Tensor, reps: torch.Tensor, score_fn: ScoreFn) -> torch.Tensor:
-    return torch.logsumexp(score_fn(states, reps).float(), dim=1)
+class _ChunkedLogSumExp(torch.autograd.Function):
+    """logsumexp over items of score_fn(states, item_reps), forward and backward chunk by chunk.
+
+    Forward keeps only the running (N,) logsumexp; backward recomputes each chunk's logits and
+    uses d lse / d logits = softmax, so at most (N × chunk_size) logits exist at any time. (A
+    checkpoint per chunk would also bound the logits, but each chunk's slice backward would
+    allocate a full-catalogue gradient: quadratic in the catalogue size.)
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, states, item_reps, score_fn, chunk_size):
+        lse = torch.full((states.shape[0],), -torch.inf, device=states.device)
+        for lo in range(0, item_reps.shape[0], chunk_size):
+            logits = score_fn(states, item_reps[lo:lo + chunk_size]).float()
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        ctx.save_for_backward(states, item_reps, lse)
+        ctx.score_fn, ctx.chunk_size = score_fn, chunk_size
+        return lse
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")  # recompute under the forward's autocast state
+    def backward(ctx, grad_lse):
+        states, item_reps, lse = ctx.saved_tensors
+        grad_states, grad_reps = torch.zeros_like(states), torch.zeros_like(item_reps)
+        for lo in range(0, item_reps.shape[0], ctx.chunk_size):
+            with torch.enable_grad():
+                s = states.detach().requires_grad_()
+                r = item_reps[lo:lo + ctx.chunk_size].detach().requires_grad_()
+                logits = ctx.score_fn(s, r)
+            softmax = torch.exp(logits.detach().float() - lse[:, None])
+            g_states, g_reps = torch.autograd.grad(logits, (s, r), (softmax * grad_lse[:, None]).to(logits.dtype))
+            grad_states += g_states
+            grad_reps[lo:lo + ctx.chunk_size] = g_reps
+        return grad_states, grad_reps, None, None
 
 
 def chunked_cross_entropy(states: torch.Tensor, targets: torch.Tensor, item_reps: torch.Tensor,
                           score_fn: ScoreFn, chunk_size: int = 8192) -> torch.Tensor:
     """Mean full-softmax cross-entropy of each state's target among all `item_reps`.
 
-    Exact (not sampled). Logits exist for at most `chunk_size` items at a time, forward and
-    backward: each chunk's logsumexp is checkpointed, so backward recomputes that chunk's logits
-    instead of keeping them, and the chunk results combine as logsumexp of logsumexps.
+    Exact (not sampled): loss = logsumexp(all scores) - target score, where the logsumexp is
+    computed and differentiated in chunks of `chunk_size` items (memory O(N × chunk_size)).
     """
     states, targets = _labelled(states, targets)
     if len(targets) == 0:
         return states.sum() * 0.0  # keeps the graph connected for a batch without labels
-    n_items = item_reps.shape[0]
-    if n_items <= chunk_size:  # one chunk: the plain computation is the same and cheaper
+    if item_reps.shape[0] <= chunk_size:  # one chunk: the plain computation is the same and cheaper
         return F.cross_entropy(score_fn(states, item_reps).float(), targets)
-    chunk_lse = [
-        checkpoint(_chunk_logsumexp, states, item_reps[lo:lo + chunk_size], score_fn, use_reentrant=False)
-        for lo in range(0, n_items, chunk_size)
-    ]
-    lse = torch.logsumexp(torch.stack(chunk_lse, dim=1), dim=1)
+    lse = _ChunkedLogSumExp.apply(states, item_reps, score_fn, chunk_size)
     return (lse - pair_scores(states, item_reps[targets], score_fn).float()).mean()
 
 

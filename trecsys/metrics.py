@@ -2,8 +2,8 @@
 metrics from it, and bootstrap confidence intervals / paired tests over users.
 
 Tie rule (documented, deterministic): a higher score ranks first; equal scores rank by the lower
-item index. NaN scores count as -inf, like masked items, so they rank last. The result is the same for
-any user batch or item chunk size.
+item index. NaN scores count as -inf, like excluded items: they rank last, by index among
+themselves. The result is the same for any user batch or item chunk size.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from trecsys.errors import ConfigError
 
@@ -27,29 +28,59 @@ ACCURACY_METRICS = ("recall", "hit", "ndcg", "mrr", "precision")
 
 
 def chunk_topk(scores: torch.Tensor, k: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of each row by (score desc, index asc); indices are shifted by `offset`."""
-    scores = scores.float()
-    if torch.isnan(scores.sum()):  # one cheap reduction; a NaN anywhere makes the sum NaN
-        scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    """Exact top-k of each row by (score desc, index asc), NaN as -inf; indices shifted by `offset`."""
+    return _exact_topk(scores.to(torch.float32, copy=True), k, offset)
+
+
+def _exact_topk(scores: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunk_topk on a float32 tensor it may change: rows holding NaN are cleaned in place."""
     k = min(k, scores.shape[1])
-    # torch.topk picks arbitrarily among scores equal to the k-th value. One place more tells where
-    # that matters: when the (k+1)-th score is below the k-th, the top k is the exact set. Only rows
-    # with a tie across the cut (rare with real scores) need the lowest indices picked, by the costly
-    # running count.
-    values, index = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1, sorted=True)
-    crowded = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1) if values.shape[1] > k else []
+    # One extra place shows whether the k-th score is tied with an item left out; only such rows
+    # (rare for learned scores, common for counts) need the exact pass over the whole row.
+    probe = min(k + 1, scores.shape[1])
+    values, index = torch.topk(scores, probe, dim=1, sorted=True)
+    # torch.topk ranks NaN above everything, so a row with a NaN shows one first: clean and redo
+    # only those rows, rather than a pass over every score.
+    nan_rows = values[:, 0].isnan().nonzero().squeeze(1)
+    if len(nan_rows):
+        clean = scores[nan_rows].nan_to_num_(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+        scores[nan_rows] = clean
+        values[nan_rows], index[nan_rows] = torch.topk(clean, probe, dim=1, sorted=True)
+    crowded = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1) if probe > k else None
+    if crowded is not None and len(crowded) == len(scores):  # e.g. counts: skip the row copies
+        values[:, :k], index[:, :k] = _exact_topk_of_tied_rows(scores, values, index, k)
+    elif crowded is not None and len(crowded):
+        values[crowded, :k], index[crowded, :k] = _exact_topk_of_tied_rows(
+            scores[crowded], values[crowded], index[crowded], k)
     values, index = values[:, :k], index[:, :k]
-    if len(crowded):
-        rows, kth = scores[crowded], values[crowded, k - 1:]
-        greater, ties = rows > kth, rows == kth
-        ties_needed = k - greater.sum(dim=1, keepdim=True)
-        selected = greater | (ties & (torch.cumsum(ties, dim=1) <= ties_needed))
-        picked = selected.nonzero()[:, 1].view(len(crowded), k)  # row-major: ascending index per row
-        index[crowded], values[crowded] = picked, rows.gather(1, picked)
-    by_index = torch.sort(index, dim=1).indices
+    # topk sorts by score only: rows with equal scores inside the list need the index order.
+    if k > 1 and bool((values[:, 1:] == values[:, :-1]).any()):
+        values, index = _by_score_then_index(values, index)
+    return values, index + offset
+
+
+def _by_score_then_index(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    by_index = torch.sort(index, dim=1, stable=True).indices
     values, index = values.gather(1, by_index), index.gather(1, by_index)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    return values.gather(1, order), index.gather(1, order) + offset
+    by_score = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return values.gather(1, by_score), index.gather(1, by_score)
+
+
+def _exact_topk_of_tied_rows(scores: torch.Tensor, values: torch.Tensor, index: torch.Tensor, k: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose k-th score is tied with an item torch.topk left out, which it picks arbitrarily.
+
+    The items above the k-th score are all in topk's list (its first places); the places left go
+    to the lowest indices among the items equal to the k-th score.
+    """
+    kth = values[:, k - 1:k]
+    n_above = (values[:, :k] > kth).sum(dim=1, keepdim=True)
+    positions = torch.arange(scores.shape[1], dtype=torch.int32, device=scores.device)
+    tie_key = torch.where(scores == kth, -positions, torch.iinfo(torch.int32).min)
+    lowest_ties = torch.topk(tie_key, k, dim=1, sorted=True).indices
+    slot = torch.arange(k, device=scores.device).expand(len(scores), k)
+    chosen = torch.where(slot < n_above, index[:, :k], lowest_ties.gather(1, (slot - n_above).clamp(min=0)))
+    return _by_score_then_index(scores.gather(1, chosen), chosen)
 
 
 def merge_topk(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
@@ -63,6 +94,16 @@ def merge_topk(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torc
     return values.gather(1, by_score), index.gather(1, by_score)
 
 
+def _merge_ascending_chunks(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                            k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge_topk when every index in `a` is below every index in `b` (chunks in catalogue order):
+    both lists are already (score desc, index asc), so one stable sort by score keeps the tie rule."""
+    values = torch.cat([a[0], b[0]], dim=1)
+    index = torch.cat([a[1], b[1]], dim=1)
+    by_score = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+    return values.gather(1, by_score), index.gather(1, by_score)
+
+
 def full_ranking_topk(score_chunk: ScoreChunk, n_users: int, n_items: int, k: int,
                       exclude: Sequence[np.ndarray] | None = None, user_batch: int = 1024,
                       item_chunk: int = 65536, device: str | torch.device = "cpu"
@@ -71,6 +112,7 @@ def full_ranking_topk(score_chunk: ScoreChunk, n_users: int, n_items: int, k: in
 
     Masked items score -inf: they rank after every other item, so they appear only when fewer than
     k items remain. Memory is O(user_batch × item_chunk), whatever the number of users and items.
+    `score_chunk` must return a tensor it does not keep: it is masked in place.
     """
     if k < 1:
         raise ValueError("k must be >= 1")
@@ -82,11 +124,12 @@ def full_ranking_topk(score_chunk: ScoreChunk, n_users: int, n_items: int, k: in
         best = None
         for start in range(0, n_items, item_chunk):
             stop = min(start + item_chunk, n_items)
+            # Changed in place: score_chunk hands over a tensor of its own (never shared state).
             scores = score_chunk(rows, start, stop).float()
             if masks is not None:
                 masks.apply(scores, lo, hi, start, stop)
-            part = chunk_topk(scores, k, offset=start)
-            best = part if best is None else merge_topk(best, part, k)
+            part = _exact_topk(scores, k, offset=start)
+            best = part if best is None else _merge_ascending_chunks(best, part, k)
         all_values.append(best[0].cpu())
         all_index.append(best[1].cpu())
     return torch.cat(all_values), torch.cat(all_index)
@@ -195,23 +238,27 @@ def catalogue_coverage(topk_index: torch.Tensor | np.ndarray, n_items: int, ks: 
 
 
 def intra_list_diversity(topk_index: torch.Tensor | np.ndarray, item_embeddings: np.ndarray,
-                         ks: Sequence[int], user_batch: int = 4096) -> dict[str, np.ndarray]:
+                         ks: Sequence[int], user_batch: int = 8192) -> dict[str, np.ndarray]:
     """Per-user mean pairwise (1 − cosine) of the top-K items' text embeddings (K >= 2 only).
 
-    With unit rows r_i, Σ_{i≠j} cos_ij = ‖Σ r_i‖² − Σ ‖r_i‖², so no K×K matrix is formed.
+    With unit rows r_i, Σ_{i≠j} cos_ij = ‖Σ r_i‖² − Σ ‖r_i‖², so only the sum of each list's
+    vectors is needed: embedding_bag forms it without materialising (users × K × dim).
     """
-    topk = np.asarray(topk_index, dtype=np.int64)
+    topk = torch.as_tensor(np.asarray(topk_index, dtype=np.int64))
     norms = np.linalg.norm(item_embeddings, axis=1, keepdims=True)
     unit = torch.from_numpy(np.divide(item_embeddings, norms, out=np.zeros_like(item_embeddings),
                                       where=norms > 0).astype(np.float32))
-    ks = [k for k in ks if k >= 2]
+    has_text = torch.from_numpy((norms[:, 0] > 0).astype(np.float64))  # ‖r_i‖², 0 for an item without text
+    ks = sorted(k for k in ks if k >= 2)
     out = {f"diversity@{k}": np.empty(len(topk)) for k in ks}
     for lo in range(0, len(topk), user_batch):
-        rows = unit[torch.from_numpy(topk[lo:lo + user_batch])].double()  # (B, depth, dim)
-        running_sum = torch.cumsum(rows, dim=1)
-        running_sq = torch.cumsum((rows * rows).sum(-1), dim=1)
-        for k in ks:
-            pair_cos = (running_sum[:, k - 1] ** 2).sum(-1) - running_sq[:, k - 1]
+        block = topk[lo:lo + user_batch]
+        squares = torch.cumsum(has_text[block], dim=1)
+        total, done = torch.zeros(len(block), unit.shape[1], dtype=torch.float64), 0
+        for k in ks:  # each K adds the items after the previous K
+            total += F.embedding_bag(block[:, done:k], unit, mode="sum").double()
+            done = k
+            pair_cos = (total * total).sum(dim=1) - squares[:, k - 1]
             out[f"diversity@{k}"][lo:lo + user_batch] = (1.0 - pair_cos / (k * (k - 1))).numpy()
     return out
 

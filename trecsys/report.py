@@ -219,9 +219,13 @@ def read_train_log(path: Path) -> list[dict]:
     return records
 
 
+def _x_key(records: list[dict]) -> str | None:
+    return next((k for k in LOG_X_KEYS if any(k in r for r in records)), None)
+
+
 def _curves(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     """Every numeric field against the log's x axis (step, epoch, ... or the line number)."""
-    x_key = next((k for k in LOG_X_KEYS if any(k in r for r in records)), None)
+    x_key = _x_key(records)
     curves: dict[str, tuple[list[float], list[float]]] = {}
     for i, record in enumerate(records):
         x = record.get(x_key, i) if x_key else i
@@ -249,10 +253,12 @@ def _flatten(record: dict, prefix: str = "") -> dict:
 
 def plot_learning_curves(logs: dict[str, Path], path: Path) -> bool:
     """Losses on the left, any other logged metric (validation NDCG, ...) on the right."""
-    series = {label: _curves(read_train_log(p)) for label, p in logs.items()}
+    records = {label: read_train_log(p) for label, p in logs.items()}
+    series = {label: _curves(r) for label, r in records.items()}
     series = {label: c for label, c in series.items() if c}
     if not series:
         return False
+    x_label = next((_x_key(records[label]) for label in series if _x_key(records[label])), None) or "log line"
     plt = _pyplot()
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     any_metric = False
@@ -265,6 +271,7 @@ def plot_learning_curves(logs: dict[str, Path], path: Path) -> bool:
     loss_ax.set_title("training loss")
     metric_ax.set_title("logged metrics")
     for ax in (loss_ax, metric_ax):
+        ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)

@@ -97,8 +97,8 @@ def _binary_rows(sequences: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix
 class ModelScorer:
     """A trained SeqRecModel: user states from the histories, item reps over the domain's range.
 
-    Both are computed once up front (n_users × d and n_items × d are small); score_chunk is then one
-    matrix product per block, in bf16 autocast on CUDA.
+    Both are computed once up front (n_users × d and n_items × d are small), in bf16 autocast on
+    CUDA; score_chunk is then one fp32 matrix product per block.
     """
 
     def __init__(self, model, histories: Sequence[np.ndarray], domain: DomainRange,
@@ -126,7 +126,9 @@ class ModelScorer:
         return contextlib.nullcontext()
 
     def score_chunk(self, user_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        with torch.no_grad(), self._autocast():
+        # The towers ran in bf16; the final product stays fp32 (it is cheap at this width), because
+        # bf16's 8-bit mantissa would turn close scores into ties and reorder the top of the list.
+        with torch.no_grad():
             return self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop]).float()
 
 

@@ -126,7 +126,7 @@ class EvalUsers:
     histories: list[np.ndarray]
     targets: list[np.ndarray]
     train_lengths: np.ndarray
-    in_source: np.ndarray
+    in_source: np.ndarray | None  # None when the prepared data has no source domain
     train_sequences: list[np.ndarray]  # every target user's train items, for the baselines
 
 
@@ -142,7 +142,8 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
             "no held-out interactions: evaluate another --split or check data.split"
         )
     keep = np.flatnonzero(has_target)
-    histories_global = [ds.history(split)[u] for u in keep]
+    all_histories = ds.history(split)
+    histories_global = [all_histories[u] for u in keep]
     source_rows = prepared.interactions["domain"].isin(prepared.source)
     source_users = np.unique(prepared.interactions.loc[source_rows, "user_idx"].to_numpy())
     return EvalUsers(
@@ -151,7 +152,7 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
         histories=to_local(histories_global, domain),
         targets=to_local([targets[u] for u in keep], domain),
         train_lengths=np.array([len(ds.train[u]) for u in keep]),
-        in_source=np.isin(ds.user_idx[keep], source_users),
+        in_source=np.isin(ds.user_idx[keep], source_users) if prepared.source else None,
         train_sequences=to_local(ds.train, domain),
     )
 
