@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
+from conftest import tiny_config, write_tiny_prepared
 from typer.testing import CliRunner
 
 from trecsys.artifacts import (
@@ -37,30 +38,54 @@ from trecsys.rerank import mmr_rerank
 from trecsys.stages import recommend as stage
 
 REPO = Path(__file__).resolve().parents[1]
-TARGET = (30, 90)  # the tiny run's target items: item_idx 30..89, ids i30..i89
+TARGET = (54, 70)  # the tiny run's Food items: item_idx 54..69, ids F000..F015, titles "Food item j"
+K = 5  # every tiny Food user has at least 5 items left unseen
+
+
+def idx(item_id: str) -> int:
+    return TARGET[0] + int(item_id[1:])
+
+
+def item_id(index: int) -> str:
+    return f"F{index - TARGET[0]:03d}"
 
 
 def write_config(run_dir: Path, **recommend) -> Path:
-    data = {
-        "data": {"domains": {"src": {"format": "synthetic"}, "tgt": {"format": "synthetic"}},
-                 "target": "tgt", "source": ["src"]},
-        "run_dir": str(run_dir),
-        # The tiny run's "encoder": new texts are embedded by the fake_encoder fixture below.
-        "embedding": {"encoder": "random-test"},
-        "recommend": recommend,
-    }
-    path = run_dir.parent / f"{run_dir.name}.yaml"
+    """conftest's tiny_config with a `recommend` section."""
+    path = tiny_config(run_dir, run_dir.parent / f"{run_dir.name}.yaml")
+    data = yaml.safe_load(path.read_text())
+    data["recommend"] = {"k": K, **recommend}
     path.write_text(yaml.safe_dump(data))
     return path
 
 
-def save_model(folder: Path, run_dir: Path, seed: int = 0, **model) -> Path:
+def save_model(folder: Path, run_dir: Path, seed: int = 0, extra: dict | None = None, n_items: int | None = None,
+               **model) -> Path:
     prepared = load_prepared(run_dir)
     torch.manual_seed(seed)
     cfg = ModelConfig(**{"d_model": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 8, "dropout": 0.0,
                          "n_experts": 2, **model})
-    save_checkpoint(SeqRecModel(cfg, prepared.embeddings.shape[1], prepared.n_items), folder)
+    save_checkpoint(SeqRecModel(cfg, prepared.embeddings.shape[1], n_items or prepared.n_items), folder,
+                    extra=extra)
     return folder
+
+
+def direct_scores(run_dir: Path, user: str, domains: tuple[str, ...] = ("Food",)) -> tuple[torch.Tensor, np.ndarray]:
+    """The finetune model's Food scores for a user's history in `domains`, by a direct forward pass."""
+    prepared = load_prepared(run_dir)
+    model, _ = load_checkpoint(run_dir / "finetune")
+    model.set_item_text(torch.from_numpy(prepared.embeddings))
+    inter = prepared.interactions
+    history = inter.loc[(inter["user_id"] == user) & inter["domain"].isin(domains), "item_idx"].to_numpy()
+    with torch.no_grad():
+        scores = model.score(model.user_state(history_batch([history], 8)), model.item_reps(*TARGET))[0]
+    return scores, history
+
+
+def ranked(scores: torch.Tensor, k: int) -> list[str]:
+    """The tie rule by hand: score descending, then the lower index."""
+    order = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
+    return [item_id(TARGET[0] + j) for j in order if float(scores[j]) != -np.inf][:k]
 
 
 def recommend(run_dir: Path, overrides: list[str] | None = None, **options) -> pd.DataFrame:
@@ -82,19 +107,25 @@ def fake_encoder(monkeypatch, tiny_prepared):
 
     prepared = load_prepared(tiny_prepared)
     by_text = dict(zip(prepared.items["text"], prepared.embeddings, strict=True))
+    info = {k: prepared.manifest["encoder"][k] for k in ("name", "revision", "pooling", "dim")}
 
     def fake(texts, cfg, device="cpu", progress=True):
-        rows = [by_text[t] if t in by_text else np.random.default_rng(len(t)).standard_normal(8) for t in texts]
-        return np.stack(rows).astype(np.float32), {"name": "random-test", "dim": 8}
+        rows = [by_text[t] if t in by_text else np.random.default_rng(len(t)).standard_normal(16) for t in texts]
+        return np.stack(rows).astype(np.float32), info
 
     monkeypatch.setattr(embed, "embed_texts", fake)
     return fake
 
 
-def target_histories(run_dir: Path) -> dict[str, set[str]]:
+def food_histories(run_dir: Path) -> dict[str, set[str]]:
     inter = pd.read_parquet(run_dir / "prepared" / "interactions.parquet")
-    inter = inter[inter["domain"] == "tgt"]
-    return {u: {f"i{i}" for i in g["item_idx"]} for u, g in inter.groupby("user_id")}
+    inter = inter[inter["domain"] == "Food"]
+    return {u: {item_id(i) for i in g["item_idx"]} for u, g in inter.groupby("user_id")}
+
+
+def users_without_food(run_dir: Path) -> list[str]:
+    inter = pd.read_parquet(run_dir / "prepared" / "interactions.parquet")
+    return sorted(set(inter["user_id"]) - set(inter.loc[inter["domain"] == "Food", "user_id"]))
 
 
 def lists(frame: pd.DataFrame, key: str = "user_id") -> dict[str, list[str]]:
@@ -107,32 +138,35 @@ def lists(frame: pd.DataFrame, key: str = "user_id") -> dict[str, list[str]]:
 
 def test_lists_are_the_models_exact_ranking_with_seen_items_excluded(run_dir, capsys):
     recs = recommend(run_dir, show=2)
-    seen = target_histories(run_dir)
+    seen = food_histories(run_dir)
     assert list(recs.columns) == ["user_id", "rank", "item_id", "score"]
     assert set(recs["user_id"]) == set(seen)  # every user of the target domain, by original id
-    assert recs.groupby("user_id")["rank"].apply(list).map(lambda r: r == list(range(1, 11))).all()
-    assert recs["item_id"].map(lambda i: TARGET[0] <= int(i[1:]) < TARGET[1]).all()
+    assert recs.groupby("user_id")["rank"].apply(list).map(lambda r: r == list(range(1, K + 1))).all()
+    assert recs["item_id"].map(lambda i: TARGET[0] <= idx(i) < TARGET[1]).all()
     for user, items in lists(recs).items():
         assert not set(items) & seen[user]
     assert (recs.groupby("user_id")["score"].diff().dropna() <= 0).all()
 
-    # The same numbers from a direct forward pass: state after the whole target history, dot product.
-    prepared = load_prepared(run_dir)
-    model, _ = load_checkpoint(run_dir / "finetune")
-    model.set_item_text(torch.from_numpy(prepared.embeddings))
-    inter = prepared.interactions[prepared.interactions["domain"] == "tgt"]
-    for user in ("u1", "u5", "u7"):
-        history = inter.loc[inter["user_id"] == user, "item_idx"].to_numpy()
-        with torch.no_grad():
-            scores = model.score(model.user_state(history_batch([history], 8)), model.item_reps(*TARGET))[0]
+    # The same numbers from a direct forward pass: state after the whole Food history, dot product.
+    for user in ("u1", "u2", "u7"):
+        scores, history = direct_scores(run_dir, user)
         scores[history - TARGET[0]] = -torch.inf
-        order = sorted(range(60), key=lambda j: (-float(scores[j]), j))[:10]
         mine = recs[recs["user_id"] == user]
-        assert mine["item_id"].tolist() == [f"i{TARGET[0] + j}" for j in order]
-        assert np.allclose(mine["score"], scores[order].numpy(), atol=1e-5)
+        assert mine["item_id"].tolist() == ranked(scores, K)
+        assert np.allclose(mine["score"], [float(scores[idx(i) - TARGET[0]]) for i in mine["item_id"]], atol=1e-5)
 
     printed = capsys.readouterr().out
-    assert "user u1:" in printed and "tgt item" in printed and "users/s ranking" in printed
+    assert "user u1:" in printed and "Food item" in printed and "users/s ranking" in printed
+
+
+def test_a_model_trained_with_source_context_reads_it(run_dir):
+    """finetune.history: all_domains in the checkpoint: the user's source items interleaved, as in training."""
+    save_model(run_dir / "finetune", run_dir, extra={"history": "all_domains"})
+    recs = recommend(run_dir, ["recommend.exclude_seen=false"])
+    for user in ("u1", "u2"):
+        scores, history = direct_scores(run_dir, user, ("Books", "Games", "Food"))
+        assert (history < TARGET[0]).any() and (history >= TARGET[0]).any()
+        assert recs.loc[recs["user_id"] == user, "item_id"].tolist() == ranked(scores, K)
 
 
 def test_output_metadata_manifest_and_partition_by_date(run_dir):
@@ -147,22 +181,25 @@ def test_output_metadata_manifest_and_partition_by_date(run_dir):
     assert manifest["stage"] == "recommend" and [o["path"] for o in manifest["outputs"]] == ["recommendations.parquet"]
     # The partition folder reads as a dataset: the companions start with "_" and are skipped.
     dataset = pd.read_parquet(run_dir / "recommend")
-    assert len(dataset) == 400 and set(dataset["date"].astype(str)) == {day}
+    assert len(dataset) == K * len(food_histories(run_dir)) and set(dataset["date"].astype(str)) == {day}
 
 
 def test_same_lists_for_any_batch_and_chunk_size(run_dir):
     first = recommend(run_dir)
-    second = recommend(run_dir, ["recommend.user_batch=7", "recommend.item_chunk=9"])
-    pd.testing.assert_frame_equal(first, second)
+    for overrides in (["recommend.user_batch=7", "recommend.item_chunk=3"], ["recommend.user_batch=1"]):
+        second = recommend(run_dir, overrides)
+        pd.testing.assert_frame_equal(first.drop(columns="score"), second.drop(columns="score"))
+        # Matrix products of other shapes may round the last bit of a float32 score differently.
+        assert np.allclose(first["score"], second["score"], rtol=1e-6, atol=1e-6)
 
 
 def test_exclude_seen_off_and_k(run_dir):
-    recs = recommend(run_dir, ["recommend.exclude_seen=false", "recommend.k=60"])
-    assert (recs.groupby("user_id").size() == 60).all()  # the whole catalogue, seen items included
+    recs = recommend(run_dir, ["recommend.exclude_seen=false", "recommend.k=16"])
+    assert (recs.groupby("user_id").size() == 16).all()  # the whole catalogue, seen items included
     recs = recommend(run_dir, ["recommend.k=100"])  # beyond the catalogue: every unseen item once
-    seen = target_histories(run_dir)
+    seen = food_histories(run_dir)
     sizes = recs.groupby("user_id").size()
-    assert all(sizes[u] == 60 - len(seen[u]) for u in sizes.index)
+    assert all(sizes[u] == 16 - len(seen[u]) for u in sizes.index)
 
 
 def test_fusion_with_one_model_equals_that_model(run_dir):
@@ -170,33 +207,29 @@ def test_fusion_with_one_model_equals_that_model(run_dir):
     fused = recommend(run_dir, [f"recommend.fusion=[{{model: {run_dir / 'finetune'}, weight: 3.0}}]"])
     pd.testing.assert_frame_equal(alone, fused)
     popular = recommend(run_dir, ["recommend.fusion=[{model: popularity}]"])
-    inter = pd.read_parquet(run_dir / "prepared" / "interactions.parquet").query("domain == 'tgt'")
-    order = ("i" + inter["item_idx"].astype(str)).value_counts()
-    ranked = sorted(order.index, key=lambda i: (-order[i], int(i[1:])))
-    seen = target_histories(run_dir)
+    inter = pd.read_parquet(run_dir / "prepared" / "interactions.parquet").query("domain == 'Food'")
+    counts = inter["item_idx"].map(item_id).value_counts()
+    by_count = sorted(counts.index, key=lambda i: (-counts[i], i))
+    seen = food_histories(run_dir)
     for user, items in lists(popular).items():
-        assert items == [i for i in ranked if i not in seen[user]][:10]
+        assert items == [i for i in by_count if i not in seen[user]][:K]
 
 
 def test_fusion_sums_z_scores_over_the_catalogue(run_dir):
     overrides = ["recommend.fusion=[{model: latest, weight: 0.7}, {model: popularity, weight: 0.3}]",
                  "recommend.exclude_seen=false"]
     fused = recommend(run_dir, overrides)
-    prepared = load_prepared(run_dir)
-    model, _ = load_checkpoint(run_dir / "finetune")
-    model.set_item_text(torch.from_numpy(prepared.embeddings))
-    inter = prepared.interactions[prepared.interactions["domain"] == "tgt"]
-    counts = np.bincount(inter["item_idx"].to_numpy() - TARGET[0], minlength=60).astype(np.float64)
-    history = inter.loc[inter["user_id"] == "u2", "item_idx"].to_numpy()
-    with torch.no_grad():
-        scores = model.score(model.user_state(history_batch([history], 8)), model.item_reps(*TARGET))[0].double()
+    inter = pd.read_parquet(run_dir / "prepared" / "interactions.parquet").query("domain == 'Food'")
+    counts = np.bincount(inter["item_idx"].to_numpy() - TARGET[0], minlength=16).astype(np.float64)
+    scores, _ = direct_scores(run_dir, "u2")
+    scores = scores.double().numpy()
     z = lambda s: (s - s.mean()) / s.std()  # noqa: E731
-    total = 0.7 * z(scores.numpy()) + 0.3 * z(counts)
+    total = 0.7 * z(scores) + 0.3 * z(counts)
     mine = fused[fused["user_id"] == "u2"]
-    assert mine["item_id"].tolist() == [f"i{TARGET[0] + j}" for j in np.argsort(-total, kind="stable")[:10]]
-    assert np.allclose(mine["score"], np.sort(total)[::-1][:10], atol=1e-4)
+    assert mine["item_id"].tolist() == ranked(torch.from_numpy(total), K)
+    assert np.allclose(mine["score"], np.sort(total)[::-1][:K], atol=1e-4)
     # Statistics merged chunk by chunk give the same lists.
-    chunked = recommend(run_dir, [*overrides, "recommend.item_chunk=7"])
+    chunked = recommend(run_dir, [*overrides, "recommend.item_chunk=3"])
     assert lists(chunked) == lists(fused)
     assert np.allclose(chunked["score"], fused["score"], atol=1e-4)
 
@@ -213,23 +246,25 @@ def add_categories(run_dir: Path) -> None:
                          for i in items["item_idx"]]
     write_parquet(pa.Table.from_pandas(items, preserve_index=False), folder / "items.parquet")
     manifest = read_json(folder / "manifest.json")
-    extra = {k: manifest[k] for k in ("domains", "source", "target", "n_users", "encoder")}
-    write_manifest(folder, "prepare", manifest["config"], [], extra)
+    generated = {"trecsys_version", "stage", "created_at", "host", "config", "inputs", "outputs"}
+    write_manifest(folder, "prepare", manifest["config"], manifest["inputs"],
+                   {k: v for k, v in manifest.items() if k not in generated})
 
 
 def test_category_filters(run_dir):
     add_categories(run_dir)
-    category = {f"i{i}": i % 3 for i in range(90)}
+    category = {item_id(i): i % 3 for i in range(*TARGET)}
     recs = recommend(run_dir, ["recommend.include_categories=[snacks, Coffee]"])
     assert set(recs["item_id"].map(category)) == {0, 2}
-    recs = recommend(run_dir, ["recommend.exclude_categories=[Drinks]", "recommend.k=60"])
+    recs = recommend(run_dir, ["recommend.exclude_categories=[Drinks]", "recommend.k=16"])
     assert set(recs["item_id"].map(category)) == {0, 2}
-    seen = target_histories(run_dir)
+    seen = food_histories(run_dir)
     sizes = recs.groupby("user_id").size()  # fewer than k when fewer items pass: never a filtered one
-    assert all(sizes[u] == sum(1 for i in range(30, 90) if i % 3 != 1 and f"i{i}" not in seen[u]) for u in sizes.index)
+    assert all(sizes[u] == sum(1 for i in range(*TARGET) if i % 3 != 1 and item_id(i) not in seen[u])
+               for u in sizes.index)
     recs = recommend(run_dir, ["recommend.include_categories=[Food]", "recommend.exclude_categories=[Tea]"])
     assert set(recs["item_id"].map(category)) == {0, 1}
-    with pytest.raises(ConfigError, match=r"recommend\.include_categories.*no item of domain 'tgt' passes"):
+    with pytest.raises(ConfigError, match=r"recommend\.include_categories.*no item of domain 'Food' passes"):
         recommend(run_dir, ["recommend.include_categories=[Toys]"])
 
 
@@ -262,17 +297,17 @@ def test_diversity_lowers_list_similarity(run_dir):
     def mean_similarity(frame):
         out = []
         for items in lists(frame).values():
-            e = emb[[int(i[1:]) for i in items]]
+            e = emb[[idx(i) for i in items]]
             sim = e @ e.T
             out.append(float((sim.sum() - sim.trace()) / (len(items) * (len(items) - 1))))
         return np.mean(out)
 
     plain = recommend(run_dir)
-    diverse = recommend(run_dir, ["recommend.diversity=0.7", "recommend.diversity_candidates=40"])
+    diverse = recommend(run_dir, ["recommend.diversity=0.7", "recommend.diversity_candidates=16"])
     assert mean_similarity(diverse) < mean_similarity(plain) - 0.05
-    seen = target_histories(run_dir)
+    seen = food_histories(run_dir)
     for user, items in lists(diverse).items():
-        assert len(items) == 10 == len(set(items)) and not set(items) & seen[user]
+        assert len(items) == K == len(set(items)) and not set(items) & seen[user]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,9 +327,9 @@ def test_unknown_users_go_to_the_warning_file(run_dir, tmp_path, capsys):
     assert {o["path"] for o in manifest["outputs"]} == {"recs.parquet", "_recs.unknown_users.txt"}
 
     # A Parquet list of users; no unknown ones this time, so the stale warning file goes.
-    pd.DataFrame({"user_id": ["u4", "u5"]}).to_parquet(tmp_path / "users.parquet")
+    pd.DataFrame({"user_id": ["u4", "u3"]}).to_parquet(tmp_path / "users.parquet")
     recs = recommend(run_dir, users=str(tmp_path / "users.parquet"), output=str(out_file))
-    assert set(recs["user_id"]) == {"u4", "u5"} and not unknown.exists()
+    assert list(dict.fromkeys(recs["user_id"])) == ["u4", "u3"] and not unknown.exists()
 
     before = out_file.read_bytes()
     with pytest.raises(DataError, match=r"--users .*users\.txt: 2 user id\(s\) are not in the prepared data.*--strict"):
@@ -309,19 +344,21 @@ def test_unknown_users_go_to_the_warning_file(run_dir, tmp_path, capsys):
 
 
 def test_user_known_only_in_the_source_is_read_from_their_source_history(run_dir, tmp_path):
-    # u0, u3, u6... (u % 3 == 0) have no target interactions in the tiny run; even ones have source ones.
+    outsiders = users_without_food(run_dir)[:2]
     users = tmp_path / "users.txt"
-    users.write_text("u0\nu6\n")
+    users.write_text("\n".join(outsiders) + "\n")
     recs = recommend(run_dir, users=str(users))
-    assert set(recs["user_id"]) == {"u0", "u6"} and lists(recs)["u0"] != lists(recs)["u6"]
+    assert set(recs["user_id"]) == set(outsiders)
+    scores, history = direct_scores(run_dir, outsiders[0], ("Books", "Games"))
+    assert len(history) and lists(recs)[outsiders[0]] == ranked(scores, K)
 
 
 def test_new_users_with_new_items_given_by_text(run_dir, tmp_path, fake_encoder):
     histories = tmp_path / "new.jsonl"
     lines = [
-        {"user_id": "new1", "item_ids": ["i35", "NEW-A"], "texts": [None, "tgt item 40"]},
-        {"user_id": "new2", "item_ids": ["i35", "i40"]},
-        {"user_id": "u1", "item_ids": ["i50"], "titles": ["ignored: the catalogue knows i50"]},
+        {"user_id": "new1", "item_ids": ["F003", "NEW-A"], "texts": [None, "Food item 8"]},
+        {"user_id": "new2", "item_ids": ["F003", "F008"]},
+        {"user_id": "u1", "item_ids": ["F011"], "titles": ["ignored: the catalogue knows F011"]},
     ]
     histories.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     recs = recommend(run_dir, ["recommend.exclude_seen=false"], histories=str(histories))
@@ -332,26 +369,26 @@ def test_new_users_with_new_items_given_by_text(run_dir, tmp_path, fake_encoder)
     assert got["u1"] != lists(recommend(run_dir, ["recommend.exclude_seen=false"]))["u1"]  # the file's history wins
 
     # The same histories as Parquet, one row per interaction.
-    rows = pd.DataFrame({"user_id": ["new1", "new1", "new2", "new2"], "item_id": ["i35", "NEW-A", "i35", "i40"],
-                         "text": [None, "tgt item 40", None, None]})
+    rows = pd.DataFrame({"user_id": ["new1", "new1", "new2", "new2"], "item_id": ["F003", "NEW-A", "F003", "F008"],
+                         "text": [None, "Food item 8", None, None]})
     rows.to_parquet(tmp_path / "new.parquet")
     again = recommend(run_dir, ["recommend.exclude_seen=false"], histories=str(tmp_path / "new.parquet"))
     assert lists(again) == {"new1": got["new1"], "new2": got["new2"]}
     # Seen items are excluded by default; a new item is not in the catalogue, so nothing to exclude for it.
-    excluded = lists(recommend(run_dir, histories=str(tmp_path / "new.parquet")))
-    assert "i35" not in excluded["new1"] and "i40" not in excluded["new2"]
+    excluded = lists(recommend(run_dir, ["recommend.k=16"], histories=str(tmp_path / "new.parquet")))
+    assert "F003" not in excluded["new1"] and "F008" in excluded["new1"] and "F008" not in excluded["new2"]
 
 
 def test_bad_histories_name_the_item_and_line(run_dir, tmp_path, fake_encoder):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"user_id": "a", "item_ids": ["i35"]}) + "\n" +
-                   json.dumps({"user_id": "b", "item_ids": ["i36", "MYSTERY"]}) + "\n")
+    bad.write_text(json.dumps({"user_id": "a", "item_ids": ["F001"]}) + "\n" +
+                   json.dumps({"user_id": "b", "item_ids": ["F002", "MYSTERY"]}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: item 'MYSTERY' is not in the prepared catalogue and has no text"):
         recommend(run_dir, histories=str(bad))
-    bad.write_text('{"user_id": "a", "item_ids": ["i35"]\n')
+    bad.write_text('{"user_id": "a", "item_ids": ["F001"]\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:1: not valid JSON"):
         recommend(run_dir, histories=str(bad))
-    bad.write_text(json.dumps({"user_id": "a", "item_ids": ["i35", "X"], "texts": ["t"]}) + "\n")
+    bad.write_text(json.dumps({"user_id": "a", "item_ids": ["F001", "X"], "texts": ["t"]}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:1: texts must be a list as long as item_ids"):
         recommend(run_dir, histories=str(bad))
     # A model with an ID table cannot represent an item it has never seen.
@@ -363,28 +400,30 @@ def test_bad_histories_name_the_item_and_line(run_dir, tmp_path, fake_encoder):
 
 def test_query_mode_reads_the_query_as_a_one_item_history(run_dir, tmp_path, fake_encoder, capsys):
     out = stage.run(load_config(write_config(run_dir), ["recommend.exclude_seen=false"]),
-                    query=["tgt item 40", "wireless earbuds"])
+                    query=["Food item 8", "wireless earbuds"])
     assert out.parquet.parent.parent == run_dir / "queries"
     recs = pd.read_parquet(out.parquet)
     assert list(recs.columns) == ["query", "user_id", "rank", "item_id", "score"] and recs["user_id"].isna().all()
-    assert "query 'tgt item 40':" in capsys.readouterr().out
+    assert "query 'Food item 8':" in capsys.readouterr().out
     histories = tmp_path / "one.jsonl"
-    histories.write_text(json.dumps({"user_id": "x", "item_ids": ["i40"]}) + "\n")
+    histories.write_text(json.dumps({"user_id": "x", "item_ids": ["F008"]}) + "\n")
     one_item = recommend(run_dir, ["recommend.exclude_seen=false"], histories=str(histories))
-    assert lists(recs, "query")["tgt item 40"] == lists(one_item)["x"]
+    assert lists(recs, "query")["Food item 8"] == lists(one_item)["x"]
 
     # Blended with a user: weight 1 is the user's own list (their seen items excluded), 0 the query's.
     config = load_config(write_config(run_dir), ["recommend.query_user_weight=1.0"])
-    as_user = pd.read_parquet(stage.run(config, query=["tgt item 40"], user="u1").parquet)
+    as_user = pd.read_parquet(stage.run(config, query=["Food item 8"], user="u1").parquet)
     assert as_user["item_id"].tolist() == lists(recommend(run_dir))["u1"]
     config = load_config(write_config(run_dir), ["recommend.query_user_weight=0.0"])
     queries = tmp_path / "q.txt"
-    queries.write_text("tgt item 40\n\n")
+    queries.write_text("Food item 8\n\n")
     as_query = pd.read_parquet(stage.run(config, queries=str(queries), user="u1").parquet)
-    seen = target_histories(run_dir)["u1"]
-    config = load_config(write_config(run_dir), ["recommend.exclude_seen=false", "recommend.k=60"])
-    everything = pd.read_parquet(stage.run(config, query=["tgt item 40"]).parquet)["item_id"].tolist()
-    assert as_query["item_id"].tolist() == [i for i in everything if i not in seen][:10]
+    seen = food_histories(run_dir)["u1"]
+    config = load_config(write_config(run_dir), ["recommend.exclude_seen=false", "recommend.k=16"])
+    everything = pd.read_parquet(stage.run(config, query=["Food item 8"]).parquet)["item_id"].tolist()
+    assert as_query["item_id"].tolist() == [i for i in everything if i not in seen][:K]
+    halfway = pd.read_parquet(stage.run(load_config(write_config(run_dir)), query=["Food item 8"], user="u1").parquet)
+    assert len(halfway) == K and not set(halfway["item_id"]) & seen
     with pytest.raises(DataError, match=r"--user 'nobody'"):
         stage.run(config, query=["tea"], user="nobody")
 
@@ -393,21 +432,30 @@ def test_query_mode_reads_the_query_as_a_one_item_history(run_dir, tmp_path, fak
 # Bad input
 
 
-def test_models_for_another_catalogue_are_refused(run_dir, tmp_path, make_prepared):
-    other = make_prepared(tmp_path / "other", seed=5)  # the same catalogue, other users
+def test_models_for_another_catalogue_are_refused(run_dir, tmp_path):
+    other = tmp_path / "other"  # the same catalogue, other users: fine
+    write_tiny_prepared(other, seed=1)
     save_model(other / "pretrain", other)
-    wrong = make_prepared(tmp_path / "wrong", n_target_items=61)
+    assert len(recommend(run_dir, model=str(other / "pretrain"))) == K * len(food_histories(run_dir))
+
+    wrong = tmp_path / "wrong"  # one title differs: another catalogue of the same size
+    write_tiny_prepared(wrong)
+    folder = wrong / "prepared"
+    items = pd.read_parquet(folder / "items.parquet")
+    items.loc[0, "title"] = "Another book"
+    write_parquet(pa.Table.from_pandas(items, preserve_index=False), folder / "items.parquet")
+    manifest = read_json(folder / "manifest.json")
+    generated = {"trecsys_version", "stage", "created_at", "host", "config", "inputs", "outputs"}
+    write_manifest(folder, "prepare", manifest["config"], [], {k: v for k, v in manifest.items() if k not in generated})
     save_model(wrong / "pretrain", wrong)
     with pytest.raises(ArtifactError, match=r"--model .*wrong/pretrain: .*wrong/prepared/items\.parquet .*differs"):
         recommend(run_dir, model=str(wrong / "pretrain"))
-    lone = tmp_path / "lone"  # a checkpoint copied away from its run: only its size can be checked
-    (wrong / "pretrain").rename(lone)
-    with pytest.raises(ArtifactError, match=r"lone/config\.json: the model was built for n_items=91 .* 90 items"):
+
+    lone = save_model(tmp_path / "lone", run_dir, n_items=71)  # no run around it: only its size is checked
+    with pytest.raises(ArtifactError, match=r"lone/config\.json: the model was built for n_items=71 .* 70 items"):
         recommend(run_dir, model=str(lone))
     with pytest.raises(ArtifactError, match=r"is not a checkpoint folder"):
         recommend(run_dir, model=str(tmp_path))
-    recs = recommend(run_dir, model=str(other / "pretrain"))  # same catalogue, other users: fine
-    assert len(recs) == 400
 
 
 def test_no_model_and_bad_options(tiny_prepared):
@@ -426,10 +474,10 @@ def test_no_model_and_bad_options(tiny_prepared):
 
 
 def test_other_domain_catalogue(run_dir):
-    recs = recommend(run_dir, ["recommend.domain=src", "recommend.fusion=[{model: itemknn}]"])
-    assert recs["item_id"].map(lambda i: int(i[1:]) < 30).all()
+    recs = recommend(run_dir, ["recommend.domain=Books", "recommend.fusion=[{model: itemknn}]"])
+    assert recs["item_id"].str.startswith("B").all()
     inter = pd.read_parquet(run_dir / "prepared" / "interactions.parquet")
-    assert set(recs["user_id"]) == set(inter.loc[inter["domain"] == "src", "user_id"])
+    assert set(recs["user_id"]) == set(inter.loc[inter["domain"] == "Books", "user_id"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,11 +559,11 @@ def test_a_killed_run_leaves_the_previous_output_intact(run_dir):
     result = subprocess.run([sys.executable, "-c", KILLER, str(config)], env=env, capture_output=True, timeout=120)
     assert result.returncode == -9, result.stderr.decode()[-2000:]
     assert out.parquet.read_bytes() == before
-    assert len(read_parquet(out.parquet)) == 400
+    assert len(read_parquet(out.parquet)) == K * len(food_histories(run_dir))
     # The lock died with the process: the next run goes ahead and replaces the output.
     result = cli(config, "recommend.k=3")
     assert result.exit_code == 0, result.output
-    assert len(read_parquet(out.parquet)) == 120
+    assert len(read_parquet(out.parquet)) == 3 * len(food_histories(run_dir))
 
 
 def test_cli_errors_are_one_line_with_exit_codes(run_dir, tmp_path):

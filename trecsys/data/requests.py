@@ -51,6 +51,10 @@ class Requests:
     unknown: list[str] = field(default_factory=list)  # requested user ids the run does not know
     # Query mode with --user: that user's history beside each query row, blended by weight.
     user_histories: list[np.ndarray] | None = None
+    # Per row of histories + user_histories: the user whose history was read from the prepared data
+    # (None: a --histories entry or a query), so a model that reads other domains as context can
+    # have it re-read with them.
+    read_from: list[str | None] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +218,7 @@ class Catalogue:
         ids = inter["user_id"].to_numpy()[first].astype(str)
         self._rows = {uid: (lo, hi) for uid, lo, hi in zip(ids, bounds[:-1], bounds[1:], strict=True)}
         self._items, self._in_domain = items, in_domain
+        self._item_domain = inter["domain"].to_numpy()
         # The domain's users, in user_idx order: who gets a list when nobody is named.
         has_domain = np.add.reduceat(in_domain.astype(np.int64), first) > 0 if len(first) else np.zeros(0, bool)
         self.domain_users = ids[has_domain].tolist()
@@ -229,10 +234,11 @@ class Catalogue:
     def knows(self, user_id: str) -> bool:
         return user_id in self._rows
 
-    def history(self, user_id: str) -> np.ndarray:
-        """The user's items in the domain, or all their items when they have none there."""
+    def history(self, user_id: str, context: list[str] | None = None) -> np.ndarray:
+        """The user's items in the domain (with `context`: in those domains, interleaved as they came),
+        or all their items when they have none there."""
         lo, hi = self._rows[user_id]
-        mine = self._in_domain[lo:hi]
+        mine = self._in_domain[lo:hi] if context is None else np.isin(self._item_domain[lo:hi], context)
         return self._items[lo:hi][mine] if mine.any() else self._items[lo:hi]
 
     def local(self, history: np.ndarray) -> np.ndarray:
@@ -272,7 +278,7 @@ def user_requests(catalogue: Catalogue, user_ids: list[str] | None, histories: l
         )
     n_items = catalogue.prepared.n_items
     return Requests(
-        labels=rows, users=list(rows), histories=seqs,
+        labels=rows, users=list(rows), histories=seqs, read_from=[None if u in given else u for u in rows],
         exclude=[_seen(catalogue, s, n_items, exclude_seen) for s in seqs],
         new_items=new_items, new_texts=[str(t) for t in new_texts], new_where=new_where, unknown=unknown,
     )
@@ -320,4 +326,5 @@ def query_requests(catalogue: Catalogue, queries: list[str], user_id: str | None
         exclude=[exclude] * len(queries),
         new_items=list(queries), new_texts=list(queries), new_where=["query"] * len(queries),
         user_histories=[user_history] * len(queries) if user_history is not None else None,
+        read_from=[None] * len(queries) + ([user_id] * len(queries) if user_history is not None else []),
     )

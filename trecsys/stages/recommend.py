@@ -198,7 +198,7 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
     rc = cfg.recommend
     histories = requests.histories + (requests.user_histories or [])
     item_text = _item_text(cfg, prepared, requests, rankers, device)
-    parts = [Part(make_scorer(r, prepared, domain, histories, item_text, device, rc.user_batch), r.weight)
+    parts = [Part(make_scorer(r, prepared, domain, histories, item_text, device, rc.user_batch, requests), r.weight)
              for r in rankers]
     model_device = next((p.scorer.device for p in parts if p.scorer.device.type != "cpu"), torch.device("cpu"))
     fused = WeightedSum(parts, domain.n_items, rc.item_chunk, model_device)
@@ -263,8 +263,10 @@ def _blend_with_user(fused: WeightedSum, n_rows: int, user_weight: float, n_item
 
 
 def make_scorer(ranker: Ranker, prepared: Prepared, domain: DomainRange, histories: list[np.ndarray],
-                item_text: np.ndarray, device: torch.device, user_batch: int):
-    """A scorer over `histories`; baselines count every interaction of the domain, all splits."""
+                item_text: np.ndarray, device: torch.device, user_batch: int, requests: Requests):
+    """A scorer over `histories`; baselines count every interaction of the domain, all splits. A model
+    fine-tuned with the source domains as context (finetune.history: all_domains, recorded in its
+    config.json) reads known users' histories with those domains interleaved, as it was trained."""
     if ranker.checkpoint is None:
         ds = domain_split(prepared, domain.name)
         everything = to_local([np.concatenate([t, v, s]) for t, v, s in zip(ds.train, ds.valid, ds.test, strict=True)],
@@ -276,6 +278,11 @@ def make_scorer(ranker: Ranker, prepared: Prepared, domain: DomainRange, histori
 
     model, info = load_checkpoint(ranker.checkpoint, map_location=device)
     check_model_catalogue(info, ranker.checkpoint, prepared.n_items, prepared.embeddings.shape[1])
+    if (info.get("extra") or {}).get("history", "target") == "all_domains" and any(requests.read_from):
+        catalogue = Catalogue(prepared, domain)
+        context = [*prepared.source, domain.name]
+        histories = [h if user is None else catalogue.history(user, context)
+                     for h, user in zip(histories, requests.read_from, strict=True)]
     return ModelScorer(model, histories, domain, item_text, device, name=ranker.label, user_batch=user_batch)
 
 
