@@ -91,7 +91,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
             user_ids = read_user_ids(Path(users)) if users else None
             given = read_histories(Path(histories)) if histories else None
             requests = user_requests(catalogue, user_ids, given, rc.exclude_seen)
-            _check_users(requests, users, out, strict)
+            _check_users(requests, users, strict)
         items = prepared.items.iloc[domain.item_start:domain.item_stop].reset_index(drop=True)
         allowed = category_mask(items, rc.include_categories, rc.exclude_categories, domain.name)
         device = resolve_device(cfg.device)
@@ -141,7 +141,7 @@ def output_paths(cfg: ExperimentConfig, output: str | None, mode: str = "users",
     return Output(parquet, parquet.with_name(f"_{stem}.unknown_users.txt"), parquet.with_name(f"_{stem}.manifest.json"))
 
 
-def _check_users(requests: Requests, users: str | None, out: Output, strict: bool) -> None:
+def _check_users(requests: Requests, users: str | None, strict: bool) -> None:
     unknown = requests.unknown
     source = f"--users {users}" if users else "--histories"
     if not requests.labels:
