@@ -59,13 +59,16 @@ class WeightedSum:
         for i, part in enumerate(self.parts):
             scores = self._scores(part, user_rows, start, stop)
             mean, std = _row_stats(scores) if whole else stats[i]
-            term = part.weight * ((scores - mean) / std)
-            total = term if total is None else total + term
+            # In place: these blocks are user_batch × item_chunk, and memory traffic is the cost here.
+            term = scores.sub_(mean).mul_(part.weight / std)
+            total = term if total is None else total.add_(term)
         return total
 
     def _scores(self, part: Part, user_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The part's scores as float32 on this sum's device. A scorer returns a fresh block that its
+        caller may change in place (full_ranking_topk masks it in place too)."""
         rows = user_rows if part.rows is None else part.rows[user_rows.cpu()]
-        return part.scorer.score_chunk(rows, start, stop).float().to(self.device)
+        return part.scorer.score_chunk(rows, start, stop).to(self.device, torch.float32)
 
     def _stats(self, user_rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-row mean and std of every part over the catalogue, merged chunk by chunk (Chan et al.);
@@ -77,9 +80,10 @@ class WeightedSum:
             count, mean, m2 = 0, None, None
             for start in range(0, self.n_items, self.item_chunk):
                 stop = min(start + self.item_chunk, self.n_items)
-                block = self._scores(part, user_rows, start, stop).double()
-                n_b, mean_b = stop - start, block.mean(dim=1, keepdim=True)
-                m2_b = ((block - mean_b) ** 2).sum(dim=1, keepdim=True)
+                var_b, mean_b = torch.var_mean(self._scores(part, user_rows, start, stop), dim=1, correction=0,
+                                               keepdim=True)
+                n_b, mean_b = stop - start, mean_b.double()
+                m2_b = var_b.double() * n_b
                 if mean is None:
                     count, mean, m2 = n_b, mean_b, m2_b
                     continue
@@ -95,9 +99,8 @@ class WeightedSum:
 
 
 def _row_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = scores.double().mean(dim=1, keepdim=True)
-    std = scores.double().std(dim=1, correction=0, keepdim=True)
-    return mean.float(), torch.where(std > 0, std, torch.inf).float()
+    std, mean = torch.std_mean(scores, dim=1, correction=0, keepdim=True)
+    return mean, torch.where(std > 0, std, torch.inf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +172,6 @@ def mmr_rerank(values: torch.Tensor, index: torch.Tensor, unit_embeddings: torch
     span = torch.where(high > low, high - low, torch.ones_like(high))
     relevance = torch.where(finite, (values - low) / span, -torch.inf)
     emb = unit_embeddings[index]  # (rows, candidates, dim)
-    similarity = emb @ emb.mT
     available = finite.clone()
     penalty = torch.zeros_like(values)
     rows = torch.arange(n_rows, device=values.device)
@@ -181,7 +183,8 @@ def mmr_rerank(values: torch.Tensor, index: torch.Tensor, unit_embeddings: torch
         pick = gain.argmax(dim=1)  # the first maximum: the better-ranked candidate
         picks.append(pick)
         available[rows, pick] = False
-        picked_similarity = similarity[rows, pick]
+        # Cosines to the item just taken only: k products of (candidates × dim), not candidates².
+        picked_similarity = torch.einsum("rcd,rd->rc", emb, emb[rows, pick])
         penalty = picked_similarity if step == 0 else torch.maximum(penalty, picked_similarity)
     if not picks:
         return values[:, :0], index[:, :0]
