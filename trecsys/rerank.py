@@ -172,6 +172,8 @@ def mmr_rerank(values: torch.Tensor, index: torch.Tensor, unit_embeddings: torch
     span = torch.where(high > low, high - low, torch.ones_like(high))
     relevance = torch.where(finite, (values - low) / span, -torch.inf)
     emb = unit_embeddings[index]  # (rows, candidates, dim)
+    # All candidate pairs at once: one batched product beats k thin ones on a CPU (measured, k=10, n=100).
+    similarity = emb @ emb.mT
     available = finite.clone()
     penalty = torch.zeros_like(values)
     rows = torch.arange(n_rows, device=values.device)
@@ -183,8 +185,7 @@ def mmr_rerank(values: torch.Tensor, index: torch.Tensor, unit_embeddings: torch
         pick = gain.argmax(dim=1)  # the first maximum: the better-ranked candidate
         picks.append(pick)
         available[rows, pick] = False
-        # Cosines to the item just taken only: k products of (candidates × dim), not candidates².
-        picked_similarity = torch.einsum("rcd,rd->rc", emb, emb[rows, pick])
+        picked_similarity = similarity[rows, pick]
         penalty = picked_similarity if step == 0 else torch.maximum(penalty, picked_similarity)
     if not picks:
         return values[:, :0], index[:, :0]
