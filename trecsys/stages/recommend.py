@@ -109,10 +109,11 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
               file=sys.stderr)
     n_shown = show if show is not None else (min(len(requests.labels), 5) if query_texts else 0)
     if n_shown:
-        print(show_lists(table, item_titles(items), n_shown, history_titles(prepared, requests, n_shown)))
-    what = "queries" if query_texts else "users"
+        histories = history_titles(prepared, requests, n_shown) if mode == "users" else None
+        print(show_lists(table, item_titles(items), n_shown, histories))
+    what, rate = ("queries" if query_texts else "users"), len(requests.labels) / max(rank_seconds, 1e-9)
     print(f"recommend: {len(requests.labels):,} {what} × {domain.n_items:,} items of {domain.name} in "
-          f"{seconds:.1f} s ({len(requests.labels) / max(rank_seconds, 1e-9):,.0f} {what}/s ranking), "
+          f"{seconds:.1f} s ({rate:,.{0 if rate >= 100 else 1}f} {what}/s ranking), "
           f"{table.num_rows:,} rows → {out.parquet}")
     return out
 
@@ -430,8 +431,6 @@ def history_titles(prepared: Prepared, requests: Requests, n: int) -> dict[str, 
     ids = prepared.items["item_id"].astype(str).to_numpy()
     out = {}
     for label, history in zip(requests.labels[:n], requests.histories[:n], strict=False):
-        if requests.user_histories is not None:  # query mode: the query is the history
-            continue
         out[label] = [titles[i] or ids[i] if i < len(ids) else requests.new_texts[i - len(ids)] for i in history]
     return out
 
