@@ -37,7 +37,7 @@ from trecsys.data.requests import (
     read_user_ids,
     user_requests,
 )
-from trecsys.engine import resolve_device
+from trecsys.devices import resolve_device
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.metrics import full_ranking_topk
 from trecsys.rerank import Part, WeightedSum, category_mask, masked, mmr_rerank
