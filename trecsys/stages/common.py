@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from trecsys.artifacts import MANIFEST, describe_file, sha256_file, stage_output, write_manifest, write_text
+from trecsys.checkpoints import is_checkpoint
 from trecsys.config import ExperimentConfig, TrainConfig, to_dict, to_yaml
 from trecsys.data.prepared import DomainRange, Prepared
 from trecsys.data.sequences import label_counts, training_windows, trim_left_padding, window_tensors
@@ -81,14 +82,10 @@ def checkpoint_folder(value: str, run_dir: Path) -> Path:
     return Path(run_dir) / value if value in CHECKPOINT_STAGES else Path(value).expanduser()
 
 
-def has_checkpoint(folder: Path) -> bool:
-    return (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file()
-
-
 def resolve_checkpoint(value: str, run_dir: Path, key: str) -> Path:
     """The checkpoint folder `value` names, which must hold a checkpoint."""
     folder = checkpoint_folder(value, run_dir)
-    if not has_checkpoint(folder):
+    if not is_checkpoint(folder):
         if value in CHECKPOINT_STAGES:
             hint = f"run `trec {CHECKPOINT_STAGES[value]}` first"
         else:

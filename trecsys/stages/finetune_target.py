@@ -24,11 +24,11 @@ from trecsys.artifacts import (
     describe_file,
     read_json,
     run_lock,
-    sha256_file,
     stage_output,
     write_json,
     write_text,
 )
+from trecsys.checkpoints import is_checkpoint, weights_sha256
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.context import TargetSequences, target_sequences
 from trecsys.data.prepared import Prepared, load_prepared
@@ -45,7 +45,6 @@ from trecsys.stages.common import (
     checkpoint_files,
     checkpoint_folder,
     domain_windows,
-    has_checkpoint,
     load_compatible,
     make_ranker,
     metrics_line,
@@ -127,7 +126,7 @@ def init_model(cfg: ExperimentConfig, prepared: Prepared, strategies: list[str]
                ) -> tuple[SeqRecModel | None, Path | None]:
     """The init_from model; scratch and id_only alone may go without (the `model` section is used)."""
     run_dir, value = Path(cfg.run_dir), cfg.finetune.init_from
-    if not any(s in TRANSFERRING for s in strategies) and not has_checkpoint(checkpoint_folder(value, run_dir)):
+    if not any(s in TRANSFERRING for s in strategies) and not is_checkpoint(checkpoint_folder(value, run_dir)):
         return None, None
     model, _, folder = load_compatible(value, run_dir, prepared, "finetune.init_from")
     return model, folder
@@ -169,7 +168,7 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
             "model": to_dict(model.config), "strategy": candidate.strategy, "history": ft.history,
             "train_fraction": ft.train_fraction, "item_ids": ft.item_ids, "l2sp": ft.l2sp,
             "prepared": extra[PREPARED_KEY],
-            "init": sha256_file(init_dir / WEIGHTS) if init_dir and candidate.strategy in TRANSFERRING else None,
+            "init": weights_sha256(init_dir) if init_dir and candidate.strategy in TRANSFERRING else None,
         }
         fitted = fit(model, window_train_data(parts), ce_loss_fn(parts, ft.train, penalty), validate, ft.train,
                      work, seed=cfg.seed, dist=dist, save_model=save, monitor=MONITOR, config_key=TRAIN_KEY,
