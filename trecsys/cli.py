@@ -31,6 +31,8 @@ ConfigOption = typer.Option(..., "--config", "-c", help="Experiment YAML file.",
 OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. data.min_user_interactions=3 run_dir=runs/x")
 PrintConfigOption = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
 DebugOption = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+VerifyOption = typer.Option(False, "--verify", help="Recompute the sha256 of every input artifact against its "
+                            "manifest (the default checks size and mtime only).")
 
 # The issue in which each stage lands; a stage not yet in this release says so and exits 69.
 _STAGE_ISSUE = {
@@ -104,9 +106,10 @@ def pretrain_source(
     debug: bool = DebugOption,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or max_steps-limited run "
                                 "from <run_dir>/.pretrain.work/last/ exactly where it stopped."),
+    verify: bool = VerifyOption,
 ) -> None:
     """Train the teacher on the source domain(s): writes <run_dir>/pretrain/."""
-    _run_stage("pretrain-source", config, overrides, print_config, debug, resume=resume)
+    _run_stage("pretrain-source", config, overrides, print_config, debug, resume=resume, verify=verify)
 
 
 @app.command()
@@ -144,6 +147,7 @@ def evaluate(
     ),
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
+    verify: bool = VerifyOption,
 ) -> None:
     """Full-ranking metrics, slices and confidence intervals: writes <run_dir>/eval/."""
     overrides = list(overrides or [])
@@ -152,7 +156,8 @@ def evaluate(
         # contain "=", so a token without one can only be another run to compare.
         compare = [*compare, *(o for o in overrides if "=" not in o)]
         overrides = [o for o in overrides if "=" in o]
-    _run_stage("evaluate", config, overrides, print_config, debug, model=model, split=split, compare=compare)
+    _run_stage("evaluate", config, overrides, print_config, debug, model=model, split=split, compare=compare,
+               verify=verify)
 
 
 @app.command()

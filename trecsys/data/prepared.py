@@ -80,10 +80,15 @@ def load_prepared(run_dir: str | Path, verify: bool = False) -> Prepared:
     interactions = read_parquet(folder / "interactions.parquet").to_pandas()
     emb_table = read_parquet(folder / "item_embeddings.parquet")
     embeddings = _embedding_matrix(emb_table, len(items), folder / "item_embeddings.parquet")
-    domains = {
-        name: DomainRange(name, info["role"], int(info["item_start"]), int(info["item_stop"]))
-        for name, info in manifest["domains"].items()
-    }
+    try:
+        domains = {
+            name: DomainRange(name, info["role"], int(info["item_start"]), int(info["item_stop"]))
+            for name, info in manifest["domains"].items()
+        }
+        list(manifest["source"]), str(manifest["target"]), int(manifest["n_users"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{folder / 'manifest.json'}: not a prepared manifest (bad or missing "
+                            f"{exc!s}): re-run `trec prepare`") from None
     return Prepared(folder, manifest, items, interactions, embeddings, domains)
 
 
