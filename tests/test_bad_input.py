@@ -16,12 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import tiny_config, write_tiny_prepared
 from typer.testing import CliRunner
 
-from trecsys.artifacts import write_manifest
+from trecsys.artifacts import write_manifest, write_parquet
 from trecsys.cli import app
 from trecsys.config import ModelConfig, build
 from trecsys.errors import EXIT_BAD_INPUT
@@ -144,6 +147,18 @@ def _edit_prepared_manifest(ctx: Ctx, change: Callable[[dict], object], stage: s
     return [stage, "-c", str(ctx.config)]
 
 
+def _rewrite_prepared(ctx: Ctx, name: str, change: Callable[[pa.Table], pa.Table],
+                      stage: str = "pretrain-source") -> list[str]:
+    """A prepared file changed and its manifest re-written to match: only the contract checks can tell."""
+    folder = ctx.run_dir / "prepared"
+    write_parquet(change(pq.read_table(folder / name)), folder / name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    generated = {"trecsys_version", "stage", "created_at", "host", "config", "inputs", "outputs"}
+    write_manifest(folder, "prepare", manifest["config"], manifest["inputs"],
+                   {k: v for k, v in manifest.items() if k not in generated})
+    return [stage, "-c", str(ctx.config)]
+
+
 def _other_prepared(ctx: Ctx) -> Path:
     other = ctx.tmp / "other"
     write_tiny_prepared(other, n_users=40, seed=1)
@@ -238,6 +253,19 @@ CASES: list[Case] = [
      BAD, "domains"),
     ("eval-manifest-bad-outputs-entry", lambda c: _edit_prepared_manifest(c, lambda m: m["outputs"].append({"x": 1}),
                                                                           "evaluate"), BAD, "outputs entry"),
+    ("pretrain-embeddings-without-column", lambda c: _rewrite_prepared(
+        c, "item_embeddings.parquet", lambda t: t.drop_columns(["embedding"])), BAD, "'embedding'"),
+    ("pretrain-item-idx-as-text", lambda c: _rewrite_prepared(
+        c, "interactions.parquet", lambda t: t.set_column(t.column_names.index("item_idx"), "item_idx",
+                                                          t.column("item_idx").cast(pa.string()))), BAD, "item_idx"),
+    ("eval-item-idx-out-of-range", lambda c: _rewrite_prepared(
+        c, "interactions.parquet", lambda t: t.set_column(t.column_names.index("item_idx"), "item_idx",
+                                                          pc.add(t.column("item_idx"), 1000)), "evaluate"),
+     BAD, "item_idx outside"),
+    ("eval-unknown-split-value", lambda c: _rewrite_prepared(
+        c, "interactions.parquet", lambda t: t.set_column(t.column_names.index("split"), "split",
+                                                          pc.replace_substring(t.column("split"), "test", "tst")),
+        "evaluate"), BAD, "tst"),
     ("pretrain-parquet-from-another-run", _foreign_parquet, BAD, "interactions.parquet"),
     ("pretrain-other-encoder", lambda c: _pretrain(c, "embedding.encoder=other-encoder"), BAD, "embedding.encoder"),
     ("pretrain-other-source", lambda c: _pretrain(c, "data.source=[Books]"), BAD, "data.source"),
