@@ -67,7 +67,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     for run_dir in (whole, cut):
         write_tiny_prepared(run_dir)
-    train = {"epochs": 3, "checkpoint_every_steps": 2}
+    train = {"epochs": 3, "batch_size": 32, "checkpoint_every_steps": 2}  # 12 steps
     result = trec("pretrain-source", "-c", str(tiny_config(whole, tmp_path / "w.yaml", **train)))
     assert result.exit_code == 0, result.output
 
@@ -96,7 +96,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_exits_130(tmp_path, signum):
     run_dir = tmp_path / "run"
     write_tiny_prepared(run_dir)
     # Many epochs: the run is still training when the signal arrives.
-    cfg = tiny_config(run_dir, tmp_path / "c.yaml", epochs=50, checkpoint_every_steps=4)
+    cfg = tiny_config(run_dir, tmp_path / "c.yaml", epochs=50, checkpoint_every_steps=1)
     proc = start_trec("pretrain-source", "-c", str(cfg))
     state = run_dir / ".pretrain.work" / LAST / STATE
     wait_for(state, proc)
