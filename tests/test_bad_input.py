@@ -238,6 +238,9 @@ CASES: list[Case] = [
     ("config-duplicate-yaml-key", lambda c: ["prepare", "-c", str(c.write("dup.yaml", "seed: 1\nseed: 2\n"))],
      BAD, "seed"),
     ("config-not-yaml", lambda c: ["prepare", "-c", str(c.write("bad.yaml", "data: [unclosed\n"))], BAD, "bad.yaml"),
+    ("config-not-utf8", lambda c: ["prepare", "-c", str(c.write("latin.yaml", "seed: 1 # caf\xe9\n".encode("latin-1")))],
+     BAD, "not UTF-8"),
+    ("config-is-a-folder", lambda c: ["prepare", "-c", str(c.tmp)], BAD, "is a folder"),
     ("config-missing-file", lambda c: ["prepare", "-c", str(c.tmp / "none.yaml")], BAD, "none.yaml"),
     ("output-folder-unwritable", lambda c: (c.write("a_file", "x"), c.csv("user_id,item_id,timestamp\nu1,i1,1\n")
                                             + [f"run_dir={c.tmp / 'a_file' / 'run'}"])[1], BAD, "a_file"),
