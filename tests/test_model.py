@@ -24,6 +24,15 @@ from trecsys.model import SeqRecModel, load_checkpoint, save_checkpoint
 TEXT_DIM, N_ITEMS, L = 24, 40, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run fastest on one thread; on shared cores, two threads wait on each other (5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_config(**overrides) -> ModelConfig:
     base = dict(d_model=16, n_layers=2, n_heads=2, max_seq_len=L, dropout=0.0, n_experts=3)
     return ModelConfig(**{**base, **overrides})

@@ -90,7 +90,7 @@ def sampled_softmax_loss(states: torch.Tensor, targets: torch.Tensor, item_reps:
     """Mean sampled-softmax loss with logQ correction (Jean et al. 2015; Yi et al. 2019).
 
     `n_negatives` items are drawn with replacement from the proposal q (`item_log_q`: (n_items,)
-    log-probabilities, see `proposal_log_q`) and shared by the whole batch. A negative's logit is
+    log-probabilities, see `proposal_log_q`; `generator` on its device) and shared by the whole batch. A negative's logit is
     corrected by -log(n_negatives · q), its expected count, which makes the sum over negatives an
     unbiased estimate of the partition function over the rest of the catalogue; a negative equal
     to the row's target (an accidental hit) is masked out.
