@@ -6,7 +6,10 @@ windows exactly as `trec pretrain-source` does, full-softmax loss over all 27,63
 vectors are random (384-d like all-MiniLM-L6-v2): training cost does not depend on their values.
 Each (size, device) runs in its own process so its peak RSS is its own.
 
-    python scripts/bench_train.py [--steps 20] [--sizes small,base] [--devices cpu,cuda]
+    python scripts/bench_train.py [--steps 10] [--sizes small,base] [--devices cpu,cuda] [--threads N]
+
+On a machine shared with other work, `--threads 1` gives steadier numbers: idle OpenMP threads spin
+while they wait for a core, which inflates both wall and CPU time.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from trecsys.config import ExperimentConfig, build  # noqa: E402
 from trecsys.data.prepared import DomainRange, DomainSplit  # noqa: E402
-from trecsys.engine import LOG, Dist, fit, read_log, resolve_device  # noqa: E402
+from trecsys.engine import Dist, fit, resolve_device  # noqa: E402
 from trecsys.model import SeqRecModel  # noqa: E402
 from trecsys.stages.pretrain_source import make_validate, training_setup  # noqa: E402
 
@@ -40,7 +43,7 @@ SIZES = {
 }
 TEXT_DIM = 384
 WARMUP_STEPS = 3
-VALID_USERS = 2000  # validation in the bench ranks a sample of users; its time is reported apart
+VALID_USERS = 2000  # the one validation (outside the timed steps) ranks a sample of users
 
 
 def shared_data() -> Path:
@@ -66,6 +69,32 @@ def kitchen_split(folder: Path) -> DomainSplit:
     return DomainSplit(domain, np.arange(len(train)), train, valid, test)
 
 
+class StepClock:
+    """Wall and process CPU time of the timed steps: from the first step after the warm-up to the
+    validation that ends the run. With one thread, CPU time is what the steps cost on an idle core."""
+
+    def __init__(self, loss_fn, validate):
+        self._loss_fn, self._validate = loss_fn, validate
+        self.calls, self.sequences = 0, 0
+        self.start = self.stop = (0.0, 0.0)  # (wall, cpu)
+
+    def loss_fn(self, model, batch):
+        self.calls += 1
+        if self.calls == WARMUP_STEPS + 1:
+            self.start = (time.perf_counter(), time.process_time())
+        if self.calls > WARMUP_STEPS:
+            self.sequences += len(batch["windows"])
+        return self._loss_fn(model, batch)
+
+    def validate(self, model):
+        self.stop = (time.perf_counter(), time.process_time())
+        return self._validate(model)
+
+    def sequences_per_s(self) -> tuple[float, float]:
+        """(per wall second, per CPU second)."""
+        return tuple(self.sequences / (b - a) for a, b in zip(self.start, self.stop, strict=True))
+
+
 def bench_one(size: str, device_name: str, steps: int, batch_size: int) -> dict:
     torch.manual_seed(0)
     device = resolve_device(device_name)
@@ -76,28 +105,30 @@ def bench_one(size: str, device_name: str, steps: int, batch_size: int) -> dict:
         "data": {"domains": {"Kitchen": {"format": "recbole"}}, "target": "Kitchen"},
         "model": {**SIZES[size], "dropout": 0.2},
         "pretrain": {"train": {"epochs": 1, "batch_size": batch_size, "max_steps": WARMUP_STEPS + steps,
-                               "eval_every_steps": WARMUP_STEPS, "patience": 0}},
+                               "patience": 0}},
     })
     data, loss_fn = training_setup({"Kitchen": split}, cfg, device)
     sample = np.random.default_rng(0).choice(len(split.train), size=VALID_USERS, replace=False)
     valid_split = DomainSplit(split.domain, split.user_idx[sample], [split.train[i] for i in sample],
                               [split.valid[i] for i in sample], [split.test[i] for i in sample])
-    validate = make_validate({"Kitchen": valid_split}, cfg.model.max_seq_len, 1024, device)
+    item_text = np.random.default_rng(0).standard_normal((split.domain.n_items, TEXT_DIM), dtype=np.float32)
+    validate = make_validate({"Kitchen": valid_split}, item_text, 1024, device)
     model = SeqRecModel(cfg.model, TEXT_DIM, split.domain.n_items)
-    model.set_item_text(torch.randn(split.domain.n_items, TEXT_DIM))
+    model.set_item_text(torch.from_numpy(item_text))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as work:
         t0, cpu0 = time.perf_counter(), time.process_time()
-        result = fit(model, data, loss_fn, validate, cfg.pretrain.train, Path(work), seed=0, dist=Dist(device=device))
+        clock = StepClock(loss_fn, validate)  # the one validation is at max_steps
+        result = fit(model, data, clock.loss_fn, clock.validate, cfg.pretrain.train, Path(work), seed=0,
+                     dist=Dist(device=device))
         wall_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-        log = list(read_log(Path(work) / LOG))
-    timed = log[-1]  # covers the steps after the warm-up validation only
-    seq_per_s = timed["sequences_per_s"]
+    seq_per_s, seq_per_cpu_s = clock.sequences_per_s()
     return {
         "size": size, "device": device.type, "precision": result.precision,
         "parameters": model.num_parameters(), "windows": data.n_examples, "items": split.domain.n_items,
         "batch_size": batch_size, "timed_steps": steps, "sequences_per_s": seq_per_s,
+        "sequences_per_cpu_s": seq_per_cpu_s,
         "s_per_epoch": data.n_examples / seq_per_s, "load_s": load_s, "fit_wall_s": wall_s,
         # CPU seconds of the whole fit (warm-up and validations included): steadier than wall time
         # on a machine shared with other work.
@@ -110,15 +141,18 @@ def bench_one(size: str, device_name: str, steps: int, batch_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--sizes", default="small,base")
     parser.add_argument("--devices", default="cpu,cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # size:device, run in this process
     args = parser.parse_args()
     if not (shared_data() / "amazon_food_kitchen" / "Kitchen" / "Kitchen.inter.gz").is_file():
-        print(f"skipped: Kitchen data not found under {shared_data()} (set TRECSYS_SHARED_DATA)")
+        print(f"train: skipped (Kitchen data not found under {shared_data()}; set TRECSYS_SHARED_DATA)")
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         size, device = args.one.split(":")
         print(json.dumps(bench_one(size, device, args.steps, args.batch_size)))
@@ -127,17 +161,22 @@ def main() -> None:
     for device in devices:
         for size in args.sizes.split(","):
             done = subprocess.run([sys.executable, __file__, "--one", f"{size}:{device}", "--steps", str(args.steps),
-                                   "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+                                   "--batch-size", str(args.batch_size), "--threads", str(args.threads)],
+                                  capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"{size} {device}: failed: {done.stderr.strip().splitlines()[-1]}")
+                print(f"train.{size}.{device}.failed: {done.stderr.strip().splitlines()[-1]}")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            cuda = f", peak CUDA {r['peak_cuda_mib']:.0f} MiB" if r["peak_cuda_mib"] is not None else ""
-            print(f"train {r['size']} ({r['parameters']:,} params) on {r['device']} {r['precision']}, "
-                  f"{r['torch_threads']} threads: {r['sequences_per_s']:.0f} sequences/s, "
-                  f"{r['s_per_epoch']:.1f} s/epoch est. ({r['windows']:,} windows, {r['items']:,} items, "
-                  f"batch {r['batch_size']}, {r['timed_steps']} timed steps), peak RSS {r['peak_rss_mib']:.0f} MiB{cuda}; "
-                  f"fit {r['fit_wall_s']:.0f} s wall / {r['fit_cpu_s']:.0f} s CPU")
+            prefix = f"train.{size}.{r['device']}"
+            for key in ("parameters", "precision", "torch_threads", "windows", "items", "batch_size", "timed_steps"):
+                print(f"{prefix}.{key}: {r[key]}")
+            print(f"{prefix}.sequences_per_s: {r['sequences_per_s']:.0f}")
+            print(f"{prefix}.s_per_epoch (from the timed steps): {r['s_per_epoch']:.0f}")
+            print(f"{prefix}.sequences_per_cpu_s: {r['sequences_per_cpu_s']:.0f}")
+            print(f"{prefix}.cpu_s_per_epoch: {r['windows'] / r['sequences_per_cpu_s']:.0f}")
+            print(f"{prefix}.peak_rss_mib: {r['peak_rss_mib']:.0f}")
+            if r["peak_cuda_mib"] is not None:
+                print(f"{prefix}.peak_cuda_mib: {r['peak_cuda_mib']:.0f}")
 
 
 if __name__ == "__main__":

@@ -134,3 +134,31 @@ def test_cuda_bf16_pretrain_runs_when_a_gpu_is_present(tiny_prepared, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tiny_prepared / "pretrain" / "manifest.json").read_text())
     assert manifest["precision"] in ("bf16", "fp16")
+
+
+def test_a_diverged_run_exits_4_and_leaves_the_previous_pretrain_untouched(tiny_prepared, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_prepared, tmp_path / "cfg.yaml")
+    assert trec("pretrain-source", "-c", str(cfg)).exit_code == 0
+    before = (tiny_prepared / "pretrain" / "model.safetensors").read_bytes()
+    import trecsys.stages.pretrain_source as stage
+
+    real = stage.chunked_cross_entropy
+    monkeypatch.setattr(stage, "chunked_cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    result = trec("pretrain-source", "-c", str(cfg))
+    assert result.exit_code == 4 and "diverged at step 1" in result.output
+    assert (tiny_prepared / "pretrain" / "model.safetensors").read_bytes() == before
+
+
+def test_trimming_shared_left_padding_does_not_change_the_model_output():
+    from trecsys.config import ModelConfig
+    from trecsys.data.sequences import trim_left_padding
+    from trecsys.model import SeqRecModel
+
+    torch.manual_seed(0)
+    model = SeqRecModel(ModelConfig(d_model=16, n_layers=1, n_heads=2, max_seq_len=8, dropout=0.0), 4, 30).eval()
+    model.set_item_text(torch.randn(30, 4))
+    seq = torch.tensor([[-1, -1, -1, -1, 3, 4, 5, 6], [-1, -1, -1, -1, -1, -1, 7, 8]])
+    trimmed = trim_left_padding(seq)
+    assert trimmed.shape == (2, 4)
+    assert torch.allclose(model.user_state(seq), model.user_state(trimmed), atol=1e-6)
+    assert trim_left_padding(torch.full((2, 8), -1)).shape == (2, 1)

@@ -126,6 +126,7 @@ class EmbeddingConfig:
 class TrainConfig:
     """One training run of trecsys/engine.py: optimiser, schedule, precision, loss, validation."""
 
+    # Passes over the training windows (the lr schedule spans all of them).
     epochs: int = 20
     # Training windows per optimizer step, summed over all processes and accumulation steps.
     batch_size: int = 256
@@ -135,8 +136,9 @@ class TrainConfig:
     lr: float = 1e-3
     # AdamW decoupled weight decay; never applied to norms, biases or embeddings.
     weight_decay: float = 0.01
-    # Linear warm-up over this fraction of all steps, then cosine decay to lr * min_lr_fraction.
+    # Linear warm-up over this fraction of all steps, then cosine decay ...
     warmup_fraction: float = 0.05
+    # ... to lr * min_lr_fraction at the last step.
     min_lr_fraction: float = 0.1
     # Clip the global gradient norm to this value (0 = no clipping).
     grad_clip: float = 1.0
@@ -187,6 +189,7 @@ class TrainConfig:
 class PretrainConfig:
     """`trec pretrain-source`: the teacher trained on every source domain's train split."""
 
+    # Optimiser, schedule, precision, loss and validation of the pretraining run.
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

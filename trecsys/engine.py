@@ -634,6 +634,9 @@ def _load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, scale
 
 
 def _clear(work_dir: Path) -> None:
+    if (work_dir / LAST / STATE).is_file():
+        tqdm.write(f"note: starting over; the unfinished run in {work_dir / LAST} is discarded "
+                   "(--resume would have continued it)", file=sys.stderr)
     for name in (LAST, BEST, LOG):
         path = work_dir / name
         if path.is_dir():

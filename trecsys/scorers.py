@@ -103,7 +103,7 @@ class ModelScorer:
 
     def __init__(self, model, histories: Sequence[np.ndarray], domain: DomainRange,
                  item_text: np.ndarray, device: torch.device, name: str = "model", user_batch: int = 1024):
-        from trecsys.data.sequences import history_batch
+        from trecsys.data.sequences import history_batch, trim_left_padding
 
         self.name, self.device, self.model = name, torch.device(device), model.to(device).eval()
         model.set_item_text(torch.from_numpy(np.asarray(item_text, dtype=np.float32)))
@@ -112,7 +112,8 @@ class ModelScorer:
             self.reps = model.item_reps(domain.item_start, domain.item_stop).float()
             states = []
             for lo in range(0, len(histories), user_batch):
-                seq = history_batch(list(histories[lo:lo + user_batch]), max_seq_len).to(self.device)
+                seq = trim_left_padding(history_batch(list(histories[lo:lo + user_batch]), max_seq_len))
+                seq = seq.to(self.device)
                 states.append(model.user_state(seq).float())
         self.states = torch.cat(states) if states else torch.zeros(0, self.reps.shape[1], device=self.device)
 

@@ -67,3 +67,13 @@ def history_batch(histories: list[np.ndarray], max_seq_len: int) -> torch.Tensor
         if len(recent):
             out[row, max_seq_len - len(recent):] = recent
     return torch.from_numpy(out)
+
+
+def trim_left_padding(seq: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns that are padding in every row of a left-padded (B, L) batch.
+
+    Positions count from each row's first real item, so the model's output is the same, and a
+    batch of short histories stops paying for `max_seq_len`.
+    """
+    real = (seq != PAD).any(dim=0)
+    return seq[:, int(real.int().argmax()):] if bool(real.any()) else seq[:, -1:]

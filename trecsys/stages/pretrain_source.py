@@ -28,12 +28,13 @@ from trecsys.artifacts import (
 )
 from trecsys.config import ExperimentConfig, to_dict, to_yaml
 from trecsys.data.prepared import DomainRange, DomainSplit, Prepared, domain_split, load_prepared
-from trecsys.data.sequences import history_batch, training_windows, window_tensors
+from trecsys.data.sequences import training_windows, trim_left_padding, window_tensors
 from trecsys.engine import LOG, Dist, TrainData, fit, seed_everything, setup_distributed, teardown_distributed
 from trecsys.errors import ArtifactError, ConfigError
 from trecsys.losses import chunked_cross_entropy, proposal_log_q, sampled_softmax_loss
 from trecsys.metrics import full_ranking_topk, ranking_metrics
 from trecsys.model import CONFIG, WEIGHTS, SeqRecModel, save_checkpoint
+from trecsys.scorers import ModelScorer, to_local
 
 STAGE = "pretrain-source"
 OUTPUT = "pretrain"
@@ -60,7 +61,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
         sources = check_prepared(prepared, cfg)
         splits = {name: domain_split(prepared, name) for name in sources}
         data, loss_fn = training_setup(splits, cfg, dist.device)
-        validate = make_validate(splits, cfg.model.max_seq_len, cfg.pretrain.train.eval_user_batch, dist.device)
+        validate = make_validate(splits, prepared.embeddings, cfg.pretrain.train.eval_user_batch, dist.device)
 
         seed_everything(cfg.seed)
         model = SeqRecModel(cfg.model, prepared.embeddings.shape[1], prepared.n_items)
@@ -137,11 +138,7 @@ def training_setup(splits: dict[str, DomainSplit], cfg: ExperimentConfig, device
             log_q.append(proposal_log_q(counts).to(device))
 
     def make_batch(indices: np.ndarray) -> dict:
-        batch = windows[indices]
-        # Drop leading columns that are padding in every row: positions count from each row's first
-        # real item, so the result is the same, and short histories no longer pay for max_seq_len.
-        first = int((batch >= 0).argmax(axis=1).min())
-        return {"windows": torch.from_numpy(batch[:, first:]), "group": int(groups[indices[0]])}
+        return {"windows": trim_left_padding(torch.from_numpy(windows[indices])), "group": int(groups[indices[0]])}
 
     def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
         domain = domains[batch["group"]]
@@ -158,27 +155,28 @@ def training_setup(splits: dict[str, DomainSplit], cfg: ExperimentConfig, device
     return TrainData(n_terms=n_terms, make_batch=make_batch, groups=groups), loss_fn
 
 
-def make_validate(splits: dict[str, DomainSplit], max_seq_len: int, user_batch: int, device: torch.device):
-    """validate(model) -> NDCG@10/Recall@10 pooled over every source user with a valid item, and per domain."""
+def make_validate(splits: dict[str, DomainSplit], item_text: np.ndarray, user_batch: int, device: torch.device):
+    """validate(model) -> NDCG@10/Recall@10 pooled over every source user with a valid item, and per domain.
+
+    Each domain's full catalogue is ranked (trecsys.scorers.ModelScorer, the scorer `trec evaluate`
+    uses), the items in the user's train history excluded.
+    """
     cases = []
     for name, split in splits.items():
-        users = [u for u, items in enumerate(split.valid) if len(items)]
-        start = split.domain.item_start
+        # Users in order of history length, so a batch of them needs little padding.
+        users = sorted((u for u, items in enumerate(split.valid) if len(items)), key=lambda u: len(split.train[u]))
         histories = [split.train[u] for u in users]
-        cases.append((name, split.domain, history_batch(histories, max_seq_len),
-                      [h - start for h in histories], [split.valid[u] - start for u in users]))
+        cases.append((name, split.domain, histories, to_local(histories, split.domain),
+                      to_local([split.valid[u] for u in users], split.domain)))
 
     def validate(model: SeqRecModel) -> dict[str, float]:
         metrics: dict[str, float] = {}
         pooled: dict[str, list[np.ndarray]] = {k: [] for k in REPORTED}
-        for name, domain, seq, exclude, targets in cases:
+        for name, domain, histories, exclude, targets in cases:
             if not targets:
                 continue
-            reps = model.item_reps(domain.item_start, domain.item_stop)
-            states = torch.cat([model.user_state(seq[lo:lo + user_batch].to(device))
-                                for lo in range(0, len(seq), user_batch)])
-            _, top = full_ranking_topk(lambda rows, a, b, s=states, r=reps: model.score(s[rows], r[a:b]),
-                                       len(targets), domain.n_items, k=10, exclude=exclude,
+            scorer = ModelScorer(model, histories, domain, item_text, device, user_batch=user_batch)
+            _, top = full_ranking_topk(scorer.score_chunk, len(targets), domain.n_items, k=10, exclude=exclude,
                                        user_batch=user_batch, device=device)
             per_user = ranking_metrics(top, targets, ks=(10,))
             for key in REPORTED:
