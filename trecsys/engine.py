@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from trecsys.artifacts import atomic_path, stage_output
 from trecsys.config import TrainConfig
+from trecsys.devices import resolve_device
 from trecsys.errors import ArtifactError, ConfigError, DivergedError, InterruptedRun, OutOfMemoryError
 
 WEIGHTS = "model.safetensors"  # what `save_model` must write; resume loads it back
@@ -73,19 +74,6 @@ class Dist:
     def barrier(self) -> None:
         if self.ddp:
             torch_dist.barrier()
-
-
-def resolve_device(name: str, key: str = "device") -> torch.device:
-    """`auto` is cuda when available, else cpu; anything else must be a device torch knows."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"config key '{key}': {name!r} is not a device (use auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key '{key}': {name!r} was asked for but CUDA is not available; use device=cpu")
-    return device
 
 
 def setup_distributed(device: str = "auto") -> Dist:

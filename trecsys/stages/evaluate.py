@@ -30,7 +30,7 @@ from trecsys.artifacts import (
 )
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.prepared import Prepared, domain_split, load_prepared
-from trecsys.engine import resolve_device
+from trecsys.devices import resolve_device
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.scorers import (
     ItemKNNScorer,

@@ -24,6 +24,7 @@ from trecsys.data.readers import read_domain
 from trecsys.data.split import assign_split
 from trecsys.data.synthetic import generate_domains
 from trecsys.data.text import compose_text
+from trecsys.devices import resolve_device
 from trecsys.errors import ConfigError, DataError
 
 ENCODER_METADATA_KEY = "trecsys.encoder"
@@ -66,7 +67,7 @@ def run(cfg: ExperimentConfig) -> None:
         clock = time.perf_counter()
         items["text"] = item_texts(items, cfg.data)
         _note(f"embedding {len(items):,} item texts with {cfg.embedding.encoder}")
-        embeddings, encoder = embed_texts(items["text"].tolist(), cfg.embedding, device=resolve_device(cfg.device))
+        embeddings, encoder = embed_texts(items["text"].tolist(), cfg.embedding, device=str(resolve_device(cfg.device)))
         if embeddings.shape[0] != len(items):
             raise DataError(f"the encoder returned {embeddings.shape[0]} embeddings for {len(items)} items")
         timings["embed"] = time.perf_counter() - clock
@@ -141,14 +142,6 @@ def read_domains(cfg: ExperimentConfig) -> dict[str, RawDomain]:
 def _note(message: str) -> None:
     """Progress for people, on stderr so stdout stays the summary."""
     print(f"prepare: {message}", file=sys.stderr, flush=True)
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _filters(data: DataConfig) -> str:
