@@ -25,8 +25,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# The whole pipeline on the embedded shop; ends with the evaluation table and a few users' lists.
 demo: install
-	$(TREC) prepare -c configs/demo.yaml
+	$(TREC) run -c configs/demo.yaml --show 3
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH)

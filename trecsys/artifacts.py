@@ -157,13 +157,16 @@ def describe_file(path: Path, root: Path | None = None) -> dict[str, Any]:
     return {"path": shown, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
 
 
-def write_manifest(folder: Path, stage: str, config: dict, inputs: list[dict], extra: dict) -> dict:
-    """Record what made `folder`: version, config, inputs, and each output file's size and sha256."""
-    outputs = [
-        describe_file(p, root=folder)
-        for p in sorted(Path(folder).rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    ]
+def write_manifest(folder: Path, stage: str, config: dict, inputs: list[dict], extra: dict,
+                   files: list[Path] | None = None, name: str = MANIFEST) -> dict:
+    """Record what made `folder`: version, config, inputs, and each output file's size and sha256.
+
+    The outputs are every file in `folder`, or only `files` when the folder is shared with others
+    (a recommend output beside a person's own files); `name` is the manifest's file name there.
+    """
+    if files is None:
+        files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != name]
+    outputs = [describe_file(p, root=folder) for p in files]
     manifest = {
         "trecsys_version": __version__,
         "stage": stage,
@@ -174,16 +177,16 @@ def write_manifest(folder: Path, stage: str, config: dict, inputs: list[dict], e
         "outputs": outputs,
         **extra,
     }
-    write_json(Path(folder) / MANIFEST, manifest)
+    write_json(Path(folder) / name, manifest)
     return manifest
 
 
-def read_manifest(folder: Path, stage: str | None = None) -> dict:
+def read_manifest(folder: Path, stage: str | None = None, name: str = MANIFEST) -> dict:
     folder = Path(folder)
-    path = folder / MANIFEST
+    path = folder / name
     if not path.is_file():
         what = f"the {stage} stage" if stage else "a trecsys stage"
-        raise ArtifactError(f"{folder} has no {MANIFEST}: run {what} first")
+        raise ArtifactError(f"{folder} has no {name}: run {what} first")
     manifest = read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("outputs", []), list):
         raise ArtifactError(f"{path}: not a trecsys manifest (a JSON object with an outputs list): "

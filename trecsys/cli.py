@@ -55,10 +55,8 @@ def _resolve(config: Path, overrides: list[str] | None, print_config: bool) -> E
 def _run_stage(stage: str, config: Path, overrides: list[str] | None, print_config: bool, debug: bool,
                **options) -> None:
     """Resolve the config, run `trecsys.stages.<stage>.run(cfg, **options)`, map errors to exit codes."""
-    try:
-        cfg = _resolve(config, overrides, print_config)
-        if cfg is None:
-            return
+
+    def call(cfg: ExperimentConfig) -> None:
         module_name = stage.replace("-", "_")
         try:
             module = importlib.import_module(f"trecsys.stages.{module_name}")
@@ -69,6 +67,17 @@ def _run_stage(stage: str, config: Path, overrides: list[str] | None, print_conf
                 f"`trec {stage}` is not available in this release yet (it lands with issue #{_STAGE_ISSUE[stage]})"
             ) from None
         module.run(cfg, **options)
+
+    _guarded(call, config, overrides, print_config, debug)
+
+
+def _guarded(action, config: Path, overrides: list[str] | None, print_config: bool, debug: bool) -> None:
+    """Resolve the config and run `action(cfg)`, turning every failure into one line and an exit code."""
+    try:
+        cfg = _resolve(config, overrides, print_config)
+        if cfg is None:
+            return
+        action(cfg)
     except TrecError as exc:
         if debug:
             traceback.print_exc()
@@ -160,15 +169,59 @@ def evaluate(
                verify=verify)
 
 
-@app.command()
+@app.command(help=(
+    "Top-K items per user (or per text query) to Parquet, safe to run from cron: writes "
+    "<run_dir>/recommend/date=YYYY-MM-DD/recommendations.parquet, or --output.\n\n"
+    "Knobs in the config's recommend: section (k, exclude_seen, category filters, diversity, fusion).\n\n"
+    f"{EXIT_CODES_HELP} A run that exits non-zero leaves the previous output in place."
+))
 def recommend(
     config: Path = ConfigOption,
     overrides: list[str] = OverridesArg,
+    model: str = typer.Option(None, "--model", help="Checkpoint folder to use instead of the run's latest."),
+    users: str = typer.Option(None, "--users", help="Users to recommend for: ids one per line, or a Parquet "
+                              "file with a user_id column (default: every user of the domain)."),
+    histories: str = typer.Option(None, "--histories", help="New users' histories: JSONL {user_id, item_ids, "
+                                  "texts} or Parquet (user_id, item_id[, text]); new items need their text."),
+    query: list[str] = typer.Option(None, "--query", help="Rank items for this text (repeatable)."),
+    queries: str = typer.Option(None, "--queries", help="File of queries, one per line."),
+    user: str = typer.Option(None, "--user", help="With --query: blend in this user's history "
+                             "(weight recommend.query_user_weight) and skip their seen items."),
+    output: str = typer.Option(None, "--output", "-o", help="A .parquet file, or a folder that gets "
+                               "date=YYYY-MM-DD/recommendations.parquet."),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another run on the same output "
+                               "before giving up with exit code 3."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (exit 2) on unknown user ids instead of listing "
+                                "them beside the output."),
+    show: int = typer.Option(None, "--show", help="Print the first N lists with item titles."),
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
 ) -> None:
-    """Top-K recommendations per user to Parquet, safe to run from cron."""
-    _run_stage("recommend", config, overrides, print_config, debug)
+    _run_stage("recommend", config, overrides, print_config, debug, model=model, users=users, histories=histories,
+               query=query, queries=queries, user=user, output=output, wait=wait, strict=strict, show=show)
+
+
+@app.command("run", help=(
+    "Run the pipeline in order: prepare, pretrain-source, distill, finetune-target, evaluate, recommend. "
+    "A stage whose outputs are up to date with its config section and its inputs is skipped; each "
+    "skip and run is printed with its reason. Records what it made in <run_dir>/pipeline.json.\n\n"
+    f"{EXIT_CODES_HELP} The exit code is the failing stage's."
+))
+def run_pipeline(
+    config: Path = ConfigOption,
+    overrides: list[str] = OverridesArg,
+    stages: str = typer.Option(None, "--stages", help="Comma list of the stages to consider, e.g. evaluate,recommend."),
+    force: bool = typer.Option(False, "--force", help="Run the selected stages even when up to date."),
+    show: int = typer.Option(3, "--show", help="Recommendation lists to print, with item titles."),
+    print_config: bool = PrintConfigOption,
+    debug: bool = DebugOption,
+) -> None:
+    def call(cfg: ExperimentConfig) -> None:
+        from trecsys import pipeline
+
+        pipeline.run(cfg, stages=stages, force=force, show=show)
+
+    _guarded(call, config, overrides, print_config, debug)
 
 
 def main() -> None:

@@ -276,6 +276,57 @@ class EvaluateConfig:
 
 
 @dataclass
+class FusionComponent:
+    """One ranker in `recommend.fusion`."""
+
+    # A checkpoint folder, `latest` (--model, else the run's latest model), `popularity` or `itemknn`.
+    model: str
+    # Weight of this ranker's per-user z-scored scores in the sum.
+    weight: float = 1.0
+
+
+@dataclass
+class RecommendConfig:
+    """`trec recommend`: top-K lists per user or query, for cron (trecsys/stages/recommend.py)."""
+
+    # Items per list.
+    k: int = 10
+    # Never recommend items already in the user's history.
+    exclude_seen: bool = True
+    # The catalogue to recommend from; null = the prepared target domain.
+    domain: str | None = None
+    # Keep only items whose category, or one level of it ("A > B", "A, B"), is listed; [] = all items.
+    include_categories: list[str] = field(default_factory=list)
+    # Drop items whose category, or one level of it, is listed (wins over include_categories).
+    exclude_categories: list[str] = field(default_factory=list)
+    # MMR re-ranking over the items' text embeddings: 0 = plain top-K, 1 = only novelty counts.
+    diversity: float = 0.0
+    # MMR re-ranks this many top items (at least k).
+    diversity_candidates: int = 100
+    # Rankers summed after z-scoring each one's scores over the catalogue per user; [] = the model alone.
+    # Each entry: {model: a checkpoint folder, latest, popularity or itemknn; weight: > 0, default 1}.
+    fusion: list[FusionComponent] = field(default_factory=list)
+    # Query mode with --user: weight of the user's history against the query (0 = the query alone).
+    query_user_weight: float = 0.5
+    # Users scored at once (memory is user_batch × item_chunk scores).
+    user_batch: int = 1024
+    # Catalogue items per score block.
+    item_chunk: int = 65536
+
+    def validate(self, prefix: str = "recommend.", where: str = "") -> None:
+        """Check value ranges that the types alone cannot (model paths: at run time)."""
+        for name in ("k", "diversity_candidates", "user_batch", "item_chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
+        for name in ("diversity", "query_user_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be in [0, 1], got {getattr(self, name)}")
+        for i, part in enumerate(self.fusion):
+            if not part.weight > 0.0:
+                raise ConfigError(f"config key '{prefix}fusion[{i}].weight'{where}: must be > 0, got {part.weight}")
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: every stage reads this whole config and uses its own sections."""
 
@@ -290,6 +341,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
 
 
 # ---------------------------------------------------------------------------------------------

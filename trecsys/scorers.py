@@ -103,19 +103,22 @@ class ModelScorer:
 
     def __init__(self, model, histories: Sequence[np.ndarray], domain: DomainRange,
                  item_text: np.ndarray, device: torch.device, name: str = "model", user_batch: int = 1024):
-        from trecsys.data.sequences import history_batch, trim_left_padding
+        from trecsys.data.sequences import history_batch
 
         self.name, self.device, self.model = name, torch.device(device), model.to(device).eval()
         model.set_item_text(torch.from_numpy(np.asarray(item_text, dtype=np.float32)))
-        max_seq_len = model.config.max_seq_len
         with torch.no_grad(), self._autocast():
             self.reps = model.item_reps(domain.item_start, domain.item_stop).float()
-            states = []
-            for lo in range(0, len(histories), user_batch):
-                seq = trim_left_padding(history_batch(list(histories[lo:lo + user_batch]), max_seq_len))
-                seq = seq.to(self.device)
-                states.append(model.user_state(seq).float())
-        self.states = torch.cat(states) if states else torch.zeros(0, self.reps.shape[1], device=self.device)
+            self.states = torch.zeros(len(histories), self.reps.shape[1], device=self.device)
+            # Users are encoded in groups of similar history length, each padded only to its group's
+            # width (a power of two): padding is inert, and most histories are far shorter than
+            # max_seq_len, so full-width batches would spend most of their time on padding. A user's
+            # width depends on their own history only, so the result does not depend on user_batch.
+            for width, members in _width_groups(histories, model.config.max_seq_len):
+                for lo in range(0, len(members), user_batch):
+                    rows = members[lo:lo + user_batch]
+                    seq = history_batch([histories[r] for r in rows], width).to(self.device)
+                    self.states[torch.from_numpy(rows).to(self.device)] = model.user_state(seq).float()
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -129,13 +132,20 @@ class ModelScorer:
             return self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop]).float()
 
 
+def _width_groups(histories: Sequence[np.ndarray], max_seq_len: int) -> list[tuple[int, np.ndarray]]:
+    """(width, user rows) with width the next power of two of the history length, at most max_seq_len."""
+    lengths = np.fromiter((min(len(h), max_seq_len) for h in histories), dtype=np.int64, count=len(histories))
+    widths = np.minimum(max_seq_len, 1 << np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64))
+    return [(int(w), np.flatnonzero(widths == w)) for w in np.unique(widths)]
+
+
 def check_model_catalogue(info: dict, folder: Path, n_items: int, text_dim: int) -> None:
     """Refuse a checkpoint made for another catalogue, naming what differs."""
     config_path = Path(folder) / "config.json"
     if int(info.get("n_items", -1)) != n_items:
         raise ArtifactError(
             f"{config_path}: the model was built for n_items={info.get('n_items')} but the prepared catalogue "
-            f"has {n_items} items: evaluate it with the run whose prepared data it was trained on"
+            f"has {n_items} items: use it with the run whose prepared data it was trained on"
         )
     if int(info.get("text_dim", -1)) != text_dim:
         raise ArtifactError(

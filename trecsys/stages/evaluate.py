@@ -21,12 +21,18 @@ from trecsys import metrics as M
 from trecsys import report
 from trecsys.artifacts import (
     describe_file,
-    read_manifest,
     run_lock,
     stage_output,
     verify_stage_folder,
     write_manifest,
     write_parquet,
+)
+from trecsys.checkpoints import (
+    COMPARABLE_FILES,
+    MODEL_STAGES,
+    check_same_prepared,
+    is_checkpoint,
+    latest_checkpoint,
 )
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.prepared import Prepared, domain_split, load_prepared
@@ -42,10 +48,6 @@ from trecsys.scorers import (
 )
 
 EVAL = "eval"
-# Where a run keeps its checkpoints, latest pipeline stage first.
-MODEL_STAGES = ("finetune", "distill", "pretrain")
-# The prepared files two runs must share to be compared user by user.
-COMPARABLE_FILES = ("items.parquet", "interactions.parquet")
 
 
 @dataclass
@@ -71,18 +73,6 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
 
 # ---------------------------------------------------------------------------------------------
 # Which models
-
-
-def is_checkpoint(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """finetune/, else distill/, else pretrain/: the last pipeline stage that left a model."""
-    for stage in MODEL_STAGES:
-        if is_checkpoint(run_dir / stage):
-            return run_dir / stage
-    return None
 
 
 def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare: list[str] | None
@@ -124,24 +114,6 @@ def _compare_system(entry: str, prepared: Prepared) -> System:
         raise ArtifactError(f"--compare {entry}: the run has no model in {', '.join(MODEL_STAGES)}/: train one first")
     label = entry if folder == path else f"{entry.rstrip('/')}/{folder.name}"
     return System(label, folder)
-
-
-def check_same_prepared(other: Path, prepared: Prepared, option: str) -> None:
-    """Paired comparisons need the same users, targets and catalogue: refuse other prepared data."""
-    if other.resolve() == prepared.folder.resolve():
-        return
-    ours = _output_hashes(prepared.manifest)
-    theirs = _output_hashes(read_manifest(other, stage="prepare"))
-    for name in COMPARABLE_FILES:
-        if ours.get(name) != theirs.get(name):
-            raise ArtifactError(
-                f"{option}: {other / name} (sha256 {str(theirs.get(name))[:12]}…) differs from "
-                f"{prepared.folder / name} (sha256 {str(ours.get(name))[:12]}…): compare runs prepared from the same data"
-            )
-
-
-def _output_hashes(manifest: dict) -> dict[str, str]:
-    return {entry["path"]: entry["sha256"] for entry in manifest.get("outputs", [])}
 
 
 # ---------------------------------------------------------------------------------------------

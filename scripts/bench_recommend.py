@@ -1,0 +1,95 @@
+"""`trec recommend` throughput over the shared Kitchen catalogue (27,637 items): users/s on CPU, and on
+the GPU when there is one.
+
+    python scripts/bench_recommend.py [--run-dir runs/bench_recommend] [--users N] [--device cpu|cuda]
+
+Prepares Kitchen as the target domain (configs/kitchen_to_food.yaml with the roles swapped; the
+embedding cache makes re-runs fast), saves an untrained model of the default size (the cost of
+ranking does not depend on the weights), then times the real stage: plain top-10 for every Kitchen
+user, and on a sample, fusion with popularity and MMR diversity. Prints plain `key: value` lines;
+users/s counts scoring and ranking (user states, scores, top-K, re-ranking), not loading or writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("TRECSYS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/bench_recommend")
+    parser.add_argument("--users", type=int, default=5000, help="sample size for the fusion and MMR timings")
+    parser.add_argument("--device", default=None, help="default: cpu, then cuda too when available")
+    args = parser.parse_args()
+    root = shared_data() / "amazon_food_kitchen"
+    if not root.is_dir():
+        print(f"recommend: skipped ({root} is absent; set TRECSYS_SHARED_DATA)")
+        return 0
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from trecsys.artifacts import read_json
+    from trecsys.config import ModelConfig, load_config
+    from trecsys.data.prepared import load_prepared
+    from trecsys.model import SeqRecModel, save_checkpoint
+    from trecsys.stages import recommend
+
+    run_dir = REPO / args.run_dir
+    overrides = [f"data.root={root}", f"run_dir={run_dir}", "data.target=Kitchen", "data.source=[Food]"]
+    config = REPO / "configs" / "kitchen_to_food.yaml"
+    if not (run_dir / "prepared" / "manifest.json").is_file():
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "trecsys", "prepare", "-c", str(config), *overrides], check=True,
+                       cwd=REPO, stdout=subprocess.DEVNULL)
+        print(f"recommend.prepare_s: {time.perf_counter() - started:.1f}")
+    prepared = load_prepared(run_dir)
+    model_dir = run_dir / "pretrain"
+    if not (model_dir / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        save_checkpoint(SeqRecModel(ModelConfig(), prepared.embeddings.shape[1], prepared.n_items), model_dir)
+    kitchen = prepared.domains["Kitchen"]
+    sample = run_dir / "sample_users.txt"
+    users = prepared.interactions.loc[prepared.interactions["domain"] == "Kitchen", "user_id"].unique()
+    sample.write_text("\n".join(users[: args.users]) + "\n")
+    print(f"recommend.items: {kitchen.n_items}")
+    print(f"recommend.kitchen_users: {len(users)}")
+    print(f"recommend.model: d_model={ModelConfig().d_model}, n_layers={ModelConfig().n_layers}, "
+          f"adaptor={ModelConfig().adaptor}")
+    print(f"recommend.cpu_threads: {torch.get_num_threads()}")
+
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cases = [
+        ("plain_all_users", [], None),
+        ("plain_sample", [], sample),
+        ("fusion_popularity_sample", ["recommend.fusion=[{model: latest, weight: 0.8}, {model: popularity, weight: 0.2}]"],
+         sample),
+        ("mmr_0.3_sample", ["recommend.diversity=0.3"], sample),
+    ]
+    for device in devices:
+        for name, extra, users_file in cases:
+            cfg = load_config(config, [*overrides, f"device={device}", *extra])
+            out = recommend.run(cfg, users=str(users_file) if users_file else None,
+                                output=str(run_dir / "out" / f"{device}_{name}.parquet"))
+            context = read_json(out.manifest)["context"]
+            rate = context["n_rows"] / context["rank_seconds"]
+            print(f"recommend.{device}.{name}.users: {context['n_rows']}")
+            print(f"recommend.{device}.{name}.rank_s: {context['rank_seconds']:.2f}")
+            print(f"recommend.{device}.{name}.users_per_s: {rate:,.0f}")
+            print(f"recommend.{device}.{name}.users_per_cpu_s: {context['n_rows'] / context['rank_cpu_seconds']:,.0f}")
+            print(f"recommend.{device}.{name}.stage_s: {context['seconds']:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""`trec run`: every stage in pipeline order, each through `trecsys.stages.<name>.run(cfg)` as the CLI
+calls it, skipping the stages whose outputs are up to date.
+
+Up to date means: the stage's manifest exists and its output files are intact; the config sections
+the stage reads are the same as the ones in its manifest (recorded by the stage when it ran); and
+`<run_dir>/pipeline.json` records that `trec run` made exactly these outputs from the upstream
+outputs that exist now (sha256 digests of the upstream manifests' outputs). For prepare, the raw input
+files must also be unchanged. A stage made outside `trec run` is re-run unless it has no upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from trecsys.artifacts import read_json, run_lock, sha256_file, verify_outputs, write_json
+from trecsys.config import ExperimentConfig, to_dict
+from trecsys.errors import ArtifactError, ConfigError, TrecError
+
+STATE = "pipeline.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # as on the command line
+    # Top-level config keys whose values the stage's outputs depend on. A stage that adds a config
+    # section must add it here, or changing it will not re-run the stage.
+    sections: tuple[str, ...]
+    upstream: tuple[str, ...]  # stages whose outputs this one reads
+    manifest: Callable[[ExperimentConfig], Path]
+
+    @property
+    def module(self) -> str:
+        return f"trecsys.stages.{self.name.replace('-', '_')}"
+
+
+def _in_run(folder: str) -> Callable[[ExperimentConfig], Path]:
+    return lambda cfg: Path(cfg.run_dir).expanduser() / folder / "manifest.json"
+
+
+def _recommend_manifest(cfg: ExperimentConfig) -> Path:
+    from trecsys.stages.recommend import output_paths
+
+    return output_paths(cfg, None).manifest
+
+
+_MODELS = ("prepare", "pretrain-source", "distill", "finetune-target")
+STAGES = (
+    Stage("prepare", ("seed", "data", "embedding"), (), _in_run("prepared")),
+    Stage("pretrain-source", ("seed", "model", "pretrain"), _MODELS[:1], _in_run("pretrain")),
+    Stage("distill", ("seed", "model", "distill"), _MODELS[:2], _in_run("distill")),
+    Stage("finetune-target", ("seed", "model", "finetune"), _MODELS[:3], _in_run("finetune")),
+    Stage("evaluate", ("seed", "evaluate"), _MODELS, _in_run("eval")),
+    Stage("recommend", ("recommend",), _MODELS, _recommend_manifest),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+@dataclass
+class Outcome:
+    stage: str
+    action: str  # ran, skipped
+    reason: str
+    seconds: float = 0.0
+
+
+def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, show: int = 3) -> list[Outcome]:
+    selected = select(stages)
+    run_dir = Path(cfg.run_dir).expanduser()
+    outcomes = []
+    with run_lock(run_dir / STATE):
+        state = _read_state(run_dir)
+        for stage in selected:
+            if importlib.util.find_spec(stage.module) is None:
+                outcomes.append(_note(Outcome(stage.name, "skipped", "not in this release")))
+                continue
+            reason = "--force" if force else staleness(stage, cfg, state["stages"].get(stage.name))
+            if reason is None:
+                outcomes.append(_note(Outcome(stage.name, "skipped", "up to date")))
+                continue
+            print(f"run: {stage.name}: running ({reason})", flush=True)
+            started = time.perf_counter()
+            module = importlib.import_module(stage.module)
+            try:
+                module.run(cfg)
+            except (TrecError, KeyboardInterrupt):
+                print(f"run: {stage.name}: failed; later stages were not run", file=sys.stderr, flush=True)
+                raise
+            outcomes.append(Outcome(stage.name, "ran", reason, time.perf_counter() - started))
+            state["stages"][stage.name] = _record(stage, cfg)
+            write_json(run_dir / STATE, state)
+    print(summary(outcomes))
+    shown = results(cfg, selected, show)
+    if shown:
+        print(shown)
+    return outcomes
+
+
+def select(stages: str | None) -> list[Stage]:
+    if not stages:
+        return list(STAGES)
+    names = [n.strip() for n in stages.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown or not names:
+        raise ConfigError(f"option --stages: unknown stage {unknown[0] if unknown else stages!r}; "
+                          f"choose from {','.join(BY_NAME)}")
+    return [s for s in STAGES if s.name in names]
+
+
+def _note(outcome: Outcome) -> Outcome:
+    print(f"run: {outcome.stage}: skipped ({outcome.reason})", flush=True)
+    return outcome
+
+
+def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
+    """What the run is for, whether its stages ran now or earlier: the evaluation table and a few
+    users' recommendations with item titles."""
+    parts = []
+    names = {s.name for s in selected}
+    eval_dir = Path(cfg.run_dir).expanduser() / "eval"
+    if "evaluate" in names and (eval_dir / "metrics.parquet").is_file():
+        import pandas as pd
+
+        from trecsys.report import terminal_table
+
+        context = read_json(eval_dir / "manifest.json").get("context", {})
+        parts.append(terminal_table(pd.read_parquet(eval_dir / "metrics.parquet"), context)
+                     + f"\n(full report: {eval_dir / 'report.md'})")
+    if "recommend" in names and show > 0 and importlib.util.find_spec(BY_NAME["recommend"].module):
+        from trecsys.stages.recommend import show_latest
+
+        shown = show_latest(cfg, show)
+        if shown:
+            parts.append(shown)
+    return "\n\n".join(parts)
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    width = max((len(o.stage) for o in outcomes), default=5)
+    lines = ["run: summary"]
+    for o in outcomes:
+        took = f" in {o.seconds:.1f} s" if o.action == "ran" else ""
+        lines.append(f"  {o.stage.ljust(width)}  {o.action.ljust(7)}  {o.reason}{took}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Up to date?
+
+
+def staleness(stage: Stage, cfg: ExperimentConfig, record: dict | None) -> str | None:
+    """Why the stage must run, or None when its outputs are up to date."""
+    path = stage.manifest(cfg)
+    if not path.is_file():
+        return f"no output yet ({path.parent})"
+    try:
+        manifest = read_json(path)
+        verify_outputs(path.parent, manifest)
+    except ArtifactError as exc:
+        return f"its outputs changed ({exc})"
+    changed = changed_keys(sections(stage, manifest.get("config", {})), sections(stage, to_dict(cfg)))
+    if changed:
+        return "config changed: " + "; ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
+    if stage.name == "prepare":
+        return _changed_input(manifest)
+    if record is None or record.get("outputs") != outputs_digest(manifest):
+        return "made outside `trec run`, so its inputs cannot be checked"
+    for name in stage.upstream:
+        if record["upstream"].get(name) != _digest_of(BY_NAME[name], cfg):
+            return f"the output of {name} changed"
+    return None
+
+
+def sections(stage: Stage, config: dict) -> dict:
+    return {key: config.get(key) for key in stage.sections}
+
+
+def changed_keys(then: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, as `key old → new`."""
+    out = []
+    for key in sorted(set(then) | set(now)):
+        a, b = then.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {_short(a)} → {_short(b)}")
+    return out
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _changed_input(manifest: dict) -> str | None:
+    """prepare's raw files: size and mtime first, sha256 only when they differ."""
+    for entry in manifest.get("inputs", []):
+        path = Path(entry["path"])
+        if not path.is_file():
+            return f"input {path} is missing"
+        stat = path.stat()
+        if stat.st_size != entry["size"] or (stat.st_mtime_ns != entry["mtime_ns"] and sha256_file(path) != entry["sha256"]):
+            return f"input {path} changed"
+    return None
+
+
+def outputs_digest(manifest: dict) -> str:
+    pairs = sorted((e["path"], e["sha256"]) for e in manifest.get("outputs", []))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def _digest_of(stage: Stage, cfg: ExperimentConfig) -> str | None:
+    path = stage.manifest(cfg)
+    return outputs_digest(read_json(path)) if path.is_file() else None
+
+
+def _record(stage: Stage, cfg: ExperimentConfig) -> dict:
+    return {
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "upstream": {name: _digest_of(BY_NAME[name], cfg) for name in stage.upstream},
+        "outputs": _digest_of(stage, cfg),
+    }
+
+
+def _read_state(run_dir: Path) -> dict:
+    path = run_dir / STATE
+    if not path.is_file():
+        return {"stages": {}}
+    try:
+        state = read_json(path)
+    except ArtifactError:
+        return {"stages": {}}  # unreadable: everything re-runs, which is always safe
+    return state if isinstance(state, dict) and isinstance(state.get("stages"), dict) else {"stages": {}}
