@@ -289,7 +289,19 @@ CASES: list[Case] = [
     ("eval-k-zero", lambda c: _eval(c, evaluate={"ks": [0, 5]}), BAD, "evaluate.ks"),
     ("eval-k-above-catalogue", lambda c: _eval(c, evaluate={"ks": [5, 17]}), BAD, "evaluate.ks"),
     ("eval-negative-bootstrap", lambda c: _eval(c, evaluate={"bootstrap": -1}), BAD, "evaluate.bootstrap"),
+    # --- recommend: options, K, domain, output
+    ("rec-k-zero", lambda c: _rec(c, "recommend.k=0"), BAD, "recommend.k"),
+    ("rec-unknown-domain", lambda c: _rec(c, "recommend.domain=Nope"), BAD, "Nope"),
+    ("rec-missing-users-file", lambda c: _rec(c, "--users", str(c.tmp / "nobody.txt")), BAD, "nobody.txt"),
+    ("rec-truncated-checkpoint", lambda c: _rec(c, "--model", _truncated_safetensors(c)[-1]), BAD, "model.safetensors"),
+    ("rec-output-unwritable", lambda c: (c.write("a_file", "x"), _rec(c, "--output",
+                                                                      str(c.tmp / "a_file" / "r.parquet")))[1],
+     BAD, "a_file"),
 ]
+
+
+def _rec(ctx: Ctx, *extra: str) -> list[str]:
+    return ["recommend", "-c", str(ctx.config), *extra]
 
 
 @pytest.mark.parametrize(("make_args", "exit_code", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -196,9 +196,11 @@ def recommend(
     show: int = typer.Option(None, "--show", help="Print the first N lists with item titles."),
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
+    verify: bool = VerifyOption,
 ) -> None:
     _run_stage("recommend", config, overrides, print_config, debug, model=model, users=users, histories=histories,
-               query=query, queries=queries, user=user, output=output, wait=wait, strict=strict, show=show)
+               query=query, queries=queries, user=user, output=output, wait=wait, strict=strict, show=show,
+               verify=verify)
 
 
 @app.command("run", help=(
