@@ -127,9 +127,11 @@ def distill(
     overrides: list[str] = OverridesArg,
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or max_steps-limited run "
+                                "from <run_dir>/.distill.work/last/ exactly where it stopped."),
 ) -> None:
     """Distil a teacher checkpoint into a smaller student: writes <run_dir>/distill/."""
-    _run_stage("distill", config, overrides, print_config, debug)
+    _run_stage("distill", config, overrides, print_config, debug, resume=resume)
 
 
 @app.command("finetune-target")
@@ -138,9 +140,12 @@ def finetune_target(
     overrides: list[str] = OverridesArg,
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or max_steps-limited run: "
+                                "finished candidates are kept, the interrupted one continues from "
+                                "<run_dir>/.finetune.work/<strategy>/last/."),
 ) -> None:
     """Adapt a checkpoint to the target domain: writes <run_dir>/finetune/."""
-    _run_stage("finetune-target", config, overrides, print_config, debug)
+    _run_stage("finetune-target", config, overrides, print_config, debug, resume=resume)
 
 
 @app.command()

@@ -241,6 +241,91 @@ class ModelConfig:
             raise ConfigError(f"config key '{prefix}temperature'{where}: must be > 0, got {self.temperature}")
 
 
+# Everything `finetune.strategy` may name; `auto` runs `finetune.candidates` and keeps the best on valid.
+STRATEGIES = ("full", "adaptor", "zero_shot", "scratch", "id_only")
+
+
+@dataclass
+class FinetuneConfig:
+    """`trec finetune-target`: adapt a checkpoint to the target domain (trecsys/stages/finetune_target.py)."""
+
+    # The checkpoint to adapt: a stage of this run (pretrain, distill, finetune = <run_dir>/<name>) or
+    # a checkpoint folder. scratch and id_only only borrow its architecture (and fall back to `model`).
+    init_from: str = "pretrain"
+    # full: all weights; adaptor: sequence tower frozen, item adaptor and norms trained; zero_shot: no
+    # training; scratch: same architecture, random init; id_only: item-ID SASRec on the target alone;
+    # auto: every strategy in `candidates`, the best by validation NDCG@10 is kept.
+    strategy: Literal["full", "adaptor", "zero_shot", "scratch", "id_only", "auto"] = "auto"
+    # The strategies `auto` tries, in this order (a tie on validation keeps the earlier one).
+    candidates: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    # Add learned target item-ID embeddings to the text item tower (transductive); zero_shot never does.
+    item_ids: bool = False
+    # L2-SP: add l2sp * ||w - w_pretrained||^2 over the transferred weights to the loss (0 = off).
+    l2sp: float = 0.0
+    # Learning rate of parameters that init_from does not have (new item-ID embeddings), as a
+    # multiple of train.lr; transferred weights train at train.lr.
+    new_params_lr_scale: float = 1.0
+    # Train on this fraction of the target's training users (seeded, nested across fractions:
+    # few-shot studies); validation and test always use every user.
+    train_fraction: float = 1.0
+    # target: the model reads the user's target items only; all_domains: also the source items,
+    # interleaved in prepared order, as context (the loss is only on target items).
+    history: Literal["target", "all_domains"] = "target"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, prefix: str = "finetune.", where: str = "") -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(
+                f"config key '{prefix}train_fraction'{where}: expected a fraction in (0, 1], got {self.train_fraction}"
+            )
+        if not self.candidates:
+            raise ConfigError(f"config key '{prefix}candidates'{where}: name at least one of {', '.join(STRATEGIES)}")
+        for i, name in enumerate(self.candidates):
+            if name not in STRATEGIES:
+                raise ConfigError(
+                    f"config key '{prefix}candidates[{i}]'{where}: {name!r} is not one of {', '.join(STRATEGIES)}"
+                )
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ConfigError(f"config key '{prefix}candidates'{where}: {self.candidates} names a strategy twice")
+        if self.l2sp < 0:
+            raise ConfigError(f"config key '{prefix}l2sp'{where}: must be >= 0, got {self.l2sp}")
+        if self.new_params_lr_scale <= 0:
+            raise ConfigError(f"config key '{prefix}new_params_lr_scale'{where}: must be > 0, got {self.new_params_lr_scale}")
+
+
+def _small_student() -> ModelConfig:
+    return ModelConfig(d_model=32, n_layers=1, n_heads=2, n_experts=4)
+
+
+@dataclass
+class DistillConfig:
+    """`trec distill`: a teacher checkpoint's soft targets train a smaller student (trecsys/stages/distill.py)."""
+
+    # The teacher: a stage of this run (pretrain, distill, finetune) or a checkpoint folder.
+    teacher: str = "pretrain"
+    # The student's architecture (any width, depth or adaptor; the text encoder is the prepared one).
+    student: ModelConfig = field(default_factory=_small_student)
+    # Loss = (1 - kd_ratio) * CE(labels) + kd_ratio * T^2 * KL(teacher/T || student/T) over the catalogue.
+    kd_ratio: float = 0.5
+    # T: both softmaxes are taken over logits / T (higher T shows more of the teacher's ranking tail).
+    temperature: float = 2.0
+    # Weight of the MSE between the teacher's sequence states and the student's, through a learned
+    # projection of the student's (0 = off).
+    hidden_weight: float = 0.0
+    # Whose training sequences: the source domains, the target (the teacher's zero-shot soft targets;
+    # kd_ratio 1 treats them as unlabelled), or both.
+    data: Literal["source", "target", "both"] = "source"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, prefix: str = "distill.", where: str = "") -> None:
+        if not 0.0 <= self.kd_ratio <= 1.0:
+            raise ConfigError(f"config key '{prefix}kd_ratio'{where}: must be in [0, 1], got {self.kd_ratio}")
+        if self.temperature <= 0:
+            raise ConfigError(f"config key '{prefix}temperature'{where}: must be > 0, got {self.temperature}")
+        if self.hidden_weight < 0:
+            raise ConfigError(f"config key '{prefix}hidden_weight'{where}: must be >= 0, got {self.hidden_weight}")
+
+
 @dataclass
 class EvaluateConfig:
     """`trec evaluate`: full ranking of the target catalogue (trecsys/stages/evaluate.py)."""
@@ -340,6 +425,8 @@ class ExperimentConfig:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
 

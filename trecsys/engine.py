@@ -175,15 +175,24 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only: not on norms, biases or embedding tables."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                   lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only: not on norms, biases or embedding tables.
+
+    Frozen parameters (requires_grad False) are left out. `lr_scales` maps parameter names to a
+    multiple of the scheduled lr (e.g. new layers on a pretrained model); the rest get 1.
+    """
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and id(p) not in embedding_weights else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+            decay = p.ndim >= 2 and id(p) not in embedding_weights
+            groups.setdefault((decay, float((lr_scales or {}).get(name, 1.0))), []).append(p)
+    param_groups = [
+        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,14 +372,17 @@ class _Progress:
 
 def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn, cfg: TrainConfig,
         work_dir: Path, *, seed: int, dist: Dist | None = None,
-        save_model: Callable[[nn.Module, Path], None] = save_weights, monitor: str = "ndcg@10",
+        save_model: Callable[[nn.Module, Path], None] = save_weights,
+        load_model: Callable[[nn.Module, Path], None] = load_weights, monitor: str = "ndcg@10",
         config_key: str = "train", fingerprint: dict | None = None, resume: bool = False,
-        resume_hint: str = "re-run with --resume") -> FitResult:
+        resume_hint: str = "re-run with --resume", lr_scales: dict[str, float] | None = None) -> FitResult:
     """Train `model` in place; `work_dir` receives `last/`, `best/` and `train_log.jsonl` (rank 0).
 
     The best model by `validate(model)[monitor]` (higher is better) is in `work_dir/best/`; the
     in-memory model holds the last weights. `fingerprint` (model config, data hashes, ...) must match
-    for `resume=True` to continue from `work_dir/last/`.
+    for `resume=True` to continue from `work_dir/last/` (read back by `load_model`, the inverse of
+    `save_model`). Only parameters with requires_grad train;
+    `lr_scales` gives named parameters a multiple of the scheduled lr (see `make_optimizer`).
     """
     dist = dist or Dist()
     device = dist.device
@@ -388,12 +400,12 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
         )
     total_steps = cfg.epochs * n_batches
     ctx, scaler, precision = autocast_setup(cfg.precision, device, f"{config_key}.precision")
-    optimizer = make_optimizer(model, cfg, device)
-    resume_key = _resume_key(cfg, config_key, {**(fingerprint or {}), "seed": seed})
+    optimizer = make_optimizer(model, cfg, device, lr_scales)
+    resume_key = _resume_key(cfg, config_key, {**(fingerprint or {}), "seed": seed, "lr_scales": lr_scales or {}})
 
     progress = _Progress()
     if resume:
-        progress = _load_resume_state(model, optimizer, scaler, last_dir, resume_key, dist)
+        progress = _load_resume_state(model, optimizer, scaler, last_dir, resume_key, dist, load_model)
         if dist.is_main:
             _truncate_log(log_path, progress.step)
     else:
@@ -460,7 +472,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
             train_loss = window.loss / max(window.terms, 1)
             record = {
                 "step": progress.step, "epoch": progress.epoch + progress.batch_in_epoch / n_batches,
-                "loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                "loss": train_loss, "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"],
                 "sequences_per_s": window.sequences / max(window.seconds, 1e-9),
                 "elapsed_s": round(progress.elapsed_s, 3),
             }
@@ -490,7 +502,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
                 batch = batches[b]
                 lr = lr_at(progress.step, total_steps, cfg)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group["lr_scale"]
                 n_terms = int(data.n_terms[batch].sum())
                 try:
                     local_loss = _step_backward(wrapped, data, shard(batch, dist.rank, dist.world_size, accum),
@@ -598,7 +610,8 @@ def _raise_diverged(what: str, step: int, lr: float, last_dir: Path, precision: 
 
 
 def _load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                       last_dir: Path, resume_key: dict, dist: Dist) -> _Progress:
+                       last_dir: Path, resume_key: dict, dist: Dist,
+                       load_model: Callable[[nn.Module, Path], None] = load_weights) -> _Progress:
     state_path = last_dir / STATE
     if not state_path.is_file():
         raise ArtifactError(f"nothing to resume: {state_path} does not exist; run without --resume")
@@ -610,7 +623,7 @@ def _load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, scale
     if state.get("format") != STATE_FORMAT:
         raise ArtifactError(f"{state_path}: training state format {state.get('format')!r}, expected {STATE_FORMAT}")
     _check_resume_key(state["resume_key"], resume_key, state_path)
-    load_weights(model, last_dir)
+    load_model(model, last_dir)
     model.to(dist.device)
     optimizer.load_state_dict(state["optimizer"])
     if scaler.is_enabled():

@@ -1,5 +1,6 @@
-"""Next-item losses over a catalogue: exact full-softmax cross-entropy computed in item chunks, and
-sampled softmax with logQ correction for catalogues too large to score in full.
+"""Next-item losses over a catalogue: exact full-softmax cross-entropy computed in item chunks, sampled
+softmax with logQ correction for catalogues too large to score in full, and the distillation KL
+between a teacher's and a student's softmax over the catalogue, chunked the same way.
 
 `score_fn(states (..., N, d), item_reps (..., n, d)) -> (..., N, n)` is a pure function of its two
 inputs (e.g. `SeqRecModel.score`) that broadcasts leading dimensions like matmul, so that
@@ -125,3 +126,82 @@ def proposal_log_q(item_counts: np.ndarray | torch.Tensor, power: float = 0.75) 
     counts = torch.as_tensor(np.asarray(item_counts), dtype=torch.float64)
     weights = (counts + 1.0) ** power
     return torch.log(weights / weights.sum()).float()
+
+
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Per-row KL(softmax(t) ‖ softmax(s)) over the catalogue, with t = teacher scores / T and
+    s = student scores / T, forward and backward chunk by chunk (as `_ChunkedLogSumExp`).
+
+    KL = Σ_j p_j (t_j − s_j) − lse(t) + lse(s), p = softmax(t). Forward: one pass for lse(t), one
+    for Σ p (t − s) and lse(s). Backward: ∂KL/∂s_j = softmax(s)_j − p_j, each chunk's logits
+    recomputed. The teacher gets no gradient.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, states, item_reps, score_fn, teacher_states, teacher_reps, teacher_score_fn,
+                temperature, chunk_size):
+        n_items = item_reps.shape[0]
+        teacher = lambda lo: teacher_score_fn(teacher_states, teacher_reps[lo:lo + chunk_size]).float() / temperature  # noqa: E731
+        lse_t = torch.full((states.shape[0],), -torch.inf, device=states.device)
+        for lo in range(0, n_items, chunk_size):
+            lse_t = torch.logaddexp(lse_t, torch.logsumexp(teacher(lo), dim=1))
+        lse_s, cross = torch.full_like(lse_t, -torch.inf), torch.zeros_like(lse_t)
+        for lo in range(0, n_items, chunk_size):
+            t = teacher(lo)
+            s = score_fn(states, item_reps[lo:lo + chunk_size]).float() / temperature
+            cross += (torch.exp(t - lse_t[:, None]) * (t - s)).sum(dim=1)
+            lse_s = torch.logaddexp(lse_s, torch.logsumexp(s, dim=1))
+        ctx.save_for_backward(states, item_reps, teacher_states, teacher_reps, lse_t, lse_s)
+        ctx.score_fns, ctx.temperature, ctx.chunk_size = (score_fn, teacher_score_fn), temperature, chunk_size
+        return cross - lse_t + lse_s
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_kl):
+        states, item_reps, teacher_states, teacher_reps, lse_t, lse_s = ctx.saved_tensors
+        (score_fn, teacher_score_fn), T, chunk = ctx.score_fns, ctx.temperature, ctx.chunk_size
+        grad_states, grad_reps = torch.zeros_like(states), torch.zeros_like(item_reps)
+        for lo in range(0, item_reps.shape[0], chunk):
+            t = teacher_score_fn(teacher_states, teacher_reps[lo:lo + chunk]).float() / T
+            with torch.enable_grad():
+                st = states.detach().requires_grad_()
+                r = item_reps[lo:lo + chunk].detach().requires_grad_()
+                logits = score_fn(st, r)
+            q = torch.exp(logits.detach().float() / T - lse_s[:, None])
+            p = torch.exp(t - lse_t[:, None])
+            upstream = ((q - p) * (grad_kl[:, None] / T)).to(logits.dtype)
+            g_states, g_reps = torch.autograd.grad(logits, (st, r), upstream)
+            grad_states += g_states
+            grad_reps[lo:lo + chunk] = g_reps
+        return grad_states, grad_reps, None, None, None, None, None, None
+
+
+def chunked_kd_loss(states: torch.Tensor, item_reps: torch.Tensor, score_fn: ScoreFn,
+                    teacher_states: torch.Tensor, teacher_reps: torch.Tensor, teacher_score_fn: ScoreFn,
+                    mask: torch.Tensor, temperature: float = 1.0, chunk_size: int = 8192) -> torch.Tensor:
+    """Mean over the rows where `mask` holds of T² · KL(softmax(teacher / T) ‖ softmax(student / T)).
+
+    The softmax runs over the whole catalogue: `item_reps` rows for the student, `teacher_reps` rows
+    for the teacher (the same items in the same order; the two may differ in width and score).
+    Memory is O(rows × chunk_size) like `chunked_cross_entropy`, and the value equals the unchunked
+    one. The T² factor keeps the gradient scale independent of T (Hinton et al. 2015).
+    """
+    keep = mask.reshape(-1)
+    states = states.reshape(-1, states.shape[-1])[keep]
+    teacher_states = teacher_states.reshape(-1, teacher_states.shape[-1])[keep].detach()
+    teacher_reps = teacher_reps.detach()
+    if len(states) == 0:
+        return states.sum() * 0.0  # keeps the graph connected for a batch without rows
+    if teacher_reps.shape[0] != item_reps.shape[0]:
+        raise ValueError(f"the teacher scores {teacher_reps.shape[0]} items, the student {item_reps.shape[0]}")
+    if item_reps.shape[0] <= chunk_size:  # one chunk: the plain computation is the same and cheaper
+        log_p = torch.log_softmax(teacher_score_fn(teacher_states, teacher_reps).float() / temperature, dim=1)
+        log_q = torch.log_softmax(score_fn(states, item_reps).float() / temperature, dim=1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    else:
+        kl = _ChunkedKL.apply(states, item_reps, score_fn, teacher_states, teacher_reps, teacher_score_fn,
+                              temperature, chunk_size)
+    return temperature * temperature * kl.mean()

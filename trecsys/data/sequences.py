@@ -41,17 +41,32 @@ def training_windows(sequences: list[np.ndarray], max_seq_len: int) -> np.ndarra
     return np.where(inside, flat[np.maximum(columns, 0)], PAD)
 
 
-def window_tensors(windows: np.ndarray, item_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def window_tensors(windows: np.ndarray, item_start: int = 0, item_stop: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels) LongTensors (B, max_seq_len) from windows.
 
     Inputs keep global item_idx; labels become catalogue-local (`item_idx - item_start`, the index
     into `model.item_reps(start, stop)`), and -1 (ignored) wherever the input is padding — at the
-    position before a user's first item, whose state is the empty history.
+    position before a user's first item, whose state is the empty history. With `item_stop`, labels
+    outside [item_start, item_stop) are ignored too: items of other domains in an interleaved
+    sequence are read as context but never predicted.
     """
     windows = torch.as_tensor(windows, dtype=torch.long)
     inputs, labels = windows[:, :-1], windows[:, 1:]
-    labels = torch.where(inputs >= 0, labels - item_start, torch.full_like(labels, PAD))
+    keep = inputs >= 0
+    if item_stop is not None:
+        keep &= (labels >= item_start) & (labels < item_stop)
+    labels = torch.where(keep, labels - item_start, torch.full_like(labels, PAD))
     return inputs, labels
+
+
+def label_counts(windows: np.ndarray, item_start: int = 0, item_stop: int | None = None) -> np.ndarray:
+    """Labels per window that `window_tensors` keeps: the loss terms each window contributes."""
+    inputs, labels = windows[:, :-1], windows[:, 1:]
+    keep = (inputs >= 0) & (labels >= 0)
+    if item_stop is not None:
+        keep &= (labels >= item_start) & (labels < item_stop)
+    return keep.sum(axis=1)
 
 
 def history_batch(histories: list[np.ndarray], max_seq_len: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ from trecsys.checkpoints import (
     latest_checkpoint,
 )
 from trecsys.config import ExperimentConfig, to_dict
+from trecsys.data.context import histories_for
 from trecsys.data.prepared import Prepared, domain_split, load_prepared
 from trecsys.devices import resolve_device
 from trecsys.errors import ArtifactError, ConfigError, DataError
@@ -124,6 +125,7 @@ def _compare_system(entry: str, prepared: Prepared) -> System:
 class EvalUsers:
     """The target domain's users that have held-out items in the split, catalogue-local."""
 
+    split: str
     user_idx: np.ndarray
     histories_global: list[np.ndarray]
     histories: list[np.ndarray]
@@ -150,6 +152,7 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
     source_rows = prepared.interactions["domain"].isin(prepared.source)
     source_users = np.unique(prepared.interactions.loc[source_rows, "user_idx"].to_numpy())
     return EvalUsers(
+        split=split,
         user_idx=ds.user_idx[keep],
         histories_global=histories_global,
         histories=to_local(histories_global, domain),
@@ -221,7 +224,11 @@ def make_scorer(system: System, prepared: Prepared, users: EvalUsers, n_items: i
     model, info = load_checkpoint(system.checkpoint, map_location=device)
     check_model_catalogue(info, system.checkpoint, prepared.n_items, prepared.embeddings.shape[1])
     domain = prepared.domain(prepared.target, key="data.target")
-    return ModelScorer(model, users.histories_global, domain, prepared.embeddings, device,
+    histories = users.histories_global
+    if info.get("extra", {}).get("history", "target") != "target":
+        # Fine-tuned reading the user's source items as context (finetune.history): read them here too.
+        histories = histories_for(prepared, info["extra"]["history"], users.split, users.user_idx)
+    return ModelScorer(model, histories, domain, prepared.embeddings, device,
                        name=system.label, user_batch=user_batch)
 
 

@@ -1,0 +1,149 @@
+"""`trec distill` end to end on the tiny prepared folder, through the CLI (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_config, write_tiny_prepared
+from typer.testing import CliRunner
+
+from trecsys.cli import app
+from trecsys.config import ModelConfig
+from trecsys.data.prepared import domain_split, load_prepared
+from trecsys.data.sequences import training_windows, window_tensors
+from trecsys.engine import LOG, read_log, seed_everything
+from trecsys.model import SeqRecModel, load_checkpoint, save_checkpoint
+
+runner = CliRunner()
+STUDENT = {"d_model": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 6, "dropout": 0.0, "n_experts": 2,
+           "adaptor": "linear"}
+
+
+def trec(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def distill_config(run_dir: Path, path: Path, **distill) -> Path:
+    tiny_config(run_dir, path)
+    data = yaml.safe_load(path.read_text())
+    data["pretrain"]["train"].update(epochs=6, lr=0.02)
+    data["distill"] = {"student": dict(STUDENT), "train": {"epochs": 4, "batch_size": 16, "lr": 0.01, "patience": 0},
+                       **distill}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("teacher")
+    run_dir = root / "run"
+    write_tiny_prepared(run_dir)
+    result = trec("pretrain-source", "-c", str(distill_config(run_dir, root / "cfg.yaml")))
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(teacher_run, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(teacher_run, run_dir)
+    return run_dir
+
+
+def agreement(teacher: SeqRecModel, student: SeqRecModel, run_dir: Path) -> tuple[float, float]:
+    """(mean KL(teacher ‖ student) over every source training position, mean top-5 overlap)."""
+    prepared = load_prepared(run_dir)
+    kls, overlaps = [], []
+    for name in prepared.source:
+        split = domain_split(prepared, name)
+        d = split.domain
+        inputs, labels = window_tensors(training_windows(split.train, 6), d.item_start, d.item_stop)
+        with torch.no_grad():
+            logits = [m.eval().score(m.encode(inputs)[labels >= 0], m.item_reps(d.item_start, d.item_stop))
+                      for m in (teacher, student)]
+        p, q = (torch.log_softmax(x, dim=-1) for x in logits)
+        kls.append((p.exp() * (p - q)).sum(-1))
+        tops = [x.topk(5, dim=-1).indices for x in logits]
+        overlaps.append((tops[0][:, :, None] == tops[1][:, None, :]).any(-1).float().mean(-1))
+    return float(torch.cat(kls).mean()), float(torch.cat(overlaps).mean())
+
+
+def test_distillation_moves_the_student_toward_the_teachers_rankings(run_copy, tmp_path):
+    prepared = load_prepared(run_copy)
+    teacher, _ = load_checkpoint(run_copy / "pretrain")
+    seed_everything(0)  # the stage's seed: the student before training
+    initial = SeqRecModel(ModelConfig(**STUDENT), prepared.embeddings.shape[1], prepared.n_items)
+    students = {}
+    for kd_ratio in (0.0, 1.0):
+        cfg = distill_config(run_copy, tmp_path / f"kd{kd_ratio}.yaml", kd_ratio=kd_ratio, temperature=1.0)
+        result = trec("distill", "-c", str(cfg))
+        assert result.exit_code == 0, result.output
+        students[kd_ratio], _ = load_checkpoint(run_copy / "distill")
+    for model in (teacher, initial, *students.values()):
+        model.set_item_text(torch.from_numpy(prepared.embeddings))
+    kl_init, overlap_init = agreement(teacher, initial, run_copy)
+    kl_ce, overlap_ce = agreement(teacher, students[0.0], run_copy)
+    kl_kd, overlap_kd = agreement(teacher, students[1.0], run_copy)
+    assert kl_kd < 0.5 * kl_init and kl_kd < kl_ce  # closer than at the start, and than labels alone make it
+    assert overlap_kd > overlap_init and overlap_kd > overlap_ce
+
+
+def test_distill_reports_teacher_and_student_side_by_side(run_copy, tmp_path):
+    cfg = distill_config(run_copy, tmp_path / "cfg.yaml", data="both", hidden_weight=0.5)
+    result = trec("distill", "-c", str(cfg))
+    assert result.exit_code == 0, result.output
+    for label in ("teacher", "student", "parameters", "checkpoint MiB", "users/s", "valid ndcg@10"):
+        assert label in result.output
+    out = run_copy / "distill"
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "train_log.jsonl",
+                                               "config.yaml", "manifest.json"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    teacher, _ = load_checkpoint(run_copy / "pretrain")
+    student, info = load_checkpoint(out)
+    side = manifest["comparison"]
+    assert side["teacher"]["n_parameters"] == teacher.num_parameters()
+    assert side["student"]["n_parameters"] == student.num_parameters() < teacher.num_parameters()
+    assert side["student"]["checkpoint_mib"] < side["teacher"]["checkpoint_mib"]
+    assert side["teacher"]["users_per_s"] > 0 and side["student"]["users_per_s"] > 0
+    assert side["student"]["valid"]["ndcg@10"] == pytest.approx(manifest["metrics"]["ndcg@10"])
+    assert manifest["data"] == ["Books", "Games", "Food"] and info["extra"]["teacher"] == str(run_copy / "pretrain")
+    assert {"Books/ndcg@10", "Food/ndcg@10"} <= manifest["metrics"].keys()
+    assert len(list(read_log(out / LOG))) == 4
+
+
+def test_resume_with_hidden_matching_finishes_like_an_uninterrupted_run(run_copy, tmp_path):
+    cfg = distill_config(run_copy, tmp_path / "cfg.yaml", data="target", hidden_weight=1.0)
+    assert trec("distill", "-c", str(cfg)).exit_code == 0
+    whole = [r["valid"] for r in read_log(run_copy / "distill" / LOG)]
+    assert trec("distill", "-c", str(cfg), "distill.train.max_steps=5").exit_code == 0
+    assert (run_copy / ".distill.work" / "last" / "projection.safetensors").is_file()
+    resumed = trec("distill", "-c", str(cfg), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["valid"] for r in read_log(run_copy / "distill" / LOG)][-1] == whole[-1]
+
+
+def test_bad_teachers_and_students_are_one_line_errors_naming_the_key(run_copy, tmp_path):
+    cfg = distill_config(run_copy, tmp_path / "cfg.yaml")
+    prepared = load_prepared(run_copy)
+    for name, text_dim, n_items in (("narrow", 8, prepared.n_items), ("other_catalogue", 16, prepared.n_items + 3)):
+        save_checkpoint(SeqRecModel(ModelConfig(**STUDENT), text_dim, n_items), tmp_path / name)
+    cases = [
+        ([f"distill.teacher={tmp_path / 'narrow'}"], "'distill.teacher'", "8-dimensional item text embeddings"),
+        ([f"distill.teacher={tmp_path / 'other_catalogue'}"], "'distill.teacher'", "catalogue of"),
+        (["distill.teacher=finetune"], "'distill.teacher'", "trec finetune-target"),
+        (["distill.student.max_seq_len=12"], "'distill.student.max_seq_len'", "at most"),
+        (["distill.student.n_heads=3"], "'distill.student.n_heads'", "do not divide"),
+        (["distill.kd_ratio=1.5"], "'distill.kd_ratio'", "[0, 1]"),
+        (["distill.temperature=0"], "'distill.temperature'", "> 0"),
+        (["distill.data=elsewhere"], "'distill.data'", "'source'"),
+    ]
+    for overrides, key, what in cases:
+        result = trec("distill", "-c", str(cfg), *overrides)
+        message = result.output.strip()
+        assert result.exit_code == 2 and "\n" not in message, (overrides, message)
+        assert key in message and what in message, message

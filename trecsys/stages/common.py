@@ -1,0 +1,276 @@
+"""What the training stages share: checking the prepared data, finding and checking checkpoints,
+training windows with the next-item loss, full-ranking validation, and writing the stage folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trecsys.artifacts import MANIFEST, describe_file, sha256_file, stage_output, write_manifest, write_text
+from trecsys.checkpoints import is_checkpoint
+from trecsys.config import ExperimentConfig, TrainConfig, to_dict, to_yaml
+from trecsys.data.prepared import DomainRange, Prepared
+from trecsys.data.sequences import label_counts, training_windows, trim_left_padding, window_tensors
+from trecsys.engine import TrainData
+from trecsys.errors import ArtifactError, ConfigError
+from trecsys.losses import chunked_cross_entropy, proposal_log_q, sampled_softmax_loss
+from trecsys.metrics import full_ranking_topk, ranking_metrics
+from trecsys.model import CONFIG, WEIGHTS, SeqRecModel, load_checkpoint
+from trecsys.scorers import ModelScorer, to_local
+
+MONITOR = "ndcg@10"
+REPORTED = ("ndcg@10", "recall@10")
+# Stage folders that hold a checkpoint, and the command that writes each.
+CHECKPOINT_STAGES = {"pretrain": "pretrain-source", "distill": "distill", "finetune": "finetune-target"}
+# Where a checkpoint records the prepared data it was trained on (config.json "extra").
+PREPARED_KEY = "prepared_manifest_sha256"
+
+# ---------------------------------------------------------------------------------------------
+# Prepared data
+
+
+def prepared_fingerprint(prepared: Prepared) -> str:
+    """sha256 of the prepared manifest: it changes whenever `trec prepare` runs again."""
+    return sha256_file(prepared.folder / MANIFEST)
+
+
+def prepared_input(prepared: Prepared, run_dir: Path) -> dict:
+    return describe_file(prepared.folder / MANIFEST, root=run_dir)
+
+
+def check_prepared(prepared: Prepared, cfg: ExperimentConfig) -> list[str]:
+    """Refuse prepared data made for another config; return its source domains."""
+    encoder = prepared.manifest.get("encoder")
+    made_with = encoder.get("name") if isinstance(encoder, dict) else encoder
+    if made_with != cfg.embedding.encoder:
+        raise ArtifactError(
+            f"{prepared.folder / MANIFEST}: the item embeddings were made with encoder {made_with!r}, but config "
+            f"key 'embedding.encoder' is {cfg.embedding.encoder!r}: re-run `trec prepare` or set it back"
+        )
+    sources = prepared.source
+    if cfg.data.source and list(cfg.data.source) != sources:
+        raise ArtifactError(
+            f"{prepared.folder / MANIFEST}: prepared with source domains {sources}, but config key "
+            f"'data.source' is {list(cfg.data.source)}: re-run `trec prepare`"
+        )
+    return sources
+
+
+def check_target(prepared: Prepared, cfg: ExperimentConfig) -> DomainRange:
+    """The target domain's item range; `data.target` must be the prepared target."""
+    domain = prepared.domain(cfg.data.target, key="data.target")
+    if cfg.data.target != prepared.target:
+        raise ArtifactError(
+            f"{prepared.folder / MANIFEST}: prepared with target domain {prepared.target!r}, but config key "
+            f"'data.target' is {cfg.data.target!r}: set it back or re-run `trec prepare`"
+        )
+    return domain
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_folder(value: str, run_dir: Path) -> Path:
+    """A stage name of this run (pretrain, distill, finetune) or a checkpoint folder -> the folder."""
+    return Path(run_dir) / value if value in CHECKPOINT_STAGES else Path(value).expanduser()
+
+
+def resolve_checkpoint(value: str, run_dir: Path, key: str) -> Path:
+    """The checkpoint folder `value` names, which must hold a checkpoint."""
+    folder = checkpoint_folder(value, run_dir)
+    if not is_checkpoint(folder):
+        if value in CHECKPOINT_STAGES:
+            hint = f"run `trec {CHECKPOINT_STAGES[value]}` first"
+        else:
+            hint = f"expected one of {', '.join(CHECKPOINT_STAGES)} or a folder with {WEIGHTS} and {CONFIG}"
+        raise ArtifactError(f"config key '{key}': no checkpoint in {folder}: {hint}")
+    return folder
+
+
+def load_compatible(value: str, run_dir: Path, prepared: Prepared, key: str) -> tuple[SeqRecModel, dict, Path]:
+    """Load the checkpoint `value` names and refuse one made for other prepared data or embeddings."""
+    folder = resolve_checkpoint(value, run_dir, key)
+    try:
+        model, info = load_checkpoint(folder)
+    except ArtifactError as exc:
+        raise ArtifactError(f"config key '{key}': {exc}") from None
+    recorded, current = info.get("extra", {}).get(PREPARED_KEY), prepared_fingerprint(prepared)
+    if recorded is not None and recorded != current:
+        raise ArtifactError(
+            f"config key '{key}': {folder} was trained on other prepared data (prepared manifest sha256 "
+            f"{recorded[:12]}…, this run's is {current[:12]}…): retrain it on {prepared.folder} or name a "
+            "checkpoint of this run"
+        )
+    text_dim = prepared.embeddings.shape[1]
+    if model.text_dim != text_dim:
+        raise ArtifactError(
+            f"config key '{key}': {folder} expects {model.text_dim}-dimensional item text embeddings, the "
+            f"prepared ones have {text_dim}: use a checkpoint made with the same embedding.encoder"
+        )
+    if model.n_items != prepared.n_items:
+        raise ArtifactError(
+            f"config key '{key}': {folder} was built for a catalogue of {model.n_items} items, the prepared "
+            f"data has {prepared.n_items}: name a checkpoint trained on this run's prepared data"
+        )
+    model.set_item_text(torch.from_numpy(prepared.embeddings))
+    return model, info, folder
+
+
+def checkpoint_files(folder: Path, prefix: str = "") -> dict[str, Path]:
+    """{destination: source} for copying a checkpoint (weights and config.json) into a stage folder."""
+    return {f"{prefix}{name}": Path(folder) / name for name in (WEIGHTS, CONFIG)}
+
+
+def file_mib(path: Path) -> float:
+    return round(Path(path).stat().st_size / 2**20, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training windows and the next-item loss
+
+
+@dataclass
+class DomainWindows:
+    """Training windows whose labels are ranked against one domain's catalogue; items of other
+    domains in them are context only (never labels)."""
+
+    domain: DomainRange
+    windows: np.ndarray
+    log_q: torch.Tensor | None = None  # proposal of `loss: sampled`, over the domain's items
+
+
+def domain_windows(domain: DomainRange, sequences: Sequence[np.ndarray], max_seq_len: int,
+                   train: TrainConfig, device: torch.device) -> DomainWindows:
+    """Windows of `sequences` that hold at least one label in `domain`."""
+    windows = training_windows(list(sequences), max_seq_len)
+    windows = windows[label_counts(windows, domain.item_start, domain.item_stop) > 0]
+    log_q = None
+    if train.loss == "sampled":  # proposal from training popularity within the domain
+        flat = np.concatenate(list(sequences)) if len(sequences) else np.zeros(0, dtype=np.int64)
+        flat = flat[(flat >= domain.item_start) & (flat < domain.item_stop)] - domain.item_start
+        log_q = proposal_log_q(np.bincount(flat, minlength=domain.n_items)).to(device)
+    return DomainWindows(domain, windows, log_q)
+
+
+def window_train_data(parts: list[DomainWindows]) -> TrainData:
+    """Every part's windows; a batch holds one part's windows (so one catalogue per batch)."""
+    windows = np.concatenate([p.windows for p in parts])
+    groups = np.repeat(np.arange(len(parts)), [len(p.windows) for p in parts])
+    n_terms = np.concatenate([label_counts(p.windows, p.domain.item_start, p.domain.item_stop) for p in parts])
+
+    def make_batch(indices: np.ndarray) -> dict:
+        return {"windows": trim_left_padding(torch.from_numpy(windows[indices])), "group": int(groups[indices[0]])}
+
+    return TrainData(n_terms=n_terms, make_batch=make_batch, groups=groups)
+
+
+def batch_inputs(parts: list[DomainWindows], batch: dict) -> tuple[DomainWindows, torch.Tensor, torch.Tensor]:
+    """(part, inputs, catalogue-local labels) of a batch made by `window_train_data`."""
+    part = parts[batch["group"]]
+    inputs, labels = window_tensors(batch["windows"], part.domain.item_start, part.domain.item_stop)
+    return part, inputs, labels
+
+
+def next_item_loss(model: SeqRecModel, states: torch.Tensor, labels: torch.Tensor, item_reps: torch.Tensor,
+                   part: DomainWindows, train: TrainConfig) -> torch.Tensor:
+    """Mean next-item loss of the labelled positions: full softmax (chunked) or sampled."""
+    if train.loss == "full":
+        return chunked_cross_entropy(states, labels, item_reps, model.score, train.loss_chunk_size)
+    return sampled_softmax_loss(states, labels, item_reps, model.score, train.n_negatives, part.log_q)
+
+
+def ce_loss_fn(parts: list[DomainWindows], train: TrainConfig,
+               extra: Callable[[SeqRecModel], torch.Tensor] | None = None):
+    """loss_fn for the engine: the summed next-item loss of a batch (+ `extra(model)` per label)."""
+
+    def loss_fn(model: SeqRecModel, batch: dict) -> torch.Tensor:
+        part, inputs, labels = batch_inputs(parts, batch)
+        states = model.encode(inputs)
+        reps = model.item_reps(part.domain.item_start, part.domain.item_stop)
+        mean = next_item_loss(model, states, labels, reps, part, train)
+        if extra is not None:
+            mean = mean + extra(model)
+        return mean * (labels >= 0).sum()  # the engine normalises by the global batch's label count
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-ranking validation (and test numbers, with the same code)
+
+
+@dataclass
+class EvalCase:
+    """Users to rank one domain's catalogue for: what each read (global item_idx, any domain) and
+    their held-out items (global item_idx in `domain`)."""
+
+    name: str
+    domain: DomainRange
+    histories: list[np.ndarray]
+    targets: list[np.ndarray]
+
+
+def make_ranker(cases: list[EvalCase], item_text: np.ndarray, user_batch: int, device: torch.device,
+                ks: Sequence[int] = (10,), key: str = "data.source") -> Callable[[SeqRecModel], dict[str, float]]:
+    """rank(model) -> NDCG/Recall@K pooled over every case's users with a held-out item, and per case
+    ("<name>/ndcg@10"). Each case's full catalogue is ranked by trecsys.scorers.ModelScorer (the
+    scorer `trec evaluate` uses), the items in the user's history excluded."""
+    prepared_cases = []
+    for case in cases:
+        # Users in order of history length, so a batch of them needs little padding.
+        users = sorted((u for u, t in enumerate(case.targets) if len(t)), key=lambda u: len(case.histories[u]))
+        histories = [case.histories[u] for u in users]
+        prepared_cases.append((case, histories, to_local(histories, case.domain),
+                               to_local([case.targets[u] for u in users], case.domain)))
+    reported = [f"{m}@{k}" for k in ks for m in ("ndcg", "recall")]
+
+    def rank(model: SeqRecModel) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        pooled: dict[str, list[np.ndarray]] = {k: [] for k in reported}
+        for case, histories, exclude, targets in prepared_cases:
+            if not targets:
+                continue
+            scorer = ModelScorer(model, histories, case.domain, item_text, device, user_batch=user_batch)
+            _, top = full_ranking_topk(scorer.score_chunk, len(targets), case.domain.n_items, k=max(ks),
+                                       exclude=exclude, user_batch=user_batch, device=device)
+            per_user = ranking_metrics(top, targets, ks=ks)
+            for name in reported:
+                metrics[f"{case.name}/{name}"] = float(np.nanmean(per_user[name]))
+                pooled[name].append(per_user[name])
+        if not pooled[reported[0]]:
+            raise ConfigError(f"config key '{key}': no user has a held-out item to rank")
+        metrics.update({name: float(np.nanmean(np.concatenate(v))) for name, v in pooled.items()})
+        return metrics
+
+    return rank
+
+
+def n_ranked_users(cases: list[EvalCase]) -> int:
+    return sum(1 for case in cases for t in case.targets if len(t))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage folder
+
+
+def write_stage_folder(out: Path, files: dict[str, Path], cfg: ExperimentConfig, stage: str,
+                       inputs: list[dict], extra: dict) -> None:
+    """Copy `files` ({relative destination: source}) into a fresh `out`, with config.yaml and a
+    manifest, swapped in atomically by `stage_output`."""
+    with stage_output(out) as folder:
+        for destination, source in files.items():
+            (folder / destination).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / destination)
+        write_text(folder / "config.yaml", to_yaml(cfg))
+        write_manifest(folder, stage, to_dict(cfg), inputs=inputs, extra=extra)
+
+
+def metrics_line(metrics: dict | None) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in (metrics or {}).items() if "/" not in k)

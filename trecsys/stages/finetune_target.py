@@ -1,0 +1,227 @@
+"""`trec finetune-target`: adapt a checkpoint (`finetune.init_from`) to the target domain with one
+`finetune.strategy`, or with `auto` try several and keep the best by VALIDATION NDCG@10, so that
+transfer never does worse on validation than training from scratch (when scratch is a candidate).
+
+Writes `<run_dir>/finetune/`: the chosen model, its train_log.jsonl, config.yaml, and a manifest
+with every candidate's validation scores and trainable parameter counts; with `auto`, each
+candidate's model is kept under `candidates/<strategy>/`. The test split is never read here.
+Resumable state lives in `<run_dir>/.finetune.work/<strategy>/` until the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trecsys.artifacts import (
+    describe_file,
+    read_json,
+    run_lock,
+    stage_output,
+    write_json,
+    write_text,
+)
+from trecsys.checkpoints import is_checkpoint, weights_sha256
+from trecsys.config import ExperimentConfig, to_dict
+from trecsys.data.context import TargetSequences, target_sequences
+from trecsys.data.prepared import Prepared, load_prepared
+from trecsys.engine import LOG, STATE, Dist, fit, setup_distributed, teardown_distributed
+from trecsys.errors import ConfigError
+from trecsys.model import WEIGHTS, SeqRecModel, save_checkpoint
+from trecsys.stages.common import (
+    MONITOR,
+    PREPARED_KEY,
+    EvalCase,
+    ce_loss_fn,
+    check_prepared,
+    check_target,
+    checkpoint_files,
+    checkpoint_folder,
+    domain_windows,
+    load_compatible,
+    make_ranker,
+    metrics_line,
+    prepared_fingerprint,
+    prepared_input,
+    window_train_data,
+    write_stage_folder,
+)
+from trecsys.transfer import TRANSFERRING, Candidate, build_candidate, l2sp_penalty
+
+STAGE = "finetune-target"
+OUTPUT = "finetune"
+WORK = ".finetune.work"
+TRAIN_KEY = "finetune.train"
+RESULT = "result.json"  # a finished candidate's summary in its work folder (a resume skips it)
+
+
+@dataclass
+class CandidateResult:
+    strategy: str
+    valid: dict[str, float]
+    best_step: int | None
+    steps: int
+    stopped: str
+    n_parameters: int
+    n_trainable: int
+    train_s: float
+
+
+def run(cfg: ExperimentConfig, resume: bool = False) -> None:
+    dist = setup_distributed(cfg.device)
+    try:
+        _run(cfg, resume, dist)
+    finally:
+        teardown_distributed()
+
+
+def _run(cfg: ExperimentConfig, resume: bool, dist: Dist) -> None:
+    run_dir = Path(cfg.run_dir)
+    out, work = run_dir / OUTPUT, run_dir / WORK
+    ft = cfg.finetune
+    with run_lock(out) if dist.is_main else contextlib.nullcontext():
+        prepared = load_prepared(run_dir)
+        check_prepared(prepared, cfg)
+        domain = check_target(prepared, cfg)
+        strategies = list(ft.candidates) if ft.strategy == "auto" else [ft.strategy]
+        init, init_dir = init_model(cfg, prepared, strategies)
+        base = init.config if init is not None else cfg.model
+        seqs = target_sequences(prepared, ft.history)
+        train_users = seqs.training_users(ft.train_fraction, cfg.seed)
+        validate = make_ranker([EvalCase(domain.name, domain, seqs.histories["valid"], seqs.targets["valid"])],
+                               prepared.embeddings, ft.train.eval_user_batch, dist.device, key="data.target")
+        context = {"stage": STAGE, "target": domain.name, "history": ft.history,
+                   PREPARED_KEY: prepared_fingerprint(prepared), "init_from": str(init_dir) if init_dir else None}
+        if dist.is_main:
+            if not resume and work.exists():
+                shutil.rmtree(work)
+            source = f"from {init_dir}" if init_dir else f"architecture from config key 'model' ({ft.init_from!r} not found)"
+            print(f"{STAGE}: {', '.join(strategies)} on {domain.name} ({len(train_users):,} of "
+                  f"{int((seqs.n_target_train > 0).sum()):,} training users, history {ft.history}), {source}")
+        dist.barrier()
+        results = []
+        for strategy in strategies:
+            candidate = build_candidate(strategy, init, base, torch.from_numpy(prepared.embeddings),
+                                        prepared.n_items, ft.item_ids, cfg.seed)
+            results.append(run_candidate(candidate, cfg, seqs, train_users, validate, work / strategy,
+                                         {**context, "strategy": strategy}, init_dir, resume, dist))
+        if dist.is_main:
+            chosen = choose(results)
+            write_output(out, work, cfg, prepared, results, chosen, init_dir, seqs, train_users)
+            if all(r.stopped != "max_steps" for r in results):
+                shutil.rmtree(work, ignore_errors=True)
+            print(summary_table(results, chosen, domain.name))
+            print(f"{STAGE}: kept {chosen.strategy} (valid {metrics_line(chosen.valid)}); wrote {out}")
+        dist.barrier()
+
+
+def init_model(cfg: ExperimentConfig, prepared: Prepared, strategies: list[str]
+               ) -> tuple[SeqRecModel | None, Path | None]:
+    """The init_from model; scratch and id_only alone may go without (the `model` section is used)."""
+    run_dir, value = Path(cfg.run_dir), cfg.finetune.init_from
+    if not any(s in TRANSFERRING for s in strategies) and not is_checkpoint(checkpoint_folder(value, run_dir)):
+        return None, None
+    model, _, folder = load_compatible(value, run_dir, prepared, "finetune.init_from")
+    return model, folder
+
+
+def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSequences, train_users: np.ndarray,
+                  validate, work: Path, extra: dict, init_dir: Path | None, resume: bool,
+                  dist: Dist) -> CandidateResult:
+    """Train (or, for zero_shot, only validate) one candidate; its best model lands in `work/best/`."""
+    ft, model = cfg.finetune, candidate.model
+    done = work / RESULT
+    if resume and done.is_file():
+        return CandidateResult(**read_json(done))
+    save = lambda m, folder: save_checkpoint(m, folder, extra)  # noqa: E731
+    if not candidate.trains:
+        t0 = time.perf_counter()
+        metrics = None
+        if dist.is_main:
+            model.to(dist.device).eval()
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in validate(model).items()}
+            with stage_output(work / "best") as folder:
+                save(model, folder)
+            write_text(work / LOG, json.dumps({"step": 0, "valid": metrics, "best_step": 0}) + "\n")
+        result = CandidateResult(candidate.strategy, metrics or {}, 0, 0, "zero_shot", model.num_parameters(), 0,
+                                 round(time.perf_counter() - t0, 3))
+    else:
+        parts = [domain_windows(seqs.domain, [seqs.train[u] for u in train_users], model.config.max_seq_len,
+                                ft.train, dist.device)]
+        if len(parts[0].windows) == 0:
+            raise ConfigError(
+                f"config key 'finetune.train_fraction': the {len(train_users)} chosen target users give no "
+                f"training pair (an item after another); raise it (now {ft.train_fraction})"
+            )
+        penalty = None
+        if ft.l2sp > 0 and candidate.anchors:
+            penalty = lambda m: l2sp_penalty(m, candidate.anchors, ft.l2sp)  # noqa: E731
+        fingerprint = {
+            "model": to_dict(model.config), "strategy": candidate.strategy, "history": ft.history,
+            "train_fraction": ft.train_fraction, "item_ids": ft.item_ids, "l2sp": ft.l2sp,
+            "prepared": extra[PREPARED_KEY],
+            "init": weights_sha256(init_dir) if init_dir and candidate.strategy in TRANSFERRING else None,
+        }
+        fitted = fit(model, window_train_data(parts), ce_loss_fn(parts, ft.train, penalty), validate, ft.train,
+                     work, seed=cfg.seed, dist=dist, save_model=save, monitor=MONITOR, config_key=TRAIN_KEY,
+                     fingerprint=fingerprint, resume=resume and (work / "last" / STATE).is_file(),
+                     resume_hint=f"run `trec {STAGE}` again with --resume to continue",
+                     lr_scales=candidate.lr_scales(ft.new_params_lr_scale))
+        result = CandidateResult(candidate.strategy, fitted.best_metrics or {}, fitted.best_step, fitted.steps,
+                                 fitted.stopped, model.num_parameters(), candidate.n_trainable(),
+                                 round(fitted.elapsed_s, 3))
+    if dist.is_main and result.stopped != "max_steps":  # one cut short by max_steps resumes from last/
+        write_json(done, asdict(result))
+    return result
+
+
+def choose(results: list[CandidateResult]) -> CandidateResult:
+    """The best validation NDCG@10; a tie keeps the earlier candidate (candidates order)."""
+    best = results[0]
+    for result in results[1:]:
+        if result.valid[MONITOR] > best.valid[MONITOR]:
+            best = result
+    return best
+
+
+def write_output(out: Path, work: Path, cfg: ExperimentConfig, prepared: Prepared, results: list[CandidateResult],
+                 chosen: CandidateResult, init_dir: Path | None, seqs: TargetSequences,
+                 train_users: np.ndarray) -> None:
+    files = {**checkpoint_files(work / chosen.strategy / "best"), LOG: work / chosen.strategy / LOG}
+    if len(results) > 1:
+        for r in results:
+            files.update(checkpoint_files(work / r.strategy / "best", f"candidates/{r.strategy}/"))
+            files[f"candidates/{r.strategy}/{LOG}"] = work / r.strategy / LOG
+    inputs = [prepared_input(prepared, Path(cfg.run_dir))]
+    if init_dir is not None:
+        inputs.append(describe_file(init_dir / WEIGHTS))
+    ft = cfg.finetune
+    write_stage_folder(out, files, cfg, STAGE, inputs, extra={
+        "seed": cfg.seed, "target": seqs.domain.name, "strategy": ft.strategy, "chosen": chosen.strategy,
+        "chosen_by": f"valid {MONITOR}", "metrics": chosen.valid,
+        "candidates": {r.strategy: asdict(r) for r in results},
+        "init_from": str(init_dir) if init_dir else None, "history": ft.history,
+        "train_fraction": ft.train_fraction, "n_train_users": len(train_users),
+        "n_parameters": chosen.n_parameters, "n_trainable": chosen.n_trainable,
+        "timings_s": {"train": round(sum(r.train_s for r in results), 3)},
+    })
+
+
+def summary_table(results: list[CandidateResult], chosen: CandidateResult, target: str) -> str:
+    lines = [f"{STAGE}: validation on {target} (chosen by valid {MONITOR}; test is never read here)",
+             f"  {'strategy':<10} {'ndcg@10':>8} {'recall@10':>9} {'trainable':>10} {'steps':>6} {'train_s':>8}"]
+    for r in results:
+        mark = " *" if r is chosen else ""
+        lines.append(f"  {r.strategy:<10} {r.valid.get('ndcg@10', float('nan')):>8.4f} "
+                     f"{r.valid.get('recall@10', float('nan')):>9.4f} {r.n_trainable:>10,} {r.steps:>6} "
+                     f"{r.train_s:>8.1f}{mark}")
+    return "\n".join(lines)
+
