@@ -132,7 +132,7 @@ def test_a_same_size_tampered_file_passes_the_fast_path_but_not_verify(tiny_prep
     load_prepared(tiny_prepared)  # size and mtime match: the fast path trusts it
     cfg = str(tiny_config(tiny_prepared, tmp_path / "c.yaml"))
     before = hash_tree(tiny_prepared)
-    for stage in ("pretrain-source", "evaluate", "recommend"):
+    for stage in ("pretrain-source", "distill", "finetune-target", "evaluate", "recommend"):
         result = trec(stage, "-c", cfg, "--verify")
         assert result.exit_code == EXIT_BAD_INPUT, result.output
         assert result.stderr.strip().splitlines()[-1] == (

@@ -129,9 +129,10 @@ def distill(
     debug: bool = DebugOption,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or max_steps-limited run "
                                 "from <run_dir>/.distill.work/last/ exactly where it stopped."),
+    verify: bool = VerifyOption,
 ) -> None:
     """Distil a teacher checkpoint into a smaller student: writes <run_dir>/distill/."""
-    _run_stage("distill", config, overrides, print_config, debug, resume=resume)
+    _run_stage("distill", config, overrides, print_config, debug, resume=resume, verify=verify)
 
 
 @app.command("finetune-target")
@@ -143,9 +144,10 @@ def finetune_target(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or max_steps-limited run: "
                                 "finished candidates are kept, the interrupted one continues from "
                                 "<run_dir>/.finetune.work/<strategy>/last/."),
+    verify: bool = VerifyOption,
 ) -> None:
     """Adapt a checkpoint to the target domain: writes <run_dir>/finetune/."""
-    _run_stage("finetune-target", config, overrides, print_config, debug, resume=resume)
+    _run_stage("finetune-target", config, overrides, print_config, debug, resume=resume, verify=verify)
 
 
 @app.command()
