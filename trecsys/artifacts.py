@@ -188,6 +188,9 @@ def read_manifest(folder: Path, stage: str | None = None, name: str = MANIFEST) 
         what = f"the {stage} stage" if stage else "a trecsys stage"
         raise ArtifactError(f"{folder} has no {name}: run {what} first")
     manifest = read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("outputs", []), list):
+        raise ArtifactError(f"{path}: not a trecsys manifest (a JSON object with an outputs list): "
+                            "re-run the stage that made it")
     if stage is not None and manifest.get("stage") != stage:
         raise ArtifactError(f"{path}: made by stage {manifest.get('stage')!r}, expected {stage!r}")
     return manifest
@@ -200,6 +203,10 @@ def verify_outputs(folder: Path, manifest: dict, full_hash: bool = False) -> Non
     """
     folder = Path(folder)
     for entry in manifest.get("outputs", []):
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                and {"size", "mtime_ns", "sha256"} <= entry.keys()):
+            raise ArtifactError(f"{folder / MANIFEST}: malformed outputs entry {str(entry)[:80]}: "
+                                "re-run the stage that made it")
         path = folder / entry["path"]
         if not path.is_file():
             raise ArtifactError(f"{path} is listed in {folder / MANIFEST} but missing")
@@ -214,6 +221,14 @@ def verify_outputs(folder: Path, manifest: dict, full_hash: bool = False) -> Non
                 raise ArtifactError(
                     f"{path} does not match the sha256 in {folder / MANIFEST}: re-run the stage that made it"
                 )
+
+
+def verify_stage_folder(folder: Path, full_hash: bool = False) -> None:
+    """`verify_outputs` for a folder a stage wrote; a checkpoint folder without a manifest (a training
+    run's `best/`) has nothing to check against and passes."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        verify_outputs(folder, read_manifest(folder), full_hash=full_hash)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ ConfigOption = typer.Option(..., "--config", "-c", help="Experiment YAML file.",
 OverridesArg = typer.Argument(None, help="Dotted overrides, e.g. data.min_user_interactions=3 run_dir=runs/x")
 PrintConfigOption = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
 DebugOption = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+VerifyOption = typer.Option(False, "--verify", help="Recompute the sha256 of every input artifact against its "
+                            "manifest (the default checks size and mtime only).")
 
 # The issue in which each stage lands; a stage not yet in this release says so and exits 69.
 _STAGE_ISSUE = {
@@ -113,9 +115,10 @@ def pretrain_source(
     debug: bool = DebugOption,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or max_steps-limited run "
                                 "from <run_dir>/.pretrain.work/last/ exactly where it stopped."),
+    verify: bool = VerifyOption,
 ) -> None:
     """Train the teacher on the source domain(s): writes <run_dir>/pretrain/."""
-    _run_stage("pretrain-source", config, overrides, print_config, debug, resume=resume)
+    _run_stage("pretrain-source", config, overrides, print_config, debug, resume=resume, verify=verify)
 
 
 @app.command()
@@ -126,9 +129,10 @@ def distill(
     debug: bool = DebugOption,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or max_steps-limited run "
                                 "from <run_dir>/.distill.work/last/ exactly where it stopped."),
+    verify: bool = VerifyOption,
 ) -> None:
     """Distil a teacher checkpoint into a smaller student: writes <run_dir>/distill/."""
-    _run_stage("distill", config, overrides, print_config, debug, resume=resume)
+    _run_stage("distill", config, overrides, print_config, debug, resume=resume, verify=verify)
 
 
 @app.command("finetune-target")
@@ -140,9 +144,10 @@ def finetune_target(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or max_steps-limited run: "
                                 "finished candidates are kept, the interrupted one continues from "
                                 "<run_dir>/.finetune.work/<strategy>/last/."),
+    verify: bool = VerifyOption,
 ) -> None:
     """Adapt a checkpoint to the target domain: writes <run_dir>/finetune/."""
-    _run_stage("finetune-target", config, overrides, print_config, debug, resume=resume)
+    _run_stage("finetune-target", config, overrides, print_config, debug, resume=resume, verify=verify)
 
 
 @app.command()
@@ -158,6 +163,7 @@ def evaluate(
     ),
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
+    verify: bool = VerifyOption,
 ) -> None:
     """Full-ranking metrics, slices and confidence intervals: writes <run_dir>/eval/."""
     overrides = list(overrides or [])
@@ -166,7 +172,8 @@ def evaluate(
         # contain "=", so a token without one can only be another run to compare.
         compare = [*compare, *(o for o in overrides if "=" not in o)]
         overrides = [o for o in overrides if "=" in o]
-    _run_stage("evaluate", config, overrides, print_config, debug, model=model, split=split, compare=compare)
+    _run_stage("evaluate", config, overrides, print_config, debug, model=model, split=split, compare=compare,
+               verify=verify)
 
 
 @app.command(help=(
@@ -196,9 +203,11 @@ def recommend(
     show: int = typer.Option(None, "--show", help="Print the first N lists with item titles."),
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
+    verify: bool = VerifyOption,
 ) -> None:
     _run_stage("recommend", config, overrides, print_config, debug, model=model, users=users, histories=histories,
-               query=query, queries=queries, user=user, output=output, wait=wait, strict=strict, show=show)
+               query=query, queries=queries, user=user, output=output, wait=wait, strict=strict, show=show,
+               verify=verify)
 
 
 @app.command("run", help=(

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from trecsys.artifacts import read_parquet, sha256_file, write_parquet
 from trecsys.config import EmbeddingConfig
+from trecsys.devices import resolve_device
 from trecsys.errors import ArtifactError, ConfigError, TrecError
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -63,7 +64,7 @@ def embed_texts(
         raise ConfigError(
             f"embedding.max_length must be at least 2 (room for [CLS] and [SEP]), got {cfg.max_length}"
         )
-    encoder = load_encoder(cfg.encoder, _torch_device(device), cfg.max_length)
+    encoder = load_encoder(cfg.encoder, resolve_device(device), cfg.max_length)
     info = dict(encoder.info)
     dim = info["dim"]
     unique = list(dict.fromkeys(texts))
@@ -215,16 +216,6 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _torch_device(device: str) -> torch.device:
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device: {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {device!r} asked for, but this machine has no usable CUDA GPU; use cpu")
-    return parsed
 
 
 def _autocast_dtype() -> torch.dtype:

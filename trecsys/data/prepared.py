@@ -76,15 +76,54 @@ def load_prepared(run_dir: str | Path, verify: bool = False) -> Prepared:
     folder = prepared_dir(run_dir)
     manifest = read_manifest(folder, stage="prepare")
     verify_outputs(folder, manifest, full_hash=verify)
-    items = read_parquet(folder / "items.parquet").to_pandas()
-    interactions = read_parquet(folder / "interactions.parquet").to_pandas()
-    emb_table = read_parquet(folder / "item_embeddings.parquet")
+    items = _checked(read_parquet(folder / "items.parquet"), folder / "items.parquet").to_pandas()
+    interactions = _checked(read_parquet(folder / "interactions.parquet"), folder / "interactions.parquet")
+    interactions = interactions.to_pandas()
+    emb_table = _checked(read_parquet(folder / "item_embeddings.parquet"), folder / "item_embeddings.parquet")
+    _check_values(interactions, len(items), folder / "interactions.parquet")
     embeddings = _embedding_matrix(emb_table, len(items), folder / "item_embeddings.parquet")
-    domains = {
-        name: DomainRange(name, info["role"], int(info["item_start"]), int(info["item_stop"]))
-        for name, info in manifest["domains"].items()
-    }
+    try:
+        domains = {
+            name: DomainRange(name, info["role"], int(info["item_start"]), int(info["item_stop"]))
+            for name, info in manifest["domains"].items()
+        }
+        list(manifest["source"]), str(manifest["target"]), int(manifest["n_users"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{folder / 'manifest.json'}: not a prepared manifest (bad or missing "
+                            f"{exc!s}): re-run `trec prepare`") from None
     return Prepared(folder, manifest, items, interactions, embeddings, domains)
+
+
+# The columns each prepared file must have, and the type test each must pass (the contract above).
+_INT, _STR = pa.types.is_integer, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+_SCHEMA = {
+    "items.parquet": {"item_idx": _INT, "item_id": _STR, "domain": _STR},
+    "interactions.parquet": {"user_idx": _INT, "item_idx": _INT, "domain": _STR, "timestamp": _INT, "split": _STR},
+    "item_embeddings.parquet": {"item_idx": _INT, "embedding": lambda t: pa.types.is_fixed_size_list(t)
+                                and pa.types.is_floating(t.value_type)},
+}
+SPLITS = ("train", "valid", "test")
+
+
+def _checked(table: pa.Table, path: Path) -> pa.Table:
+    """Refuse a prepared file that lacks a contract column or holds it with the wrong type."""
+    for column, is_ok in _SCHEMA[path.name].items():
+        if column not in table.column_names:
+            raise ArtifactError(f"{path}: no column {column!r}; not a prepared file: re-run `trec prepare`")
+        if not is_ok(table.schema.field(column).type):
+            raise ArtifactError(f"{path}: column {column!r} has type {table.schema.field(column).type}, "
+                                "not the prepared contract's: re-run `trec prepare`")
+    return table
+
+
+def _check_values(interactions: pd.DataFrame, n_items: int, path: Path) -> None:
+    items = interactions["item_idx"].to_numpy()
+    if len(items) and (items.min() < 0 or items.max() >= n_items):
+        raise ArtifactError(f"{path}: item_idx outside the {n_items} prepared items: re-run `trec prepare`")
+    unknown = set(interactions["split"].unique()) - set(SPLITS)
+    if unknown:
+        raise ArtifactError(f"{path}: column 'split' holds {sorted(unknown)[:3]}, expected {', '.join(SPLITS)}: "
+                            "re-run `trec prepare`")
 
 
 def _embedding_matrix(table: pa.Table, n_items: int, path: Path) -> np.ndarray:

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trecsys.artifacts import MANIFEST, describe_file, sha256_file, stage_output, write_manifest, write_text
+from trecsys.artifacts import (
+    MANIFEST,
+    describe_file,
+    sha256_file,
+    stage_output,
+    verify_stage_folder,
+    write_manifest,
+    write_text,
+)
 from trecsys.checkpoints import is_checkpoint
 from trecsys.config import ExperimentConfig, TrainConfig, to_dict, to_yaml
 from trecsys.data.prepared import DomainRange, Prepared
@@ -94,9 +102,14 @@ def resolve_checkpoint(value: str, run_dir: Path, key: str) -> Path:
     return folder
 
 
-def load_compatible(value: str, run_dir: Path, prepared: Prepared, key: str) -> tuple[SeqRecModel, dict, Path]:
-    """Load the checkpoint `value` names and refuse one made for other prepared data or embeddings."""
+def load_compatible(value: str, run_dir: Path, prepared: Prepared, key: str, verify: bool = False
+                    ) -> tuple[SeqRecModel, dict, Path]:
+    """Load the checkpoint `value` names and refuse one made for other prepared data or embeddings.
+
+    Its folder is checked against its manifest (size + mtime; every sha256 with `verify`).
+    """
     folder = resolve_checkpoint(value, run_dir, key)
+    verify_stage_folder(folder, full_hash=verify)
     try:
         model, info = load_checkpoint(folder)
     except ArtifactError as exc:

@@ -79,23 +79,23 @@ def load_distillation(module: Distillation, folder: Path) -> None:
         module.project.load_state_dict(load_file(str(Path(folder) / PROJECTION), device="cpu"))
 
 
-def run(cfg: ExperimentConfig, resume: bool = False) -> None:
+def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
     dist = setup_distributed(cfg.device)
     try:
-        _run(cfg, resume, dist)
+        _run(cfg, resume, dist, verify)
     finally:
         teardown_distributed()
 
 
-def _run(cfg: ExperimentConfig, resume: bool, dist: Dist) -> None:
+def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
     run_dir = Path(cfg.run_dir)
     out, work = run_dir / OUTPUT, run_dir / WORK
     dc = cfg.distill
     with run_lock(out) if dist.is_main else contextlib.nullcontext():
-        prepared = load_prepared(run_dir)
+        prepared = load_prepared(run_dir, verify=verify)
         sources = check_prepared(prepared, cfg)
         target = check_target(prepared, cfg).name
-        teacher, _, teacher_dir = load_compatible(dc.teacher, run_dir, prepared, "distill.teacher")
+        teacher, _, teacher_dir = load_compatible(dc.teacher, run_dir, prepared, "distill.teacher", verify)
         check_student(cfg, teacher)
         names = {"source": sources, "target": [target], "both": [*sources, target]}[dc.data]
         if not names:

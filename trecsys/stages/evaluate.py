@@ -23,6 +23,7 @@ from trecsys.artifacts import (
     describe_file,
     run_lock,
     stage_output,
+    verify_stage_folder,
     write_manifest,
     write_parquet,
 )
@@ -59,12 +60,14 @@ class System:
 
 
 def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
-        compare: list[str] | None = None) -> None:
+        compare: list[str] | None = None, verify: bool = False) -> None:
     if split not in ("valid", "test"):
         raise ConfigError(f"option --split: expected 'valid' or 'test', got {split!r}")
     run_dir = Path(cfg.run_dir)
-    prepared = load_prepared(run_dir)
+    prepared = load_prepared(run_dir, verify=verify)
     systems = model_systems(run_dir, prepared, model, compare)
+    for system in systems:
+        verify_stage_folder(system.checkpoint, full_hash=verify)
     with run_lock(run_dir / EVAL):
         evaluate(cfg, prepared, systems, split)
 

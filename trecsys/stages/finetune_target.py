@@ -74,24 +74,24 @@ class CandidateResult:
     train_s: float
 
 
-def run(cfg: ExperimentConfig, resume: bool = False) -> None:
+def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
     dist = setup_distributed(cfg.device)
     try:
-        _run(cfg, resume, dist)
+        _run(cfg, resume, dist, verify)
     finally:
         teardown_distributed()
 
 
-def _run(cfg: ExperimentConfig, resume: bool, dist: Dist) -> None:
+def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
     run_dir = Path(cfg.run_dir)
     out, work = run_dir / OUTPUT, run_dir / WORK
     ft = cfg.finetune
     with run_lock(out) if dist.is_main else contextlib.nullcontext():
-        prepared = load_prepared(run_dir)
+        prepared = load_prepared(run_dir, verify=verify)
         check_prepared(prepared, cfg)
         domain = check_target(prepared, cfg)
         strategies = list(ft.candidates) if ft.strategy == "auto" else [ft.strategy]
-        init, init_dir = init_model(cfg, prepared, strategies)
+        init, init_dir = init_model(cfg, prepared, strategies, verify)
         base = init.config if init is not None else cfg.model
         seqs = target_sequences(prepared, ft.history)
         train_users = seqs.training_users(ft.train_fraction, cfg.seed)
@@ -122,13 +122,13 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist) -> None:
         dist.barrier()
 
 
-def init_model(cfg: ExperimentConfig, prepared: Prepared, strategies: list[str]
+def init_model(cfg: ExperimentConfig, prepared: Prepared, strategies: list[str], verify: bool = False
                ) -> tuple[SeqRecModel | None, Path | None]:
     """The init_from model; scratch and id_only alone may go without (the `model` section is used)."""
     run_dir, value = Path(cfg.run_dir), cfg.finetune.init_from
     if not any(s in TRANSFERRING for s in strategies) and not is_checkpoint(checkpoint_folder(value, run_dir)):
         return None, None
-    model, _, folder = load_compatible(value, run_dir, prepared, "finetune.init_from")
+    model, _, folder = load_compatible(value, run_dir, prepared, "finetune.init_from", verify)
     return model, folder
 
 

@@ -44,20 +44,20 @@ WORK = ".pretrain.work"
 TRAIN_KEY = "pretrain.train"
 
 
-def run(cfg: ExperimentConfig, resume: bool = False) -> None:
+def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
     dist = setup_distributed(cfg.device)
     try:
-        _run(cfg, resume, dist)
+        _run(cfg, resume, dist, verify)
     finally:
         teardown_distributed()
 
 
-def _run(cfg: ExperimentConfig, resume: bool, dist: Dist) -> None:
+def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) -> None:
     run_dir = Path(cfg.run_dir)
     out, work = run_dir / OUTPUT, run_dir / WORK
     # Only rank 0 writes, so only rank 0 holds the lock against a second run on the same run_dir.
     with run_lock(out) if dist.is_main else contextlib.nullcontext():
-        prepared = load_prepared(run_dir)
+        prepared = load_prepared(run_dir, verify=verify)
         sources = check_prepared(prepared, cfg)
         if not sources:
             raise ConfigError("config key 'data.source': no source domain to pretrain on; name at least one")

@@ -24,7 +24,15 @@ import torch
 from tqdm import tqdm
 
 from trecsys import __version__
-from trecsys.artifacts import describe_file, read_parquet, run_lock, write_manifest, write_parquet, write_text
+from trecsys.artifacts import (
+    describe_file,
+    read_parquet,
+    run_lock,
+    verify_stage_folder,
+    write_manifest,
+    write_parquet,
+    write_text,
+)
 from trecsys.checkpoints import check_same_prepared, is_checkpoint, latest_checkpoint, weights_sha256
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.prepared import DomainRange, Prepared, domain_split, load_prepared
@@ -70,7 +78,8 @@ class Ranker:
 
 def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = None, histories: str | None = None,
         query: list[str] | None = None, queries: str | None = None, user: str | None = None,
-        output: str | None = None, wait: float = 0.0, strict: bool = False, show: int | None = None) -> Output:
+        output: str | None = None, wait: float = 0.0, strict: bool = False, show: int | None = None,
+        verify: bool = False) -> Output:
     query_texts = _query_texts(query, queries)
     mode = "queries" if query_texts else "users"
     if query_texts and (users or histories):
@@ -80,10 +89,13 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
     out = output_paths(cfg, output, mode)
     with run_lock(out.parquet, wait_s=wait):
         started = time.perf_counter()
-        prepared = load_prepared(cfg.run_dir)
+        prepared = load_prepared(cfg.run_dir, verify=verify)
         rc = cfg.recommend
         domain = prepared.domain(rc.domain or prepared.target, key="recommend.domain")
         rankers = resolve_rankers(cfg, model, prepared)
+        for ranker in rankers:
+            if ranker.checkpoint is not None:
+                verify_stage_folder(ranker.checkpoint, full_hash=verify)
         catalogue = Catalogue(prepared, domain)
         if query_texts:
             requests = query_requests(catalogue, query_texts, user, rc.exclude_seen)
