@@ -336,8 +336,9 @@ class EvaluateConfig:
     exclude_seen: bool = True
     # Bootstrap resamples of the users for 95% confidence intervals and paired p-values; 0 = none.
     bootstrap: int = 1000
-    # Users scored at once, and catalogue items per score block: memory is user_batch × item_chunk.
+    # Users scored at once: memory is user_batch × item_chunk scores.
     user_batch: int = 1024
+    # Catalogue items per score block; results are identical for any value.
     item_chunk: int = 65536
     # History-length slices by train interactions in the target: the first bucket (below the first
     # edge) is the cold users, each edge starts a bucket: [4, 8, 16] gives 0-3, 4-7, 8-15, 16+.
