@@ -203,7 +203,7 @@ def test_sampled_softmax_limits():
     # Many samples from a uniform or a skewed proposal: the logQ correction makes both converge to it.
     for power in (0.0, 1.0):
         log_q = proposal_log_q(np.arange(N_ITEMS) ** 2, power=power)
-        sampled = sampled_softmax_loss(states, targets, reps, model.score, 50_000, log_q, torch.Generator().manual_seed(5))
+        sampled = sampled_softmax_loss(states, targets, reps.__getitem__, model.score, 50_000, log_q, torch.Generator().manual_seed(5))
         assert abs(sampled.item() - full.item()) < 0.02, power
     # Without the correction a skewed proposal is badly biased: the test above can fail.
     log_q = proposal_log_q(np.arange(N_ITEMS) ** 2, power=1.0)
@@ -235,7 +235,7 @@ def test_loss_decreases_on_tiny_data(loss_name):
         if loss_name == "full":
             loss = chunked_cross_entropy(states, labels, model.item_reps(0, N_ITEMS), model.score, chunk_size=16)
         else:
-            loss = sampled_softmax_loss(states, labels, model.item_reps(0, N_ITEMS), model.score, 16, log_q, gen)
+            loss = sampled_softmax_loss(states, labels, model.item_reps_at, model.score, 16, log_q, gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -335,3 +335,23 @@ def test_bad_checkpoints_raise_artifact_errors(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model": dataclasses.asdict(small_config())}))
     with pytest.raises(ArtifactError, match="missing checkpoint weights"):
         load_checkpoint(folder)
+
+
+def test_sampled_loss_runs_the_item_tower_on_its_candidates_only():
+    model = make_model(seed=3).eval()
+    inputs, labels = window_tensors(training_windows(tiny_sequences(), L))
+    states, reps = model.encode(inputs), model.item_reps(0, N_ITEMS)
+    log_q = proposal_log_q(np.arange(N_ITEMS), power=0.75)
+    asked = []
+
+    def reps_of(items):
+        asked.append(items)
+        return model.item_reps_at(items)
+
+    lazy = sampled_softmax_loss(states, labels, reps_of, model.score, 8, log_q, torch.Generator().manual_seed(1))
+    whole = sampled_softmax_loss(states, labels, reps.__getitem__, model.score, 8, log_q, torch.Generator().manual_seed(1))
+    assert torch.allclose(lazy, whole, atol=1e-6)
+    (items,) = asked
+    assert len(torch.unique(items)) == len(items)
+    assert set(items.tolist()) >= set(labels[labels >= 0].tolist())
+    assert len(items) <= len(torch.unique(labels[labels >= 0])) + 8

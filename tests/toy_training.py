@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from trecsys.config import TrainConfig
-from trecsys.engine import TrainData, fit, save_weights, setup_distributed, teardown_distributed
+from trecsys.engine import TrainData, distributed, fit, save_weights
 
 N_ITEMS, WINDOW = 40, 9  # windows hold 8 inputs and their 8 next items
 
@@ -86,10 +86,7 @@ if __name__ == "__main__":
     overrides = dict(arg.split("=", 1) for arg in sys.argv[2:])
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, warmup_fraction=0.1, patience=0,
                       **{k: int(v) for k, v in overrides.items()})
-    dist = setup_distributed("cpu")
-    try:
+    with distributed("cpu") as dist:
         model, _ = toy_fit(out, cfg, dropout=0.0, dist=dist)
         if dist.is_main:
             save_weights(model, out)
-    finally:
-        teardown_distributed()

@@ -98,6 +98,17 @@ def teardown_distributed() -> None:
         torch_dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[Dist]:
+    """`with distributed(cfg.device) as dist:` — every training stage's process group, torn down
+    however the stage ends (so a failed stage never leaves a torchrun peer waiting)."""
+    dist = setup_distributed(device)
+    try:
+        yield dist
+    finally:
+        teardown_distributed()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

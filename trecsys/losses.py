@@ -85,7 +85,7 @@ def chunked_cross_entropy(states: torch.Tensor, targets: torch.Tensor, item_reps
     return (lse - pair_scores(states, item_reps[targets], score_fn).float()).mean()
 
 
-def sampled_softmax_loss(states: torch.Tensor, targets: torch.Tensor, item_reps: torch.Tensor,
+def sampled_softmax_loss(states: torch.Tensor, targets: torch.Tensor, item_reps_of: Callable[[torch.Tensor], torch.Tensor],
                          score_fn: ScoreFn, n_negatives: int, item_log_q: torch.Tensor,
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean sampled-softmax loss with logQ correction (Jean et al. 2015; Yi et al. 2019).
@@ -95,11 +95,20 @@ def sampled_softmax_loss(states: torch.Tensor, targets: torch.Tensor, item_reps:
     corrected by -log(n_negatives · q), its expected count, which makes the sum over negatives an
     unbiased estimate of the partition function over the rest of the catalogue; a negative equal
     to the row's target (an accidental hit) is masked out.
+
+    `item_reps_of(items)` gives the item tower's output for catalogue-local item indices; it is
+    called once, on the distinct targets and negatives only, which is what makes this loss cheap on
+    a large catalogue (the tower never runs over the whole of it).
     """
+    states, targets = _labelled(states, targets)
+    if len(targets) == 0:
+        return states.sum() * 0.0
     probs = item_log_q.float().exp()
     negatives = torch.multinomial(probs, n_negatives, replacement=True, generator=generator)
     log_expected_count = item_log_q.float()[negatives] + math.log(n_negatives)
-    return softmax_over_candidates(states, targets, item_reps, score_fn, negatives, log_expected_count)
+    items, position = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
+    return softmax_over_candidates(states, position[: len(targets)], item_reps_of(items), score_fn,
+                                   position[len(targets):], log_expected_count)
 
 
 def softmax_over_candidates(states: torch.Tensor, targets: torch.Tensor, item_reps: torch.Tensor,

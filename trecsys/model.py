@@ -166,7 +166,10 @@ class SeqRecModel(nn.Module):
 
     def item_reps(self, start: int, stop: int) -> torch.Tensor:
         """Item tower output for the catalogue range [start, stop) (a domain's items are contiguous)."""
-        idx = torch.arange(start, stop, device=self.position.weight.device)
+        return self.item_reps_at(torch.arange(start, stop, device=self.position.weight.device))
+
+    def item_reps_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """Item tower output for the given global item indices (what a sampled loss needs)."""
         return self.drop(self._item_features(idx))
 
     def encode(self, seq: torch.Tensor) -> torch.Tensor:

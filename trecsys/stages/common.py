@@ -191,12 +191,17 @@ def batch_inputs(parts: list[DomainWindows], batch: dict) -> tuple[DomainWindows
     return part, inputs, labels
 
 
-def next_item_loss(model: SeqRecModel, states: torch.Tensor, labels: torch.Tensor, item_reps: torch.Tensor,
-                   part: DomainWindows, train: TrainConfig) -> torch.Tensor:
-    """Mean next-item loss of the labelled positions: full softmax (chunked) or sampled."""
+def next_item_loss(model: SeqRecModel, states: torch.Tensor, labels: torch.Tensor, part: DomainWindows,
+                   train: TrainConfig, item_reps: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-item loss of the labelled positions: full softmax (chunked) or sampled.
+    `item_reps`: the domain's item tower output when the caller has it already; the sampled loss
+    otherwise runs the tower on its targets and negatives only."""
+    start, stop = part.domain.item_start, part.domain.item_stop
     if train.loss == "full":
-        return chunked_cross_entropy(states, labels, item_reps, model.score, train.loss_chunk_size)
-    return sampled_softmax_loss(states, labels, item_reps, model.score, train.n_negatives, part.log_q)
+        reps = item_reps if item_reps is not None else model.item_reps(start, stop)
+        return chunked_cross_entropy(states, labels, reps, model.score, train.loss_chunk_size)
+    reps_of = item_reps.__getitem__ if item_reps is not None else (lambda items: model.item_reps_at(items + start))
+    return sampled_softmax_loss(states, labels, reps_of, model.score, train.n_negatives, part.log_q)
 
 
 def ce_loss_fn(parts: list[DomainWindows], train: TrainConfig,
@@ -205,9 +210,7 @@ def ce_loss_fn(parts: list[DomainWindows], train: TrainConfig,
 
     def loss_fn(model: SeqRecModel, batch: dict) -> torch.Tensor:
         part, inputs, labels = batch_inputs(parts, batch)
-        states = model.encode(inputs)
-        reps = model.item_reps(part.domain.item_start, part.domain.item_stop)
-        mean = next_item_loss(model, states, labels, reps, part, train)
+        mean = next_item_loss(model, model.encode(inputs), labels, part, train)
         if extra is not None:
             mean = mean + extra(model)
         return mean * (labels >= 0).sum()  # the engine normalises by the global batch's label count

@@ -23,7 +23,7 @@ from torch import nn
 from trecsys.artifacts import atomic_path, run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.prepared import domain_split, load_prepared
-from trecsys.engine import LOG, Dist, fit, seed_everything, setup_distributed, teardown_distributed
+from trecsys.engine import LOG, Dist, distributed, fit, seed_everything
 from trecsys.errors import ConfigError
 from trecsys.losses import chunked_kd_loss
 from trecsys.model import WEIGHTS, SeqRecModel, load_checkpoint, save_checkpoint
@@ -80,11 +80,8 @@ def load_distillation(module: Distillation, folder: Path) -> None:
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
-    dist = setup_distributed(cfg.device)
-    try:
+    with distributed(cfg.device) as dist:
         _run(cfg, resume, dist, verify)
-    finally:
-        teardown_distributed()
 
 
 def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
@@ -174,7 +171,7 @@ def distill_loss_fn(parts, teacher: SeqRecModel, cfg: ExperimentConfig):
         labelled = labels >= 0
         loss = states.new_zeros(())
         if dc.kd_ratio < 1.0:
-            loss = loss + (1.0 - dc.kd_ratio) * next_item_loss(student, states, labels, reps, part, dc.train)
+            loss = loss + (1.0 - dc.kd_ratio) * next_item_loss(student, states, labels, part, dc.train, reps)
         if dc.kd_ratio > 0.0:
             loss = loss + dc.kd_ratio * chunked_kd_loss(states, reps, student.score, teacher_states, teacher_reps,
                                                         teacher.score, labelled, dc.temperature,

@@ -32,7 +32,7 @@ from trecsys.checkpoints import is_checkpoint, weights_sha256
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.context import TargetSequences, target_sequences
 from trecsys.data.prepared import Prepared, load_prepared
-from trecsys.engine import LOG, STATE, Dist, fit, setup_distributed, teardown_distributed
+from trecsys.engine import LOG, STATE, Dist, distributed, fit
 from trecsys.errors import ConfigError
 from trecsys.model import WEIGHTS, SeqRecModel, save_checkpoint
 from trecsys.stages.common import (
@@ -75,11 +75,8 @@ class CandidateResult:
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
-    dist = setup_distributed(cfg.device)
-    try:
+    with distributed(cfg.device) as dist:
         _run(cfg, resume, dist, verify)
-    finally:
-        teardown_distributed()
 
 
 def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:

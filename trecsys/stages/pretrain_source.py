@@ -19,7 +19,7 @@ import torch
 from trecsys.artifacts import run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.prepared import DomainSplit, domain_split, load_prepared
-from trecsys.engine import LOG, Dist, fit, seed_everything, setup_distributed, teardown_distributed
+from trecsys.engine import LOG, Dist, distributed, fit, seed_everything
 from trecsys.errors import ConfigError
 from trecsys.model import SeqRecModel, save_checkpoint
 from trecsys.stages.common import (
@@ -45,11 +45,8 @@ TRAIN_KEY = "pretrain.train"
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
-    dist = setup_distributed(cfg.device)
-    try:
+    with distributed(cfg.device) as dist:
         _run(cfg, resume, dist, verify)
-    finally:
-        teardown_distributed()
 
 
 def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) -> None:
