@@ -339,3 +339,19 @@ def test_slices_on_a_hand_example():
     assert [t.tolist() for t in by_name["target:warm"].targets] == [[2], [3]]
     without_source = build_slices(targets, np.array([0, 4, 9, 20]), None, counts, [4, 8, 16], 5)
     assert not any(s.name.startswith("source:") for s in without_source)
+
+
+def test_finetune_candidates_that_were_not_kept_are_evaluated_beside_it(tiny_prepared):
+    for strategy, seed in (("full", 1), ("scratch", 2), ("id_only", 3)):
+        save_model(tiny_prepared / "finetune" / "candidates" / strategy, tiny_prepared, seed=seed)
+    save_model(tiny_prepared / "finetune", tiny_prepared, seed=1)
+    (tiny_prepared / "finetune" / "manifest.json").write_text(json.dumps({"chosen": "full"}))
+    metrics = evaluate(tiny_prepared)
+    assert list(dict.fromkeys(metrics["run"])) == ["finetune", "finetune/id_only", "finetune/scratch",
+                                                    "popularity", "item-knn"]
+    ndcg = metrics[(metrics["metric"] == "ndcg") & (metrics["slice"] == "all")].groupby("run")["value"].apply(list)
+    assert ndcg["finetune/scratch"] != ndcg["finetune"]  # other weights, other numbers
+
+    stage.run(load_config(write_config(tiny_prepared, candidates=False)))
+    metrics = pd.read_parquet(tiny_prepared / "eval" / "metrics.parquet")
+    assert list(dict.fromkeys(metrics["run"])) == ["finetune", "popularity", "item-knn"]

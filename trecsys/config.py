@@ -345,6 +345,9 @@ class EvaluateConfig:
     history_buckets: list[int] = field(default_factory=lambda: [4, 8, 16])
     # Target items with fewer train interactions than this form the cold-item slice.
     cold_item_interactions: int = 5
+    # Also rank with every finetune `auto` candidate that was not kept (labelled finetune/<strategy>):
+    # test numbers for transfer beside scratch and id_only. Only for the run's latest model.
+    candidates: bool = True
 
     def validate(self, prefix: str = "evaluate.", where: str = "") -> None:
         """Check value ranges that the types alone cannot (K against the catalogue: at run time)."""

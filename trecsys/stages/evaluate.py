@@ -21,6 +21,7 @@ from trecsys import metrics as M
 from trecsys import report
 from trecsys.artifacts import (
     describe_file,
+    read_json,
     run_lock,
     stage_output,
     verify_stage_folder,
@@ -66,6 +67,8 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
     run_dir = Path(cfg.run_dir)
     prepared = load_prepared(run_dir, verify=verify)
     systems = model_systems(run_dir, prepared, model, compare)
+    if not (model or compare) and cfg.evaluate.candidates and systems:
+        systems += candidate_systems(systems[0])
     for system in systems:
         verify_stage_folder(system.checkpoint, full_hash=verify)
     with run_lock(run_dir / EVAL):
@@ -94,6 +97,18 @@ def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare:
         return []  # baselines only: nothing is trained yet
     label = f"{folder.name} (zero-shot)" if folder.name == "pretrain" else folder.name
     return [System(label, folder)]
+
+
+def candidate_systems(kept: System) -> list[System]:
+    """The `auto` candidates that finetune-target did not keep (chosen on validation), so that the
+    test table shows transfer beside scratch and id_only."""
+    manifest = kept.checkpoint / "manifest.json"
+    if not manifest.is_file() or not (kept.checkpoint / "candidates").is_dir():
+        return []
+    chosen = read_json(manifest).get("chosen")
+    return [System(f"{kept.label}/{folder.name}", folder)
+            for folder in sorted((kept.checkpoint / "candidates").iterdir())
+            if folder.name != chosen and is_checkpoint(folder)]
 
 
 def _split_entries(entries: list[str]) -> list[str]:
