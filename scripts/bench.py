@@ -18,6 +18,7 @@ BENCHMARKS = {
     "prepare": [],
     "embed": ["--n", "4000", "--compare-plain"],
     "train": [],
+    "ml100k": [],  # the RecBole comparison; skips unless ml-100k is found (see the script)
     "eval": [],
     "recommend": [],
 }

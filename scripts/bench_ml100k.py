@@ -1,0 +1,136 @@
+"""trecsys vs RecBole 1.2.1 on ml-100k: seconds per training epoch of a SASRec-sized model, and test NDCG@10.
+
+trecsys side: `trec prepare`, `trec finetune-target` (the id_only strategy: an item-ID SASRec, 2 blocks,
+64 dims, 50 items of history, full-softmax CE, early stopping on validation) and `trec evaluate` with
+configs/ml100k_sasrec.yaml, as a user would run them. Seconds per epoch are wall seconds between
+epoch ends in the training log, so they include each epoch's full-ranking validation.
+
+RecBole side (scripts/recbole_sasrec.py, run by RecBole's own Python): one timed epoch of its SASRec
+on the same files, when RECBOLE_PYTHON (or --recbole-python) names that interpreter; otherwise the
+numbers measured on a machine like CI's in ../shared/design/PERFORMANCE.md are printed as reference.
+
+Where ml-100k comes from, first found: --data DIR, $TRECSYS_ML100K, the recbole package of
+RECBOLE_PYTHON, a recbole package importable here. Skips with a message when none has it. To get it:
+`pip download --no-deps recbole==1.2.1` and unzip recbole/dataset_example/ml-100k/ from the wheel.
+
+    python scripts/bench_ml100k.py [--data DIR] [--recbole-python PATH] [--recbole-epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "ml100k_sasrec.yaml"
+# ../shared/design/PERFORMANCE.md: RecBole 1.2.1 SASRec, 2 CPU threads, anomaly detection off.
+RECBOLE_REFERENCE = {"s_per_epoch": 106.0, "test_ndcg@10": 0.0609, "test_recall@10": 0.1251}
+
+
+def recbole_package(python: str | None) -> Path | None:
+    """The installed recbole package folder of `python` (None: this interpreter)."""
+    if python is None:
+        spec = importlib.util.find_spec("recbole")
+        return Path(spec.origin).parent if spec and spec.origin else None
+    done = subprocess.run([python, "-c", "import os, recbole; print(os.path.dirname(recbole.__file__))"],
+                          capture_output=True, text=True)
+    return Path(done.stdout.strip()) if done.returncode == 0 else None
+
+
+def find_ml100k(data: str | None, recbole_python: str | None) -> Path | None:
+    candidates = [Path(p) for p in (data, os.environ.get("TRECSYS_ML100K")) if p]
+    for python in (recbole_python, None):
+        package = recbole_package(python)
+        if package is not None:
+            candidates.append(package / "dataset_example" / "ml-100k")
+    return next((c.resolve() for c in candidates if (c / "ml-100k.inter").is_file()), None)
+
+
+def trec(*args: str) -> None:
+    command = [sys.executable, "-m", "trecsys", *args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"ml100k: `trec {' '.join(args)}` failed ({done.returncode}): {tail}")
+
+
+def run_trecsys(data: Path, run_dir: Path) -> dict:
+    overrides = [f"data.root={data}", f"run_dir={run_dir}"]
+    trec("prepare", "-c", str(CONFIG), *overrides)
+    started = time.perf_counter()
+    trec("finetune-target", "-c", str(CONFIG), *overrides)
+    train_wall_s = time.perf_counter() - started
+    trec("evaluate", "-c", str(CONFIG), *overrides)
+    log = [json.loads(line) for line in (run_dir / "finetune" / "train_log.jsonl").read_text().splitlines()]
+    ends = [row["elapsed_s"] for row in log if float(row["epoch"]).is_integer()]
+    per_epoch = [b - a for a, b in zip([0.0, *ends[:-1]], ends, strict=True)]
+    metrics = pd.read_parquet(run_dir / "eval" / "metrics.parquet")
+    ours = metrics[(metrics["run"] == "finetune") & (metrics["slice"] == "all") & (metrics["k"] == 10)]
+    value = dict(zip(ours["metric"], ours["value"], strict=True))
+    best_epoch = next(row["epoch"] for row in reversed(log) if row.get("best_step") == row["step"])
+    return {"s_per_epoch": statistics.median(per_epoch), "epochs": len(per_epoch), "best_epoch": best_epoch,
+            "train_wall_s": train_wall_s, "test_ndcg@10": value["ndcg"], "test_recall@10": value["recall"]}
+
+
+def run_recbole(python: str, data: Path, epochs: int) -> dict:
+    with tempfile.TemporaryDirectory() as work:
+        # RecBole writes its logs and tensorboard files into the working directory.
+        done = subprocess.run([python, str(REPO / "scripts" / "recbole_sasrec.py"), str(data.parent), str(epochs), work],
+                              capture_output=True, text=True, cwd=work)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"ml100k: RecBole run failed ({done.returncode}): {tail}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if "train_s" in result:
+        result["s_per_epoch"] = result["train_s"] / max(result["epochs"], 1)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="folder with ml-100k.inter and ml-100k.item")
+    parser.add_argument("--recbole-python", default=os.environ.get("RECBOLE_PYTHON"),
+                        help="python of a virtual environment with recbole==1.2.1 (default: $RECBOLE_PYTHON)")
+    parser.add_argument("--recbole-epochs", type=int, default=1,
+                        help="1 times one RecBole epoch; more trains it to early stopping and measures its test NDCG")
+    parser.add_argument("--run-dir", default=str(REPO / "runs" / "bench_ml100k"))
+    args = parser.parse_args()
+    data = find_ml100k(args.data, args.recbole_python)
+    if data is None:
+        print("ml100k: skipped (ml-100k not found: pass --data, set TRECSYS_ML100K or RECBOLE_PYTHON; "
+              "`pip download --no-deps recbole==1.2.1` holds it under recbole/dataset_example/ml-100k/)")
+        return 0
+    print(f"ml100k.data: {data}", flush=True)
+    ours = run_trecsys(data, Path(args.run_dir))
+    for key in ("s_per_epoch", "epochs", "best_epoch", "train_wall_s", "test_ndcg@10", "test_recall@10"):
+        value = ours[key]
+        print(f"ml100k.trecsys.{key}: {value:.4f}" if "test" in key else f"ml100k.trecsys.{key}: {value:.1f}")
+    if args.recbole_python:
+        theirs, source = run_recbole(args.recbole_python, data, args.recbole_epochs), "measured here"
+        theirs = {**({} if "test_ndcg@10" in theirs else
+                     {k: v for k, v in RECBOLE_REFERENCE.items() if k.startswith("test")}), **theirs}
+        if args.recbole_epochs == 1:
+            source += ", 1 epoch; test numbers from PERFORMANCE.md"
+    else:
+        theirs, source = RECBOLE_REFERENCE, "PERFORMANCE.md reference (set RECBOLE_PYTHON to measure here)"
+    print(f"ml100k.recbole.source: {source}")
+    print(f"ml100k.recbole.s_per_epoch: {theirs['s_per_epoch']:.1f}")
+    print(f"ml100k.recbole.test_ndcg@10: {theirs['test_ndcg@10']:.4f}")
+    print(f"ml100k.recbole.test_recall@10: {theirs['test_recall@10']:.4f}")
+    print(f"ml100k.speedup_per_epoch: {theirs['s_per_epoch'] / ours['s_per_epoch']:.1f}x")
+    print(f"ml100k.ndcg@10_ratio: {ours['test_ndcg@10'] / theirs['test_ndcg@10']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
