@@ -5,15 +5,19 @@ teacher (pretrain-source), a distilled student, then fine-tuning variants on Foo
 run folder under `<run_dir>/study/runs/<variant>/` (the prepared folder linked, not copied):
 - `auto`: every strategy (full, adaptor, zero_shot, scratch, id_only), the best kept by validation;
   each candidate's checkpoint gives its own row, so one run yields six;
-- `student`: the distilled student fine-tuned (full) on Food;
+- `auto+ids`: the same with target item IDs added to the text item tower (full+ids, adaptor+ids,
+  scratch+ids rows);
+- `student`: the distilled student (from the Kitchen teacher) fine-tuned (full) on Food;
+- `student (KD from full, on target)`: the same small architecture distilled on Food from the
+  Food-tuned teacher (auto's `full` candidate): the classic teacher → student compression;
 - few-shot: full and scratch on a seeded fraction of the Food training users (nested fractions);
 - `history=all_domains`: full and scratch reading each user's Kitchen items as context.
 Test numbers come from the evaluate stage's code (same users, histories and exclusion as `trec
 evaluate`), with popularity and item-kNN as floors. Writes `<run_dir>/study/results.{md,parquet}` and
 the few-shot table `<run_dir>/fewshot/results.parquet` that `trec evaluate` plots.
 
-    python scripts/study_transfer.py                        # configs/kitchen_to_food.yaml, CPU-sized caps
-    python scripts/study_transfer.py --epochs 20 --pretrain-epochs 20 device=cuda   # the full study
+    python scripts/study_transfer.py                        # configs/kitchen_to_food.yaml, its epochs
+    python scripts/study_transfer.py --epochs 20 --pretrain-epochs 40 device=cuda   # a longer study
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from trecsys.stages import distill, finetune_target, prepare, pretrain_source  #
 from trecsys.stages.evaluate import System, eval_users, make_scorer  # noqa: E402
 
 STRATEGIES = ["full", "adaptor", "zero_shot", "scratch", "id_only"]
+STUDENT_KD = "student_kd_target"  # the student distilled from the target-tuned teacher
 COLUMNS = ["variant", "strategy", "init_from", "history", "train_fraction", "n_trainable", "valid_ndcg@10",
            "test_ndcg@10", "test_recall@10", "train_s"]
 
@@ -49,9 +54,9 @@ COLUMNS = ["variant", "strategy", "init_from", "history", "train_fraction", "n_t
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", default=str(REPO / "configs" / "kitchen_to_food.yaml"))
-    parser.add_argument("--pretrain-epochs", type=int, default=3, help="teacher epochs on the source")
-    parser.add_argument("--distill-epochs", type=int, default=2, help="student epochs")
-    parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs of every variant")
+    parser.add_argument("--pretrain-epochs", type=int, help="teacher epochs on the source (default: the config's)")
+    parser.add_argument("--distill-epochs", type=int, help="student epochs (default: the config's)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs of every variant (default: the config's)")
     parser.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps of every training run (0 = none)")
     parser.add_argument("--fractions", default="0.1,0.25,0.5,1.0", help="few-shot train_fraction points")
     parser.add_argument("--retrain", action="store_true", help="retrain the teacher and student even when present")
@@ -82,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     run_dir = Path(base.run_dir).resolve()
     study = run_dir / "study"
-    caps = lambda section, epochs: [f"{section}.train.epochs={epochs}", f"{section}.train.max_steps={args.max_steps}"]  # noqa: E731
+    def caps(section: str, epochs: int | None) -> list[str]:
+        """Overrides of a training section: the config's own epochs unless given."""
+        return [f"{section}.train.max_steps={args.max_steps}"] + ([f"{section}.train.epochs={epochs}"] if epochs else [])
+
     cfg = lambda *extra: load_config(args.config, [*overrides, *extra])  # noqa: E731
     timings: dict[str, float] = {}
 
@@ -99,7 +107,10 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     if args.retrain or not (run_dir / "distill" / "model.safetensors").is_file():
         timed("distill", distill.run, cfg(*caps("distill", args.distill_epochs)))
 
+    # auto twice: text-only item towers, and with target item IDs added (transductive; id_only and
+    # zero_shot are the same in both).
     variants = {"auto": dict(strategy="auto", candidates=STRATEGIES),
+                "auto+ids": dict(strategy="auto", candidates=STRATEGIES, item_ids=True),
                 "student": dict(strategy="full", init_from=str(run_dir / "distill"))}
     for fraction in fractions:
         if fraction < 1.0:
@@ -118,6 +129,18 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
         extra += [f"finetune.{k}={v if not isinstance(v, list) else '[' + ','.join(v) + ']'}" for k, v in settings.items()]
         timed(name, finetune_target.run, cfg(*extra))
         shutil.rmtree(folder / ".finetune.work", ignore_errors=True)  # max_steps leaves resumable state
+
+    # The classic distillation: the target-tuned teacher (auto's `full` candidate) teaches the small
+    # student on the target's own sequences, labels and soft targets both.
+    folder = study / "runs" / STUDENT_KD
+    link = folder / "prepared"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(run_dir / "prepared", target_is_directory=True)
+    teacher = study / "runs" / "auto" / "finetune" / "candidates" / "full"
+    timed(STUDENT_KD, distill.run, cfg(f"run_dir={folder}", *caps("distill", args.epochs), f"distill.teacher={teacher}",
+                                       "distill.data=target"))
+    shutil.rmtree(folder / ".distill.work", ignore_errors=True)
 
     table = evaluate_variants(base, run_dir, study, variants)
     write_tables(study, run_dir, table, timings, args)
@@ -145,9 +168,11 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> pd.Da
         manifest = read_json(out / "manifest.json")
         init = "student" if name == "student" else "teacher"
         checkpoints = {name: (out, manifest["chosen"])}
-        if name == "auto":  # every candidate, and what auto kept
-            checkpoints = {s: (out / "candidates" / s, s) for s in STRATEGIES}
-            checkpoints[f"auto (kept {manifest['chosen']})"] = (out, manifest["chosen"])
+        if name.startswith("auto"):  # every candidate, and what auto kept
+            suffix = name[len("auto"):]
+            checkpoints = {s + (suffix if s in ("full", "adaptor", "scratch") else ""): (out / "candidates" / s, s)
+                           for s in STRATEGIES if not suffix or s in ("full", "adaptor", "scratch")}
+            checkpoints[f"{name} (kept {manifest['chosen']}{suffix if manifest['chosen'] in ('full', 'adaptor', 'scratch') else ''})"] = (out, manifest["chosen"])
         for label, (folder, strategy) in checkpoints.items():
             cand = manifest["candidates"][strategy]
             rows.append({"variant": label, "strategy": strategy,
@@ -155,11 +180,37 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> pd.Da
                          "history": manifest["history"], "train_fraction": manifest["train_fraction"],
                          "n_trainable": cand["n_trainable"], "valid_ndcg@10": cand["valid"]["ndcg@10"],
                          **test_metrics(System(label, folder)), "train_s": cand["train_s"]})
+    out = study / "runs" / STUDENT_KD / "distill"
+    manifest = read_json(out / "manifest.json")
+    rows.append({"variant": "student (KD from full, on target)", "strategy": "distill", "init_from": "full",
+                 "history": "target", "train_fraction": 1.0, "n_trainable": manifest["n_parameters"],
+                 "valid_ndcg@10": manifest["metrics"]["ndcg@10"], **test_metrics(System(STUDENT_KD, out)),
+                 "train_s": manifest["timings_s"]["train"]})
     for baseline in ("popularity", "item-knn"):
         rows.append({"variant": baseline, "strategy": baseline, "init_from": "none", "history": "target",
                      "train_fraction": 1.0, "n_trainable": 0, "valid_ndcg@10": float("nan"),
                      **test_metrics(System(baseline)), "train_s": 0.0})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def goals(table: pd.DataFrame) -> str:
+    """The study's questions, answered from the table's test NDCG@10 (ratios, no thresholds applied)."""
+    ndcg = dict(zip(table["variant"], table["test_ndcg@10"], strict=True))
+    params = dict(zip(table["variant"], table["n_trainable"], strict=True))
+    lines = ["What the table says (test NDCG@10):"]
+    for name in [v for v in ndcg if v.startswith("auto")]:
+        baselines = ["scratch", "scratch+ids", "id_only"] if "+ids" in name else ["scratch", "id_only"]
+        lines.append(f"- {name}: {ndcg[name]:.4f}; " + ", ".join(f"{b} {ndcg[b]:.4f}" for b in baselines if b in ndcg))
+    for fraction in sorted({v.split("@")[1] for v in ndcg if v.startswith("full@")}, key=float):
+        full, scratch = ndcg.get(f"full@{fraction}"), ndcg.get(f"scratch@{fraction}")
+        if full is not None and scratch is not None:
+            lines.append(f"- {float(fraction):.0%} of the target users: full {full:.4f} vs scratch {scratch:.4f} "
+                         f"({full / scratch - 1:+.0%})")
+    for student in ("student", "student (KD from full, on target)"):
+        if student in ndcg and "full" in ndcg:
+            lines.append(f"- {student}: {ndcg[student] / ndcg['full']:.0%} of the fine-tuned teacher's (full) NDCG "
+                         f"with {params[student] / params['full']:.0%} of its parameters")
+    return "\n".join(lines) + "\n"
 
 
 def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, timings: dict, args) -> None:
@@ -170,16 +221,20 @@ def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, timings: dict,
     shown["n_trainable"] = shown["n_trainable"].map(lambda v: f"{v:,}")
     header = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
     body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in shown.itertuples(index=False))
-    trained = [f"teacher {args.pretrain_epochs} epochs" if "pretrain" in timings else "teacher reused from the run",
-               f"student {args.distill_epochs} epochs" if "distill" in timings else "student reused from the run"]
-    caps = f"{', '.join(trained)}, fine-tuning {args.epochs} epochs per variant, max_steps {args.max_steps or 'none'}"
+    def epochs(n: int | None) -> str:
+        return f"{n} epochs" if n else "the config's epochs"
+
+    trained = [f"teacher {epochs(args.pretrain_epochs)}" if "pretrain" in timings else "teacher reused from the run",
+               f"student {epochs(args.distill_epochs)}" if "distill" in timings else "student reused from the run"]
+    caps = f"{', '.join(trained)}, fine-tuning {epochs(args.epochs)} per variant, max_steps {args.max_steps or 'none'}"
     times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     text = (f"# Transfer study: {run_dir.name}\n\nTest split of the target, full ranking, history items "
             f"excluded (the evaluate stage's code). Valid NDCG@10 is what `auto` chose by.\n\n{header}{body}\n"
-            f"Budget: {caps}.\n\nWall time (s): {times}; total {sum(timings.values()):.0f} s.\n")
+            f"{goals(table)}\nBudget: {caps}.\n\nWall time (s): {times}; total {sum(timings.values()):.0f} s.\n")
     write_text(study / "results.md", text)
     fewshot = table[table["strategy"].isin(["full", "scratch"]) & (table["history"] == "target")
-                    & (table["init_from"] != "student") & ~table["variant"].str.startswith("auto")]
+                    & (table["init_from"] != "student") & ~table["variant"].str.startswith("auto")
+                    & ~table["variant"].str.contains("+ids", regex=False)]
     long = pd.concat([pd.DataFrame({"train_fraction": fewshot["train_fraction"], "strategy": fewshot["strategy"],
                                     "metric": metric, "k": 10, "value": fewshot[f"test_{metric}@10"]})
                       for metric in ("ndcg", "recall")], ignore_index=True)
