@@ -35,7 +35,7 @@ from trecsys.errors import ArtifactError, ConfigError, TrecError
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 # The default's short name as sentence-transformers users write it.
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2"}
-ENCODER_INFO_KEY = "trecsys.encoder_info"
+ENCODER_INFO_KEY = "trecsys.encoder"  # the same key in prepared/ and in the cache
 # On CPU a batch is also capped at this many (padded) tokens, so batches of long texts stay small enough
 # for the CPU caches: on Amazon titles that was 10-25% more items per CPU-second than 128 items a batch.
 _CPU_BATCH_TOKENS = 2048

@@ -6,7 +6,6 @@ manifest); it is built under a temporary name and swapped in only when complete.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pyarrow as pa
 from trecsys.artifacts import describe_file, run_lock, stage_output, write_manifest, write_parquet, write_text
 from trecsys.config import DataConfig, ExperimentConfig, to_dict, to_yaml
 from trecsys.data.clean import clean_interactions
-from trecsys.data.embed import embed_texts
+from trecsys.data.embed import embed_texts, encoder_metadata
 from trecsys.data.raw import RawDomain
 from trecsys.data.readers import read_domain
 from trecsys.data.split import assign_split
@@ -27,7 +26,6 @@ from trecsys.data.text import compose_text
 from trecsys.devices import resolve_device
 from trecsys.errors import ConfigError, DataError
 
-ENCODER_METADATA_KEY = "trecsys.encoder"
 # Item metadata columns copied to items.parquet (as str) when a domain has them.
 ITEM_FIELDS = ("brand", "category", "price")
 # Columns prepare sets itself; an item file's columns of these names are not copied.
@@ -78,7 +76,7 @@ def run(cfg: ExperimentConfig) -> None:
             write_parquet(items_table(items), folder / "items.parquet")
             write_parquet(interactions_table(interactions), folder / "interactions.parquet")
             write_parquet(embeddings_table(items["item_idx"].to_numpy(), embeddings), folder / "item_embeddings.parquet",
-                          metadata={ENCODER_METADATA_KEY: json.dumps(encoder, sort_keys=True)})
+                          metadata=encoder_metadata(encoder))
             write_text(folder / "config.yaml", to_yaml(cfg))
             timings["write"] = time.perf_counter() - clock
             write_manifest(
