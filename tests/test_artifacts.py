@@ -33,6 +33,18 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
 
 
+def test_checkpoints_get_the_usual_file_mode(tmp_path):
+    """safetensors creates 0600 files; artifacts others read (a serving job, a colleague) follow the umask."""
+    import torch
+
+    from trecsys.engine import save_weights
+
+    save_weights(torch.nn.Linear(2, 2), tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_parquet_round_trip_with_metadata(tmp_path):
     table = pa.table({"a": [1, 2, 3]})
     write_parquet(table, tmp_path / "t.parquet", metadata={"trecsys.encoder": "{}"})
