@@ -88,8 +88,9 @@ def tiny_prepared(tmp_path) -> Path:
     return run_dir
 
 
-def tiny_config(run_dir: Path, path: Path, **train) -> Path:
-    """An experiment YAML for `tiny_prepared`: a small model and a few quick epochs."""
+def tiny_config(run_dir: Path, path: Path, sections: dict | None = None, **train) -> Path:
+    """An experiment YAML for `tiny_prepared`: a small model and a few quick epochs. `train`
+    overrides pretrain.train keys; `sections` adds or replaces top-level sections (distill, ...)."""
     data = {
         "run_dir": str(run_dir),
         "device": "cpu",
@@ -98,6 +99,7 @@ def tiny_config(run_dir: Path, path: Path, **train) -> Path:
         "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 6, "dropout": 0.1,
                   "n_experts": 2},
         "pretrain": {"train": {"epochs": 4, "batch_size": 16, "lr": 0.01, "patience": 0, **train}},
+        **(sections or {}),
     }
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path

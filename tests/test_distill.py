@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import tiny_config, write_tiny_prepared
 from typer.testing import CliRunner
 
@@ -29,13 +28,9 @@ def trec(*args: str):
 
 
 def distill_config(run_dir: Path, path: Path, **distill) -> Path:
-    tiny_config(run_dir, path)
-    data = yaml.safe_load(path.read_text())
-    data["pretrain"]["train"].update(epochs=6, lr=0.02)
-    data["distill"] = {"student": dict(STUDENT), "train": {"epochs": 4, "batch_size": 16, "lr": 0.01, "patience": 0},
-                       **distill}
-    path.write_text(yaml.safe_dump(data))
-    return path
+    train = {"epochs": 4, "batch_size": 16, "lr": 0.01, "patience": 0}
+    return tiny_config(run_dir, path, {"distill": {"student": dict(STUDENT), "train": train, **distill}},
+                       epochs=6, lr=0.02)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-import yaml
 from conftest import tiny_config, write_tiny_prepared
 from typer.testing import CliRunner
 
@@ -26,11 +25,8 @@ KS = [1, 5, 10]  # the tiny target catalogue has 16 items
 
 def write_config(run_dir: Path, **evaluate) -> Path:
     """conftest's tiny_config with an `evaluate` section: fast bootstrap, cut-offs within 16 items."""
-    path = tiny_config(run_dir, run_dir.parent / f"{run_dir.name}.yaml")
-    data = yaml.safe_load(path.read_text())
-    data.update(seed=3, evaluate={"bootstrap": 100, "ks": KS, **evaluate})
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return tiny_config(run_dir, run_dir.parent / f"{run_dir.name}.yaml",
+                       {"seed": 3, "evaluate": {"bootstrap": 100, "ks": KS, **evaluate}})
 
 
 def evaluate(run_dir: Path, **kwargs) -> pd.DataFrame:

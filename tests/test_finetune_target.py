@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-import yaml
 from conftest import tiny_config, write_tiny_prepared
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -36,12 +35,7 @@ def trec(*args: str):
 
 
 def finetune_config(run_dir: Path, path: Path, **finetune) -> Path:
-    tiny_config(run_dir, path)
-    data = yaml.safe_load(path.read_text())
-    data["pretrain"]["train"]["epochs"] = 2
-    data["finetune"] = {"train": dict(FINETUNE), **finetune}
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return tiny_config(run_dir, path, {"finetune": {"train": dict(FINETUNE), **finetune}}, epochs=2)
 
 
 @pytest.fixture(scope="module")
