@@ -86,6 +86,18 @@ def test_up_to_date_stages_are_skipped_and_changes_rerun_what_depends_on_them(co
     assert again["evaluate"][1] == "config changed: evaluate.ks [5] → [5, 20]"
     assert again["prepare"] == again["recommend"] == ("skipped", "up to date")
 
+    # Re-run by hand with the pipeline's own config: up to date, through the inputs (with sha256)
+    # that its manifest records; stale once one of those inputs changes.
+    cfg = load_config(config, ["evaluate.ks=[5, 20]", "data.synthetic.n_users=160"])
+    evaluate.run(cfg)
+    again = run(config, "evaluate.ks=[5, 20]", "data.synthetic.n_users=160")
+    assert again["evaluate"] == ("skipped", "up to date")
+    items = Path(cfg.run_dir) / "prepared" / "items.parquet"
+    saved = items.read_bytes()
+    items.write_bytes(saved + b"x")
+    assert pipeline.staleness(pipeline.BY_NAME["evaluate"], cfg, None) == f"input {items} changed"
+    items.write_bytes(saved)
+
     # Outputs changed behind the manifest's back, and --force.
     metrics = Path(cfg.run_dir) / "eval" / "metrics.parquet"
     metrics.write_bytes(metrics.read_bytes() + b"x")

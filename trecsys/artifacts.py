@@ -158,9 +158,11 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def describe_file(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """size, mtime and sha256 of `path`, named relative to `root`, or absolute (so that a manifest
+    means the same from any working directory)."""
     path = Path(path)
     stat = path.stat()
-    shown = path.relative_to(root).as_posix() if root is not None else str(path)
+    shown = path.relative_to(root).as_posix() if root is not None else str(path.resolve())
     return {"path": shown, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
 
 

@@ -17,6 +17,13 @@ COMPARABLE_FILES = ("items.parquet", "interactions.parquet")
 WEIGHTS = "model.safetensors"
 
 
+def prepared_file_inputs(prepared: Prepared) -> list[dict]:
+    """The prepared files a ranking stage reads, as manifest inputs named from the run folder
+    (with their sha256, so `trec run` can tell whether a hand-run stage is still up to date)."""
+    return [{**entry, "path": f"{prepared.folder.name}/{entry['path']}"}
+            for entry in prepared.manifest.get("outputs", []) if entry["path"] in COMPARABLE_FILES]
+
+
 def is_checkpoint(folder: Path) -> bool:
     return (Path(folder) / WEIGHTS).is_file() and (Path(folder) / "config.json").is_file()
 

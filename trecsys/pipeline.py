@@ -4,8 +4,9 @@ calls it, skipping the stages whose outputs are up to date.
 Up to date means: the stage's manifest exists and its output files are intact; the config sections
 the stage reads are the same as the ones in its manifest (recorded by the stage when it ran); and
 `<run_dir>/pipeline.json` records that `trec run` made exactly these outputs from the upstream
-outputs that exist now (sha256 digests of the upstream manifests' outputs). For prepare, the raw input
-files must also be unchanged. A stage made outside `trec run` is re-run unless it has no upstream.
+outputs that exist now (sha256 digests of the upstream manifests' outputs). For prepare, and for a
+stage run by hand (`trec pretrain-source ...`), the input files its manifest records (with sha256)
+must be unchanged instead.
 """
 
 from __future__ import annotations
@@ -169,9 +170,10 @@ def staleness(stage: Stage, cfg: ExperimentConfig, record: dict | None) -> str |
     if changed:
         return "config changed: " + "; ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
     if stage.name == "prepare":
-        return _changed_input(manifest)
+        return _changed_input(manifest, cfg)
     if record is None or record.get("outputs") != outputs_digest(manifest):
-        return "made outside `trec run`, so its inputs cannot be checked"
+        # Made outside `trec run` (a stage run by hand): its manifest says what it read.
+        return _changed_input(manifest, cfg)
     for name in stage.upstream:
         if record["upstream"].get(name) != _digest_of(BY_NAME[name], cfg):
             return f"the output of {name} changed"
@@ -199,10 +201,13 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _changed_input(manifest: dict) -> str | None:
-    """prepare's raw files: size and mtime first, sha256 only when they differ."""
+def _changed_input(manifest: dict, cfg: ExperimentConfig) -> str | None:
+    """The files a stage's manifest says it read (relative paths are in run_dir): size and mtime
+    first, sha256 only when they differ. None when all are as they were."""
     for entry in manifest.get("inputs", []):
-        path = Path(entry["path"])
+        path = Path(cfg.run_dir).expanduser() / entry["path"]  # an absolute path stays itself
+        if "sha256" not in entry:
+            return f"made outside `trec run`, and its manifest has no digest of {path}"
         if not path.is_file():
             return f"input {path} is missing"
         stat = path.stat()

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trecsys.artifacts import atomic_path, run_lock
+from trecsys.artifacts import atomic_path, describe_file, run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.prepared import domain_split, load_prepared
 from trecsys.engine import LOG, Dist, distributed, fit, seed_everything
@@ -133,7 +133,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
                     "student": measure(best, result.best_dir / WEIGHTS, rank, cases)}
             write_stage_folder(
                 out, {**checkpoint_files(result.best_dir), LOG: work / LOG}, cfg, STAGE,
-                inputs=[prepared_input(prepared, run_dir), {"path": str(teacher_dir / WEIGHTS)}],
+                inputs=[prepared_input(prepared, run_dir), describe_file(teacher_dir / WEIGHTS)],
                 extra={
                     "seed": cfg.seed, "teacher": str(teacher_dir), "data": names, "metrics": result.best_metrics,
                     "best_step": result.best_step, "steps": result.steps, "stopped": result.stopped,

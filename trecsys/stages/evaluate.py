@@ -29,11 +29,11 @@ from trecsys.artifacts import (
     write_parquet,
 )
 from trecsys.checkpoints import (
-    COMPARABLE_FILES,
     MODEL_STAGES,
     check_same_prepared,
     is_checkpoint,
     latest_checkpoint,
+    prepared_file_inputs,
 )
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.context import histories_for
@@ -221,7 +221,7 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[System], s
         write_parquet(pa.Table.from_pandas(comparison_df, preserve_index=False), out / "comparison.parquet", meta)
         plots = report.write_plots(out, metrics_df, run_dirs, ks)
         report.write_report(out / "report.md", metrics_df, comparison_df, context, plots)
-        inputs = [entry for entry in prepared.manifest.get("outputs", []) if entry["path"] in COMPARABLE_FILES]
+        inputs = prepared_file_inputs(prepared)
         inputs += [describe_file(s.checkpoint / "model.safetensors") for s in systems if s.checkpoint is not None]
         write_manifest(out, "evaluate", to_dict(cfg), inputs, {"context": context})
     print(report.terminal_table(metrics_df, context))

@@ -33,7 +33,13 @@ from trecsys.artifacts import (
     write_parquet,
     write_text,
 )
-from trecsys.checkpoints import check_same_prepared, is_checkpoint, latest_checkpoint, weights_sha256
+from trecsys.checkpoints import (
+    check_same_prepared,
+    is_checkpoint,
+    latest_checkpoint,
+    prepared_file_inputs,
+    weights_sha256,
+)
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.data.prepared import DomainRange, Prepared, domain_split, load_prepared
 from trecsys.data.requests import (
@@ -407,7 +413,7 @@ def write_output(out: Output, table: pa.Table, requests: Requests, cfg: Experime
         files.append(out.unknown_users)
     elif out.unknown_users.exists():
         out.unknown_users.unlink()
-    inputs = [e for e in prepared.manifest.get("outputs", []) if e["path"] in ("items.parquet", "interactions.parquet")]
+    inputs = prepared_file_inputs(prepared)
     inputs += [describe_file(r.checkpoint / "model.safetensors") for r in rankers if r.checkpoint is not None]
     write_manifest(out.parquet.parent, STAGE, to_dict(cfg), inputs, {"context": context}, files=files,
                    name=out.manifest.name)
