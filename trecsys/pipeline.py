@@ -207,7 +207,7 @@ def _changed_input(manifest: dict, cfg: ExperimentConfig) -> str | None:
     for entry in manifest.get("inputs", []):
         path = Path(cfg.run_dir).expanduser() / entry["path"]  # an absolute path stays itself
         if "sha256" not in entry:
-            return f"made outside `trec run`, and its manifest has no digest of {path}"
+            return f"made outside `trec run`, and its manifest has no digest of {entry['path']}"
         if not path.is_file():
             return f"input {path} is missing"
         stat = path.stat()
