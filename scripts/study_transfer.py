@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs of every variant (default: the config's)")
     parser.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps of every training run (0 = none)")
     parser.add_argument("--fractions", default="0.1,0.25,0.5,1.0", help="few-shot train_fraction points")
-    parser.add_argument("--retrain", action="store_true", help="retrain the teacher and student even when present")
+    parser.add_argument("--retrain", action="store_true",
+                        help="retrain the teacher, the student and every variant even when present")
+    parser.add_argument("--skip", default="", help="variants to leave out, e.g. full+source_history,scratch+source_history")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. device=cuda")
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -118,8 +120,16 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
                 variants[f"{strategy}@{fraction:g}"] = dict(strategy=strategy, train_fraction=fraction)
     for strategy in ("full", "scratch"):
         variants[f"{strategy}+source_history"] = dict(strategy=strategy, history="all_domains")
+    for name in [n.strip() for n in args.skip.split(",") if n.strip()]:
+        if name not in variants:
+            print(f"error: --skip {name}: not a variant; variants: {', '.join(variants)}", file=sys.stderr)
+            return 2
+        del variants[name]
     for name, settings in variants.items():
         folder = study / "runs" / name.replace("@", "_frac").replace("+", "_")
+        if not args.retrain and (folder / "finetune" / "manifest.json").is_file():
+            print(f"study_transfer: {name}: reusing {folder / 'finetune'} (--retrain to train it again)")
+            continue
         folder.mkdir(parents=True, exist_ok=True)
         link = folder / "prepared"
         if not link.exists():
@@ -138,9 +148,10 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     if not link.exists():
         link.symlink_to(run_dir / "prepared", target_is_directory=True)
     teacher = study / "runs" / "auto" / "finetune" / "candidates" / "full"
-    timed(STUDENT_KD, distill.run, cfg(f"run_dir={folder}", *caps("distill", args.epochs), f"distill.teacher={teacher}",
-                                       "distill.data=target"))
-    shutil.rmtree(folder / ".distill.work", ignore_errors=True)
+    if args.retrain or not (folder / "distill" / "manifest.json").is_file():
+        timed(STUDENT_KD, distill.run, cfg(f"run_dir={folder}", *caps("distill", args.epochs),
+                                           f"distill.teacher={teacher}", "distill.data=target"))
+        shutil.rmtree(folder / ".distill.work", ignore_errors=True)
 
     table = evaluate_variants(base, run_dir, study, variants)
     write_tables(study, run_dir, table, timings, args)
