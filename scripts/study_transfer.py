@@ -10,7 +10,8 @@ run folder under `<run_dir>/study/runs/<variant>/` (the prepared folder linked, 
 - `student`: the distilled student (from the Kitchen teacher) fine-tuned (full) on Food;
 - `student (KD from full, on target)`: the same small architecture distilled on Food from the
   Food-tuned teacher (auto's `full` candidate): the classic teacher → student compression;
-- few-shot: full and scratch on a seeded fraction of the Food training users (nested fractions);
+- few-shot: full+ids and scratch+ids on a seeded fraction of the Food training users (nested
+  fractions);
 - `history=all_domains`: full and scratch reading each user's Kitchen items as context.
 Test numbers come from the evaluate stage's code (same users, histories and exclusion as `trec
 evaluate`), with popularity and item-kNN as floors. Writes `<run_dir>/study/results.{md,parquet}` and
@@ -109,17 +110,19 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     if args.retrain or not (run_dir / "distill" / "model.safetensors").is_file():
         timed("distill", distill.run, cfg(*caps("distill", args.distill_epochs)))
 
-    # auto twice: text-only item towers, and with target item IDs added (transductive; id_only and
-    # zero_shot are the same in both).
-    variants = {"auto": dict(strategy="auto", candidates=STRATEGIES),
+    # Every variant says whether it adds target item IDs, whatever the config's finetune.item_ids.
+    # auto twice: text-only item towers, and with IDs added (transductive; id_only and zero_shot are
+    # the same in both). The few-shot points compare full+ids with scratch+ids, what auto+ids keeps.
+    variants = {"auto": dict(strategy="auto", candidates=STRATEGIES, item_ids=False),
                 "auto+ids": dict(strategy="auto", candidates=STRATEGIES, item_ids=True),
-                "student": dict(strategy="full", init_from=str(run_dir / "distill"))}
+                "student": dict(strategy="full", init_from=str(run_dir / "distill"), item_ids=False)}
     for fraction in fractions:
         if fraction < 1.0:
             for strategy in ("full", "scratch"):
-                variants[f"{strategy}@{fraction:g}"] = dict(strategy=strategy, train_fraction=fraction)
+                variants[f"{strategy}+ids@{fraction:g}"] = dict(strategy=strategy, train_fraction=fraction,
+                                                                item_ids=True)
     for strategy in ("full", "scratch"):
-        variants[f"{strategy}+source_history"] = dict(strategy=strategy, history="all_domains")
+        variants[f"{strategy}+source_history"] = dict(strategy=strategy, history="all_domains", item_ids=False)
     for name in [n.strip() for n in args.skip.split(",") if n.strip()]:
         if name not in variants:
             print(f"error: --skip {name}: not a variant; variants: {', '.join(variants)}", file=sys.stderr)
@@ -149,7 +152,8 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
         link.symlink_to(run_dir / "prepared", target_is_directory=True)
     teacher = study / "runs" / "auto" / "finetune" / "candidates" / "full"
     if args.retrain or not (folder / "distill" / "manifest.json").is_file():
-        timed(STUDENT_KD, distill.run, cfg(f"run_dir={folder}", *caps("distill", args.epochs),
+        epochs = args.epochs or base.finetune.train.epochs  # as long as the teacher's fine-tuning
+        timed(STUDENT_KD, distill.run, cfg(f"run_dir={folder}", *caps("distill", epochs),
                                            f"distill.teacher={teacher}", "distill.data=target"))
         shutil.rmtree(folder / ".distill.work", ignore_errors=True)
 
@@ -212,11 +216,11 @@ def goals(table: pd.DataFrame) -> str:
     for name in [v for v in ndcg if v.startswith("auto")]:
         baselines = ["scratch", "scratch+ids", "id_only"] if "+ids" in name else ["scratch", "id_only"]
         lines.append(f"- {name}: {ndcg[name]:.4f}; " + ", ".join(f"{b} {ndcg[b]:.4f}" for b in baselines if b in ndcg))
-    for fraction in sorted({v.split("@")[1] for v in ndcg if v.startswith("full@")}, key=float):
-        full, scratch = ndcg.get(f"full@{fraction}"), ndcg.get(f"scratch@{fraction}")
+    for fraction in sorted({v.split("@")[1] for v in ndcg if v.startswith("full+ids@")}, key=float):
+        full, scratch = ndcg.get(f"full+ids@{fraction}"), ndcg.get(f"scratch+ids@{fraction}")
         if full is not None and scratch is not None:
-            lines.append(f"- {float(fraction):.0%} of the target users: full {full:.4f} vs scratch {scratch:.4f} "
-                         f"({full / scratch - 1:+.0%})")
+            lines.append(f"- {float(fraction):.0%} of the target users: full+ids {full:.4f} vs scratch+ids "
+                         f"{scratch:.4f} ({full / scratch - 1:+.0%})")
     for student in ("student", "student (KD from full, on target)"):
         if student in ndcg and "full" in ndcg:
             lines.append(f"- {student}: {ndcg[student] / ndcg['full']:.0%} of the fine-tuned teacher's (full) NDCG "
@@ -243,9 +247,8 @@ def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, timings: dict,
             f"excluded (the evaluate stage's code). Valid NDCG@10 is what `auto` chose by.\n\n{header}{body}\n"
             f"{goals(table)}\nBudget: {caps}.\n\nWall time (s): {times}; total {sum(timings.values()):.0f} s.\n")
     write_text(study / "results.md", text)
-    fewshot = table[table["strategy"].isin(["full", "scratch"]) & (table["history"] == "target")
-                    & (table["init_from"] != "student") & ~table["variant"].str.startswith("auto")
-                    & ~table["variant"].str.contains("+ids", regex=False)]
+    # The few-shot curve: full+ids and scratch+ids at each fraction, auto+ids's candidates at 1.0.
+    fewshot = table[table["variant"].str.fullmatch(r"(full|scratch)\+ids(@[0-9.]+)?")]
     long = pd.concat([pd.DataFrame({"train_fraction": fewshot["train_fraction"], "strategy": fewshot["strategy"],
                                     "metric": metric, "k": 10, "value": fewshot[f"test_{metric}@10"]})
                       for metric in ("ndcg", "recall")], ignore_index=True)
