@@ -7,6 +7,7 @@ after `prepare` can be tested without running it.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -103,3 +104,28 @@ def tiny_config(run_dir: Path, path: Path, sections: dict | None = None, **train
     }
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
+
+
+def fake_embed_texts(texts, cfg, device="cpu", progress=True):
+    """A deterministic stand-in for the encoder: a hash-seeded unit vector per text."""
+    rows = []
+    for text in texts:
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+        row = np.random.default_rng(seed).standard_normal(8).astype(np.float32)
+        rows.append(row / np.linalg.norm(row))
+    info = {"name": "fake", "path": "", "revision": "0", "pooling": "mean", "dim": 8, "max_length": 16}
+    return np.stack(rows), info
+
+
+def pretrained_tiny_run(root: Path, write_config) -> Path:
+    """`<root>/run` with a tiny prepared/ and a pretrain/ trained through the CLI, with the config
+    that `write_config(run_dir, path)` writes; module fixtures build it once for their tests."""
+    from typer.testing import CliRunner
+
+    from trecsys.cli import app
+
+    run_dir = root / "run"
+    write_tiny_prepared(run_dir)
+    result = CliRunner().invoke(app, ["pretrain-source", "-c", str(write_config(run_dir, root / "cfg.yaml"))])
+    assert result.exit_code == 0, result.output
+    return run_dir

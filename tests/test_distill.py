@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, write_tiny_prepared
+from conftest import pretrained_tiny_run, tiny_config
 from typer.testing import CliRunner
 
 from trecsys.cli import app
@@ -35,12 +35,7 @@ def distill_config(run_dir: Path, path: Path, **distill) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("teacher")
-    run_dir = root / "run"
-    write_tiny_prepared(run_dir)
-    result = trec("pretrain-source", "-c", str(distill_config(run_dir, root / "cfg.yaml")))
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return pretrained_tiny_run(tmp_path_factory.mktemp("teacher"), distill_config)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import tiny_config, write_tiny_prepared
+from conftest import pretrained_tiny_run, tiny_config, write_tiny_prepared
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -41,12 +41,7 @@ def finetune_config(run_dir: Path, path: Path, **finetune) -> Path:
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory) -> Path:
     """A tiny run with prepared/ and pretrain/; tests copy it so each writes its own finetune/."""
-    root = tmp_path_factory.mktemp("pretrained")
-    run_dir = root / "run"
-    write_tiny_prepared(run_dir)
-    result = trec("pretrain-source", "-c", str(finetune_config(run_dir, root / "cfg.yaml")))
-    assert result.exit_code == 0, result.output
-    return run_dir
+    return pretrained_tiny_run(tmp_path_factory.mktemp("pretrained"), finetune_config)
 
 
 @pytest.fixture

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
+from conftest import fake_embed_texts
 from typer.testing import CliRunner
 
 from trecsys import pipeline
@@ -21,15 +20,6 @@ from trecsys.stages import evaluate
 
 # The stages this test drives; the training stages are left out so the test stays fast.
 STAGES = "prepare,evaluate,recommend"
-
-
-def fake_embed_texts(texts, cfg, device="cpu", progress=True):
-    rows = []
-    for text in texts:
-        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-        row = np.random.default_rng(seed).standard_normal(8).astype(np.float32)
-        rows.append(row / np.linalg.norm(row))
-    return np.stack(rows), {"name": "fake", "path": "", "revision": "0", "pooling": "mean", "dim": 8, "max_length": 16}
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import fake_embed_texts
 
 from trecsys.artifacts import parquet_metadata, read_manifest, run_lock
 from trecsys.config import ExperimentConfig, build, load_config
@@ -217,17 +217,6 @@ def test_given_split_needs_a_valid_column():
 
 # ---------------------------------------------------------------------------------------------
 # The prepare stage and its artifacts
-
-
-def fake_embed_texts(texts, cfg, device="cpu", progress=True):
-    """A deterministic stand-in for the encoder: a hash-seeded unit vector per text."""
-    rows = []
-    for text in texts:
-        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-        row = np.random.default_rng(seed).standard_normal(8).astype(np.float32)
-        rows.append(row / np.linalg.norm(row))
-    info = {"name": "fake", "path": "", "revision": "0", "pooling": "mean", "dim": 8, "max_length": 16}
-    return np.stack(rows), info
 
 
 @pytest.fixture

@@ -207,7 +207,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, "tests")
 marker = Path(sys.argv[1])
-from test_prepare import fake_embed_texts
+from conftest import fake_embed_texts
 from trecsys.stages import prepare
 def slow_embed(*args, **kwargs):
     marker.touch()
@@ -221,7 +221,7 @@ main()
 
 
 def test_two_prepares_on_one_run_dir_never_mix(tmp_path, monkeypatch):
-    from test_prepare import fake_embed_texts
+    from conftest import fake_embed_texts
 
     from trecsys.stages import prepare
 
