@@ -56,12 +56,17 @@ def find_ml100k(data: str | None, recbole_python: str | None) -> Path | None:
     return next((c.resolve() for c in candidates if (c / "ml-100k.inter").is_file()), None)
 
 
-def trec(*args: str) -> None:
-    command = [sys.executable, "-m", "trecsys", *args]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+def checked(done: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+    """`done`, or exit naming `what` and the last line it printed to stderr."""
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SystemExit(f"ml100k: `trec {' '.join(args)}` failed ({done.returncode}): {tail}")
+        raise SystemExit(f"ml100k: {what} failed ({done.returncode}): {tail}")
+    return done
+
+
+def trec(*args: str) -> None:
+    checked(subprocess.run([sys.executable, "-m", "trecsys", *args], cwd=REPO, capture_output=True, text=True),
+            f"`trec {' '.join(args)}`")
 
 
 def run_trecsys(data: Path, run_dir: Path) -> dict:
@@ -85,11 +90,8 @@ def run_trecsys(data: Path, run_dir: Path) -> dict:
 def run_recbole(python: str, data: Path, epochs: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         # RecBole writes its logs and tensorboard files into the working directory.
-        done = subprocess.run([python, str(REPO / "scripts" / "recbole_sasrec.py"), str(data.parent), str(epochs), work],
-                              capture_output=True, text=True, cwd=work)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SystemExit(f"ml100k: RecBole run failed ({done.returncode}): {tail}")
+        done = checked(subprocess.run([python, str(REPO / "scripts" / "recbole_sasrec.py"), str(data.parent),
+                                       str(epochs), work], capture_output=True, text=True, cwd=work), "RecBole run")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if "train_s" in result:
         result["s_per_epoch"] = result["train_s"] / max(result["epochs"], 1)

@@ -133,10 +133,7 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
         if not args.retrain and (folder / "finetune" / "manifest.json").is_file():
             print(f"study_transfer: {name}: reusing {folder / 'finetune'} (--retrain to train it again)")
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        link = folder / "prepared"
-        if not link.exists():
-            link.symlink_to(run_dir / "prepared", target_is_directory=True)
+        variant_run_dir(folder, run_dir)
         settings = {"init_from": str(run_dir / "pretrain"), **settings}
         extra = [f"run_dir={folder}", *caps("finetune", args.epochs)]
         extra += [f"finetune.{k}={v if not isinstance(v, list) else '[' + ','.join(v) + ']'}" for k, v in settings.items()]
@@ -145,11 +142,7 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
 
     # The classic distillation: the target-tuned teacher (auto's `full` candidate) teaches the small
     # student on the target's own sequences, labels and soft targets both.
-    folder = study / "runs" / STUDENT_KD
-    link = folder / "prepared"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(run_dir / "prepared", target_is_directory=True)
+    folder = variant_run_dir(study / "runs" / STUDENT_KD, run_dir)
     teacher = study / "runs" / "auto" / "finetune" / "candidates" / "full"
     if args.retrain or not (folder / "distill" / "manifest.json").is_file():
         epochs = args.epochs or base.finetune.train.epochs  # as long as the teacher's fine-tuning
@@ -160,6 +153,15 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     table = evaluate_variants(base, run_dir, study, variants)
     write_tables(study, run_dir, table, timings, args)
     return 0
+
+
+def variant_run_dir(folder: Path, run_dir: Path) -> Path:
+    """A variant's own run folder, reading the run's prepared data through a link (never a copy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "prepared"
+    if not link.exists():
+        link.symlink_to(run_dir / "prepared", target_is_directory=True)
+    return folder
 
 
 def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> pd.DataFrame:
