@@ -10,9 +10,10 @@ run folder under `<run_dir>/study/runs/<variant>/` (the prepared folder linked, 
 - `student`: the distilled student (from the Kitchen teacher) fine-tuned (full) on Food;
 - `student (KD from full, on target)`: the same small architecture distilled on Food from the
   Food-tuned teacher (auto's `full` candidate): the classic teacher → student compression;
-- few-shot: full+ids and scratch+ids on a seeded fraction of the Food training users (nested
-  fractions);
-- `history=all_domains`: full and scratch reading each user's Kitchen items as context.
+- few-shot: full and scratch (text only and +ids) on a seeded fraction of the Food training users
+  (nested fractions), each with the full-data run's number of optimizer steps;
+- `history=all_domains`: full and scratch reading each user's Kitchen items as context (the
+  `shared_ndcg@10` column is the slice of test users who have Kitchen interactions).
 Test numbers come from the evaluate stage's code (same users, histories and exclusion as `trec
 evaluate`), with popularity and item-kNN as floors. Writes `<run_dir>/study/results.{md,parquet}` and
 the few-shot table `<run_dir>/fewshot/results.parquet` that `trec evaluate` plots.
@@ -24,6 +25,7 @@ the few-shot table `<run_dir>/fewshot/results.parquet` that `trec evaluate` plot
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -33,23 +35,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trecsys import metrics as M  # noqa: E402
 from trecsys.artifacts import read_json, write_parquet, write_text  # noqa: E402
-from trecsys.config import load_config  # noqa: E402
+from trecsys.config import load_config, to_dict  # noqa: E402
+from trecsys.data.context import target_sequences  # noqa: E402
 from trecsys.data.prepared import load_prepared  # noqa: E402
 from trecsys.devices import resolve_device  # noqa: E402
 from trecsys.errors import TrecError  # noqa: E402
 from trecsys.stages import distill, finetune_target, prepare, pretrain_source  # noqa: E402
+from trecsys.stages.common import domain_windows  # noqa: E402
 from trecsys.stages.evaluate import System, eval_users, make_scorer  # noqa: E402
 
 STRATEGIES = ["full", "adaptor", "zero_shot", "scratch", "id_only"]
 STUDENT_KD = "student_kd_target"  # the student distilled from the target-tuned teacher
 COLUMNS = ["variant", "strategy", "init_from", "history", "train_fraction", "n_trainable", "valid_ndcg@10",
-           "test_ndcg@10", "test_recall@10", "train_s"]
+           "test_ndcg@10", "test_recall@10", "shared_ndcg@10", "train_s"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,17 +115,25 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     if args.retrain or not (run_dir / "distill" / "model.safetensors").is_file():
         timed("distill", distill.run, cfg(*caps("distill", args.distill_epochs)))
 
-    # Every variant says whether it adds target item IDs, whatever the config's finetune.item_ids.
+    # Every variant says whether it adds target item IDs and which history it reads, whatever the
+    # config's finetune.item_ids and finetune.history (target only, but for the source_history rows).
     # auto twice: text-only item towers, and with IDs added (transductive; id_only and zero_shot are
-    # the same in both). The few-shot points compare full+ids with scratch+ids, what auto+ids keeps.
+    # the same in both).
     variants = {"auto": dict(strategy="auto", candidates=STRATEGIES, item_ids=False),
                 "auto+ids": dict(strategy="auto", candidates=STRATEGIES, item_ids=True),
                 "student": dict(strategy="full", init_from=str(run_dir / "distill"), item_ids=False)}
-    for fraction in fractions:
-        if fraction < 1.0:
-            for strategy in ("full", "scratch"):
-                variants[f"{strategy}+ids@{fraction:g}"] = dict(strategy=strategy, train_fraction=fraction,
-                                                                item_ids=True)
+    # Few-shot: full vs scratch, text only and with IDs, on a seeded fraction of the target's training
+    # users (nested fractions), with as many optimizer steps as the full-data run (epochs / fraction)
+    # and validation as often in steps: the config's epochs on 10% of the users are a tenth of the
+    # steps, and would compare two under-trained models.
+    epochs = args.epochs or base.finetune.train.epochs
+    epoch_steps = full_data_epoch_steps(cfg(), run_dir)
+    for fraction in [f for f in fractions if f < 1.0]:
+        for strategy in ("full", "scratch"):
+            for item_ids in (False, True):
+                variants[f"{strategy}{'+ids' if item_ids else ''}@{fraction:g}"] = dict(
+                    strategy=strategy, train_fraction=fraction, item_ids=item_ids,
+                    **{"train.epochs": math.ceil(epochs / fraction), "train.eval_every_steps": epoch_steps})
     for strategy in ("full", "scratch"):
         variants[f"{strategy}+source_history"] = dict(strategy=strategy, history="all_domains", item_ids=False)
     for name in [n.strip() for n in args.skip.split(",") if n.strip()]:
@@ -130,14 +143,18 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
         del variants[name]
     for name, settings in variants.items():
         folder = study / "runs" / name.replace("@", "_frac").replace("+", "_")
-        if not args.retrain and (folder / "finetune" / "manifest.json").is_file():
-            print(f"study_transfer: {name}: reusing {folder / 'finetune'} (--retrain to train it again)")
-            continue
-        variant_run_dir(folder, run_dir)
-        settings = {"init_from": str(run_dir / "pretrain"), **settings}
+        settings = {"init_from": str(run_dir / "pretrain"), "history": "target", **settings}
         extra = [f"run_dir={folder}", *caps("finetune", args.epochs)]
         extra += [f"finetune.{k}={v if not isinstance(v, list) else '[' + ','.join(v) + ']'}" for k, v in settings.items()]
-        timed(name, finetune_target.run, cfg(*extra))
+        variant_cfg = cfg(*extra)
+        manifest = folder / "finetune" / "manifest.json"
+        if not args.retrain and manifest.is_file():
+            if read_json(manifest)["config"]["finetune"] == to_dict(variant_cfg)["finetune"]:
+                print(f"study_transfer: {name}: reusing {folder / 'finetune'} (--retrain to train it again)")
+                continue
+            print(f"study_transfer: {name}: the settings changed since {folder / 'finetune'}; training it again")
+        variant_run_dir(folder, run_dir)
+        timed(name, finetune_target.run, variant_cfg)
         shutil.rmtree(folder / ".finetune.work", ignore_errors=True)  # max_steps leaves resumable state
 
     # The classic distillation: the target-tuned teacher (auto's `full` candidate) teaches the small
@@ -150,9 +167,19 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
                                            f"distill.teacher={teacher}", "distill.data=target"))
         shutil.rmtree(folder / ".distill.work", ignore_errors=True)
 
-    table = evaluate_variants(base, run_dir, study, variants)
-    write_tables(study, run_dir, table, timings, args)
+    table, n_shared = evaluate_variants(base, run_dir, study, variants)
+    write_tables(study, run_dir, table, n_shared, timings, args)
     return 0
+
+
+def full_data_epoch_steps(cfg, run_dir: Path) -> int:
+    """Optimizer steps in one fine-tuning epoch on all of the target's training users."""
+    prepared = load_prepared(run_dir)
+    seqs = target_sequences(prepared, "target")
+    users = seqs.training_users(1.0, cfg.seed)
+    windows = domain_windows(seqs.domain, [seqs.train[u] for u in users], cfg.model.max_seq_len,
+                             cfg.finetune.train, torch.device("cpu")).windows
+    return max(1, math.ceil(len(windows) / cfg.finetune.train.batch_size))
 
 
 def variant_run_dir(folder: Path, run_dir: Path) -> Path:
@@ -164,8 +191,9 @@ def variant_run_dir(folder: Path, run_dir: Path) -> Path:
     return folder
 
 
-def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> pd.DataFrame:
-    """Test NDCG@10 / Recall@10 of every checkpoint, with the evaluate stage's users and scorers."""
+def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple[pd.DataFrame, int]:
+    """Test NDCG@10 / Recall@10 of every checkpoint, with the evaluate stage's users and scorers, and
+    how many of those users also have source interactions."""
     prepared = load_prepared(run_dir)
     users = eval_users(prepared, "test")
     n_items = prepared.domain(prepared.target, key="data.target").n_items
@@ -178,7 +206,11 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> pd.Da
                                      user_batch=base.evaluate.user_batch, item_chunk=base.evaluate.item_chunk,
                                      device=scorer.device)
         per_user = M.ranking_metrics(top, users.targets, ks=(10,))
-        return {f"test_{k}": float(np.nanmean(v)) for k, v in per_user.items() if k in ("ndcg@10", "recall@10")}
+        row = {f"test_{k}": float(np.nanmean(v)) for k, v in per_user.items() if k in ("ndcg@10", "recall@10")}
+        # The slice user-profile transfer can help: test users who also have source interactions.
+        shared = users.in_source if users.in_source is not None else np.zeros(len(users.targets), dtype=bool)
+        row["shared_ndcg@10"] = float(np.nanmean(per_user["ndcg@10"][shared])) if shared.any() else float("nan")
+        return row
 
     for name in variants:
         out = study / "runs" / name.replace("@", "_frac").replace("+", "_") / "finetune"
@@ -207,7 +239,8 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> pd.Da
         rows.append({"variant": baseline, "strategy": baseline, "init_from": "none", "history": "target",
                      "train_fraction": 1.0, "n_trainable": 0, "valid_ndcg@10": float("nan"),
                      **test_metrics(System(baseline)), "train_s": 0.0})
-    return pd.DataFrame(rows, columns=COLUMNS)
+    n_shared = int(users.in_source.sum()) if users.in_source is not None else 0
+    return pd.DataFrame(rows, columns=COLUMNS), n_shared
 
 
 def goals(table: pd.DataFrame) -> str:
@@ -218,11 +251,19 @@ def goals(table: pd.DataFrame) -> str:
     for name in [v for v in ndcg if v.startswith("auto")]:
         baselines = ["scratch", "scratch+ids", "id_only"] if "+ids" in name else ["scratch", "id_only"]
         lines.append(f"- {name}: {ndcg[name]:.4f}; " + ", ".join(f"{b} {ndcg[b]:.4f}" for b in baselines if b in ndcg))
-    for fraction in sorted({v.split("@")[1] for v in ndcg if v.startswith("full+ids@")}, key=float):
-        full, scratch = ndcg.get(f"full+ids@{fraction}"), ndcg.get(f"scratch+ids@{fraction}")
-        if full is not None and scratch is not None:
-            lines.append(f"- {float(fraction):.0%} of the target users: full+ids {full:.4f} vs scratch+ids "
-                         f"{scratch:.4f} ({full / scratch - 1:+.0%})")
+    for fraction in sorted({v.split("@")[1] for v in ndcg if "@" in v}, key=float):
+        pairs = [(f"full{ids}@{fraction}", f"scratch{ids}@{fraction}") for ids in ("", "+ids")]
+        pairs = [(a, b) for a, b in pairs if a in ndcg and b in ndcg]
+        if pairs:
+            lines.append(f"- {float(fraction):.0%} of the target users: " + "; ".join(
+                f"{a.split('@')[0]} {ndcg[a]:.4f} vs {b.split('@')[0]} {ndcg[b]:.4f} ({ndcg[a] / ndcg[b] - 1:+.0%})"
+                for a, b in pairs))
+    shared = dict(zip(table["variant"], table["shared_ndcg@10"], strict=True))
+    for strategy in ("full", "scratch"):
+        with_source, without = f"{strategy}+source_history", strategy
+        if with_source in ndcg and without in ndcg:
+            lines.append(f"- {strategy} reading the source history: {ndcg[with_source]:.4f} vs {ndcg[without]:.4f} "
+                         f"(users also in the source: {shared[with_source]:.4f} vs {shared[without]:.4f})")
     for student in ("student", "student (KD from full, on target)"):
         if student in ndcg and "full" in ndcg:
             lines.append(f"- {student}: {ndcg[student] / ndcg['full']:.0%} of the fine-tuned teacher's (full) NDCG "
@@ -230,10 +271,10 @@ def goals(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, timings: dict, args) -> None:
+def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int, timings: dict, args) -> None:
     write_parquet(pa.Table.from_pandas(table, preserve_index=False), study / "results.parquet")
     shown = table.copy()
-    for col in ("valid_ndcg@10", "test_ndcg@10", "test_recall@10"):
+    for col in ("valid_ndcg@10", "test_ndcg@10", "test_recall@10", "shared_ndcg@10"):
         shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     shown["n_trainable"] = shown["n_trainable"].map(lambda v: f"{v:,}")
     header = "| " + " | ".join(shown.columns) + " |\n|" + "---|" * len(shown.columns) + "\n"
@@ -246,12 +287,15 @@ def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, timings: dict,
     caps = f"{', '.join(trained)}, fine-tuning {epochs(args.epochs)} per variant, max_steps {args.max_steps or 'none'}"
     times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     text = (f"# Transfer study: {run_dir.name}\n\nTest split of the target, full ranking, history items "
-            f"excluded (the evaluate stage's code). Valid NDCG@10 is what `auto` chose by.\n\n{header}{body}\n"
+            f"excluded (the evaluate stage's code). Valid NDCG@10 is what `auto` chose by; shared_ndcg@10 is "
+            f"test NDCG@10 on the {n_shared:,} users who also have source interactions.\n\n{header}{body}\n"
             f"{goals(table)}\nBudget: {caps}.\n\nWall time (s): {times}; total {sum(timings.values()):.0f} s.\n")
     write_text(study / "results.md", text)
-    # The few-shot curve: full+ids and scratch+ids at each fraction, auto+ids's candidates at 1.0.
-    fewshot = table[table["variant"].str.fullmatch(r"(full|scratch)\+ids(@[0-9.]+)?")]
-    long = pd.concat([pd.DataFrame({"train_fraction": fewshot["train_fraction"], "strategy": fewshot["strategy"],
+    # The few-shot curves: full and scratch, text only and +ids, at each fraction (auto's and
+    # auto+ids's candidates at 1.0).
+    fewshot = table[table["variant"].str.fullmatch(r"(full|scratch)(\+ids)?(@[0-9.]+)?")]
+    curve = fewshot["variant"].str.split("@").str[0]
+    long = pd.concat([pd.DataFrame({"train_fraction": fewshot["train_fraction"], "strategy": curve,
                                     "metric": metric, "k": 10, "value": fewshot[f"test_{metric}@10"]})
                       for metric in ("ndcg", "recall")], ignore_index=True)
     write_parquet(pa.Table.from_pandas(long, preserve_index=False), run_dir / "fewshot" / "results.parquet")
