@@ -343,11 +343,11 @@ def test_finetune_candidates_that_were_not_kept_are_evaluated_beside_it(tiny_pre
     save_model(tiny_prepared / "finetune", tiny_prepared, seed=1)
     (tiny_prepared / "finetune" / "manifest.json").write_text(json.dumps({"chosen": "full"}))
     metrics = evaluate(tiny_prepared)
-    assert list(dict.fromkeys(metrics["run"])) == ["finetune", "finetune/id_only", "finetune/scratch",
+    assert list(dict.fromkeys(metrics["run"])) == ["finetune/full (kept)", "finetune/id_only", "finetune/scratch",
                                                     "popularity", "item-knn"]
     ndcg = metrics[(metrics["metric"] == "ndcg") & (metrics["slice"] == "all")].groupby("run")["value"].apply(list)
-    assert ndcg["finetune/scratch"] != ndcg["finetune"]  # other weights, other numbers
+    assert ndcg["finetune/scratch"] != ndcg["finetune/full (kept)"]  # other weights, other numbers
 
     stage.run(load_config(write_config(tiny_prepared, candidates=False)))
     metrics = pd.read_parquet(tiny_prepared / "eval" / "metrics.parquet")
-    assert list(dict.fromkeys(metrics["run"])) == ["finetune", "popularity", "item-knn"]
+    assert list(dict.fromkeys(metrics["run"])) == ["finetune/full (kept)", "popularity", "item-knn"]

@@ -95,8 +95,17 @@ def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare:
     folder = latest_checkpoint(run_dir)
     if folder is None:
         return []  # baselines only: nothing is trained yet
-    label = f"{folder.name} (zero-shot)" if folder.name == "pretrain" else folder.name
-    return [System(label, folder)]
+    return [System(run_model_label(folder), folder)]
+
+
+def run_model_label(folder: Path) -> str:
+    """`pretrain (zero-shot)`, `distill`, or `finetune/<strategy> (kept)` when finetune-target
+    recorded which candidate it kept (its other candidates are `finetune/<strategy>`)."""
+    if folder.name == "pretrain":
+        return "pretrain (zero-shot)"
+    manifest = folder / "manifest.json"
+    chosen = read_json(manifest).get("chosen") if folder.name == "finetune" and manifest.is_file() else None
+    return f"{folder.name}/{chosen} (kept)" if chosen else folder.name
 
 
 def candidate_systems(kept: System) -> list[System]:
@@ -106,7 +115,7 @@ def candidate_systems(kept: System) -> list[System]:
     if not manifest.is_file() or not (kept.checkpoint / "candidates").is_dir():
         return []
     chosen = read_json(manifest).get("chosen")
-    return [System(f"{kept.label}/{folder.name}", folder)
+    return [System(f"{kept.checkpoint.name}/{folder.name}", folder)
             for folder in sorted((kept.checkpoint / "candidates").iterdir())
             if folder.name != chosen and is_checkpoint(folder)]
 
