@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-epochs", type=int, help="teacher epochs on the source (default: the config's)")
     parser.add_argument("--distill-epochs", type=int, help="student epochs (default: the config's)")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs of every variant (default: the config's)")
+    parser.add_argument("--kd-epochs", type=int, default=30,
+                        help="epochs of the student distilled on the target from the target-tuned teacher")
     parser.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps of every training run (0 = none)")
     parser.add_argument("--fractions", default="0.1,0.25,0.5,1.0", help="few-shot train_fraction points")
     parser.add_argument("--retrain", action="store_true",
@@ -161,10 +163,12 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     # student on the target's own sequences, labels and soft targets both.
     folder = variant_run_dir(study / "runs" / STUDENT_KD, run_dir)
     teacher = study / "runs" / "auto" / "finetune" / "candidates" / "full"
-    if args.retrain or not (folder / "distill" / "manifest.json").is_file():
-        epochs = args.epochs or base.finetune.train.epochs  # as long as the teacher's fine-tuning
-        timed(STUDENT_KD, distill.run, cfg(f"run_dir={folder}", *caps("distill", epochs),
-                                           f"distill.teacher={teacher}", "distill.data=target"))
+    kd_cfg = cfg(f"run_dir={folder}", *caps("distill", args.kd_epochs), f"distill.teacher={teacher}",
+                 "distill.data=target")
+    manifest = folder / "distill" / "manifest.json"
+    if (args.retrain or not manifest.is_file()
+            or read_json(manifest)["config"]["distill"] != to_dict(kd_cfg)["distill"]):
+        timed(STUDENT_KD, distill.run, kd_cfg)
         shutil.rmtree(folder / ".distill.work", ignore_errors=True)
 
     table, n_shared = evaluate_variants(base, run_dir, study, variants)

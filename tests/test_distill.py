@@ -137,3 +137,30 @@ def test_bad_teachers_and_students_are_one_line_errors_naming_the_key(run_copy, 
         message = result.output.strip()
         assert result.exit_code == 2 and "\n" not in message, (overrides, message)
         assert key in message and what in message, message
+
+
+def test_trec_run_distills_the_fine_tuned_model_after_fine_tuning_when_it_is_the_teacher(run_copy, tmp_path):
+    """`distill.teacher: finetune` compresses the target-tuned model: the pipeline runs distill after
+    finetune-target, and evaluate ranks the student beside the model it compresses."""
+    import pandas as pd
+
+    from trecsys import pipeline
+    from trecsys.config import load_config
+    from trecsys.errors import ConfigError
+
+    path = distill_config(run_copy, tmp_path / "cfg.yaml", teacher="finetune", data="target")
+    cfg = load_config(path, ["finetune.strategy=full", "finetune.train.epochs=2", "evaluate.bootstrap=0",
+                                    "evaluate.ks=[5,10]"])
+    outcomes = pipeline.run(cfg, stages="distill,finetune-target,evaluate", show=0)
+    assert [(o.stage, o.action) for o in outcomes] == [("finetune-target", "ran"), ("distill", "ran"),
+                                                       ("evaluate", "ran")]
+    manifest = json.loads((run_copy / "distill" / "manifest.json").read_text())
+    assert Path(manifest["teacher"]).resolve() == (run_copy / "finetune").resolve()
+    runs = list(dict.fromkeys(pd.read_parquet(run_copy / "eval" / "metrics.parquet")["run"]))
+    assert runs[:2] == ["finetune/full (kept)", "distill (student of finetune)"]
+    # Up to date now, in the same order.
+    again = pipeline.run(cfg, stages="distill,finetune-target,evaluate", show=0)
+    assert [(o.stage, o.action) for o in again] == [("finetune-target", "skipped"), ("distill", "skipped"),
+                                                    ("evaluate", "skipped")]
+    with pytest.raises(ConfigError, match=r"'distill.teacher' and 'finetune.init_from'"):
+        pipeline.run(load_config(path, ["finetune.init_from=distill"]), stages="distill")

@@ -301,7 +301,8 @@ def _small_student() -> ModelConfig:
 class DistillConfig:
     """`trec distill`: a teacher checkpoint's soft targets train a smaller student (trecsys/stages/distill.py)."""
 
-    # The teacher: a stage of this run (pretrain, distill, finetune) or a checkpoint folder.
+    # The teacher: a stage of this run (pretrain, distill, finetune) or a checkpoint folder. With
+    # finetune (compress the target-tuned model) `trec run` runs distill after finetune-target.
     teacher: str = "pretrain"
     # The student's architecture (any width, depth or adaptor; the text encoder is the prepared one).
     student: ModelConfig = field(default_factory=_small_student)

@@ -62,6 +62,25 @@ STAGES = (
     Stage("recommend", ("recommend",), _MODELS, _recommend_manifest),
 )
 BY_NAME = {s.name: s for s in STAGES}
+# `distill.teacher: finetune` compresses the target-tuned model: distill then runs after
+# finetune-target and reads it (and finetune-target no longer reads distill).
+TEACHER_FIRST = (
+    *STAGES[:2],
+    Stage("finetune-target", ("seed", "model", "finetune"), _MODELS[:2], _in_run("finetune")),
+    Stage("distill", ("seed", "model", "distill"), (*_MODELS[:2], "finetune-target"), _in_run("distill")),
+    *STAGES[4:],
+)
+
+
+def pipeline_stages(cfg: ExperimentConfig) -> tuple[Stage, ...]:
+    """The stages in the order this config needs them."""
+    if cfg.distill.teacher != "finetune":
+        return STAGES
+    if cfg.finetune.init_from == "distill":
+        raise ConfigError("config keys 'distill.teacher' and 'finetune.init_from': the student is distilled from "
+                          "the fine-tuned model, so fine-tuning cannot start from the student; set one of them "
+                          "to pretrain")
+    return TEACHER_FIRST
 
 
 @dataclass
@@ -73,7 +92,7 @@ class Outcome:
 
 
 def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, show: int = 3) -> list[Outcome]:
-    selected = select(stages)
+    selected = select(stages, pipeline_stages(cfg))
     run_dir = Path(cfg.run_dir).expanduser()
     outcomes = []
     with run_lock(run_dir / STATE):
@@ -104,15 +123,15 @@ def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, s
     return outcomes
 
 
-def select(stages: str | None) -> list[Stage]:
+def select(stages: str | None, order: tuple[Stage, ...] = STAGES) -> list[Stage]:
     if not stages:
-        return list(STAGES)
+        return list(order)
     names = [n.strip() for n in stages.split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown or not names:
         raise ConfigError(f"option --stages: unknown stage {unknown[0] if unknown else stages!r}; "
                           f"choose from {','.join(BY_NAME)}")
-    return [s for s in STAGES if s.name in names]
+    return [s for s in order if s.name in names]
 
 
 def _note(outcome: Outcome) -> Outcome:

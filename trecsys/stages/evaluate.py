@@ -68,7 +68,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
     prepared = load_prepared(run_dir, verify=verify)
     systems = model_systems(run_dir, prepared, model, compare)
     if not (model or compare) and cfg.evaluate.candidates and systems:
-        systems += candidate_systems(systems[0])
+        systems += candidate_systems(systems[0]) + student_systems(run_dir)
     for system in systems:
         verify_stage_folder(system.checkpoint, full_hash=verify)
     with run_lock(run_dir / EVAL):
@@ -118,6 +118,18 @@ def candidate_systems(kept: System) -> list[System]:
     return [System(f"{kept.checkpoint.name}/{folder.name}", folder)
             for folder in sorted((kept.checkpoint / "candidates").iterdir())
             if folder.name != chosen and is_checkpoint(folder)]
+
+
+def student_systems(run_dir: Path) -> list[System]:
+    """The run's distilled student when its teacher is the run's fine-tuned model (`distill.teacher:
+    finetune`): the compressed model beside the one it compresses."""
+    student, teacher = Path(run_dir) / "distill", Path(run_dir) / "finetune"
+    manifest = student / "manifest.json"
+    if not (is_checkpoint(student) and is_checkpoint(teacher) and manifest.is_file()):
+        return []
+    if Path(read_json(manifest).get("teacher", "")).resolve() != teacher.resolve():
+        return []
+    return [System("distill (student of finetune)", student)]
 
 
 def _split_entries(entries: list[str]) -> list[str]:

@@ -1,0 +1,44 @@
+"""scripts/study_transfer.py: the few-shot protocol's step count and the summary it writes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+from conftest import tiny_config, write_tiny_prepared
+
+from trecsys.config import load_config
+from trecsys.stages import finetune_target
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "study_transfer.py"
+spec = importlib.util.spec_from_file_location("study_transfer", SCRIPT)
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+def test_full_data_epoch_steps_is_what_one_finetune_epoch_takes(tmp_path):
+    """Few-shot runs get epochs / fraction epochs and validate every full-data epoch's steps; both
+    rest on this count matching the engine's."""
+    run_dir = tmp_path / "run"
+    write_tiny_prepared(run_dir)
+    finetune = {"strategy": "scratch", "train": {"epochs": 1, "batch_size": 7, "patience": 0}}
+    cfg = load_config(tiny_config(run_dir, tmp_path / "cfg.yaml", {"finetune": finetune}))
+    finetune_target.run(cfg)
+    steps = json.loads((run_dir / "finetune" / "manifest.json").read_text())["candidates"]["scratch"]["steps"]
+    assert steps > 1 and study.full_data_epoch_steps(cfg, run_dir) == steps
+
+
+def test_goals_compare_like_with_like():
+    rows = [("full", 0.060, 100), ("scratch", 0.050, 100), ("id_only", 0.040, 50),
+            ("auto (kept full)", 0.060, 100), ("full@0.1", 0.030, 100), ("scratch@0.1", 0.040, 100),
+            ("full+ids@0.1", 0.033, 120), ("scratch+ids@0.1", 0.030, 120),
+            ("full+source_history", 0.066, 100), ("scratch+source_history", 0.055, 100),
+            ("student", 0.054, 25)]
+    table = pd.DataFrame({"variant": [r[0] for r in rows], "test_ndcg@10": [r[1] for r in rows],
+                          "n_trainable": [r[2] for r in rows],
+                          "shared_ndcg@10": [r[1] + 0.01 for r in rows]})
+    text = study.goals(table)
+    assert "- auto (kept full): 0.0600; scratch 0.0500, id_only 0.0400" in text
+    assert "- 10% of the target users: full 0.0300 vs scratch 0.0400 (-25%); full+ids 0.0330 vs scratch+ids 0.0300 (+10%)" in text
+    assert "- full reading the source history: 0.0660 vs 0.0600 (users also in the source: 0.0760 vs 0.0700)" in text
+    assert "- student: 90% of the fine-tuned teacher's (full) NDCG with 25% of its parameters" in text
