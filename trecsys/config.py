@@ -347,7 +347,8 @@ class EvaluateConfig:
     # Target items with fewer train interactions than this form the cold-item slice.
     cold_item_interactions: int = 5
     # Also rank with every finetune `auto` candidate that was not kept (labelled finetune/<strategy>):
-    # test numbers for transfer beside scratch and id_only. Only for the run's latest model.
+    # test numbers for transfer beside scratch and id_only; and with the student distilled from the
+    # fine-tuned model (distill.teacher: finetune). Only for the run's latest model.
     candidates: bool = True
 
     def validate(self, prefix: str = "evaluate.", where: str = "") -> None:

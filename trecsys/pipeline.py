@@ -11,6 +11,7 @@ must be unchanged instead.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -66,8 +67,8 @@ BY_NAME = {s.name: s for s in STAGES}
 # finetune-target and reads it (and finetune-target no longer reads distill).
 TEACHER_FIRST = (
     *STAGES[:2],
-    Stage("finetune-target", ("seed", "model", "finetune"), _MODELS[:2], _in_run("finetune")),
-    Stage("distill", ("seed", "model", "distill"), (*_MODELS[:2], "finetune-target"), _in_run("distill")),
+    dataclasses.replace(BY_NAME["finetune-target"], upstream=_MODELS[:2]),
+    dataclasses.replace(BY_NAME["distill"], upstream=(*_MODELS[:2], "finetune-target")),
     *STAGES[4:],
 )
 
