@@ -288,7 +288,8 @@ def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int,
 
     trained = [f"teacher {epochs(args.pretrain_epochs)}" if "pretrain" in timings else "teacher reused from the run",
                f"student {epochs(args.distill_epochs)}" if "distill" in timings else "student reused from the run"]
-    caps = f"{', '.join(trained)}, fine-tuning {epochs(args.epochs)} per variant (few-shot: ÷ fraction), student on the target {args.kd_epochs} epochs, max_steps {args.max_steps or 'none'}"
+    caps = (f"{', '.join(trained)}, fine-tuning {epochs(args.epochs)} per variant (few-shot: ÷ fraction), "
+            f"student on the target {args.kd_epochs} epochs, max_steps {args.max_steps or 'none'}")
     times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     text = (f"# Transfer study: {run_dir.name}\n\nTest split of the target, full ranking, history items "
             f"excluded (the evaluate stage's code). Valid NDCG@10 is what `auto` chose by; shared_ndcg@10 is "
