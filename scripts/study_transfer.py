@@ -46,6 +46,7 @@ from trecsys.config import load_config, to_dict  # noqa: E402
 from trecsys.data.context import target_sequences  # noqa: E402
 from trecsys.data.prepared import load_prepared  # noqa: E402
 from trecsys.devices import resolve_device  # noqa: E402
+from trecsys.engine import epoch_batches  # noqa: E402
 from trecsys.errors import TrecError  # noqa: E402
 from trecsys.stages import distill, finetune_target, prepare, pretrain_source  # noqa: E402
 from trecsys.stages.common import domain_windows  # noqa: E402
@@ -149,12 +150,9 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
         extra = [f"run_dir={folder}", *caps("finetune", args.epochs)]
         extra += [f"finetune.{k}={v if not isinstance(v, list) else '[' + ','.join(v) + ']'}" for k, v in settings.items()]
         variant_cfg = cfg(*extra)
-        manifest = folder / "finetune" / "manifest.json"
-        if not args.retrain and manifest.is_file():
-            if read_json(manifest)["config"]["finetune"] == to_dict(variant_cfg)["finetune"]:
-                print(f"study_transfer: {name}: reusing {folder / 'finetune'} (--retrain to train it again)")
-                continue
-            print(f"study_transfer: {name}: the settings changed since {folder / 'finetune'}; training it again")
+        if not args.retrain and trained_with(folder / "finetune", variant_cfg, "finetune"):
+            print(f"study_transfer: {name}: reusing {folder / 'finetune'} (--retrain to train it again)")
+            continue
         variant_run_dir(folder, run_dir)
         timed(name, finetune_target.run, variant_cfg)
         shutil.rmtree(folder / ".finetune.work", ignore_errors=True)  # max_steps leaves resumable state
@@ -165,9 +163,7 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     teacher = study / "runs" / "auto" / "finetune" / "candidates" / "full"
     kd_cfg = cfg(f"run_dir={folder}", *caps("distill", args.kd_epochs), f"distill.teacher={teacher}",
                  "distill.data=target")
-    manifest = folder / "distill" / "manifest.json"
-    if (args.retrain or not manifest.is_file()
-            or read_json(manifest)["config"]["distill"] != to_dict(kd_cfg)["distill"]):
+    if args.retrain or not trained_with(folder / "distill", kd_cfg, "distill"):
         timed(STUDENT_KD, distill.run, kd_cfg)
         shutil.rmtree(folder / ".distill.work", ignore_errors=True)
 
@@ -176,14 +172,21 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     return 0
 
 
+def trained_with(output: Path, cfg, section: str) -> bool:
+    """Whether the stage folder `output` exists and was made with `cfg`'s `section` as it is now."""
+    manifest = output / "manifest.json"
+    return manifest.is_file() and read_json(manifest)["config"][section] == to_dict(cfg)[section]
+
+
 def full_data_epoch_steps(cfg, run_dir: Path) -> int:
-    """Optimizer steps in one fine-tuning epoch on all of the target's training users."""
+    """Optimizer steps in one fine-tuning epoch on all of the target's training users (the
+    engine's own batching of them)."""
     prepared = load_prepared(run_dir)
     seqs = target_sequences(prepared, "target")
     users = seqs.training_users(1.0, cfg.seed)
     windows = domain_windows(seqs.domain, [seqs.train[u] for u in users], cfg.model.max_seq_len,
                              cfg.finetune.train, torch.device("cpu")).windows
-    return max(1, math.ceil(len(windows) / cfg.finetune.train.batch_size))
+    return max(1, len(epoch_batches([np.arange(len(windows))], cfg.finetune.train.batch_size, cfg.seed, 0)))
 
 
 def variant_run_dir(folder: Path, run_dir: Path) -> Path:
@@ -202,6 +205,8 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple
     users = eval_users(prepared, "test")
     n_items = prepared.domain(prepared.target, key="data.target").n_items
     device = resolve_device(base.device)
+    # The slice user-profile transfer can help: test users who also have source interactions.
+    shared = users.in_source if users.in_source is not None else np.zeros(len(users.targets), dtype=bool)
     rows = []
 
     def test_metrics(system: System) -> dict:
@@ -211,8 +216,6 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple
                                      device=scorer.device)
         per_user = M.ranking_metrics(top, users.targets, ks=(10,))
         row = {f"test_{k}": float(np.nanmean(v)) for k, v in per_user.items() if k in ("ndcg@10", "recall@10")}
-        # The slice user-profile transfer can help: test users who also have source interactions.
-        shared = users.in_source if users.in_source is not None else np.zeros(len(users.targets), dtype=bool)
         row["shared_ndcg@10"] = float(np.nanmean(per_user["ndcg@10"][shared])) if shared.any() else float("nan")
         return row
 
@@ -243,8 +246,7 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple
         rows.append({"variant": baseline, "strategy": baseline, "init_from": "none", "history": "target",
                      "train_fraction": 1.0, "n_trainable": 0, "valid_ndcg@10": float("nan"),
                      **test_metrics(System(baseline)), "train_s": 0.0})
-    n_shared = int(users.in_source.sum()) if users.in_source is not None else 0
-    return pd.DataFrame(rows, columns=COLUMNS), n_shared
+    return pd.DataFrame(rows, columns=COLUMNS), int(shared.sum())
 
 
 def goals(table: pd.DataFrame) -> str:

@@ -103,18 +103,22 @@ def run_model_label(folder: Path) -> str:
     recorded which candidate it kept (its other candidates are `finetune/<strategy>`)."""
     if folder.name == "pretrain":
         return "pretrain (zero-shot)"
-    manifest = folder / "manifest.json"
-    chosen = read_json(manifest).get("chosen") if folder.name == "finetune" and manifest.is_file() else None
+    chosen = kept_strategy(folder) if folder.name == "finetune" else None
     return f"{folder.name}/{chosen} (kept)" if chosen else folder.name
+
+
+def kept_strategy(folder: Path) -> str | None:
+    """The strategy finetune-target kept in `folder`, as its manifest records it (None without one)."""
+    manifest = folder / "manifest.json"
+    return read_json(manifest).get("chosen") if manifest.is_file() else None
 
 
 def candidate_systems(kept: System) -> list[System]:
     """The `auto` candidates that finetune-target did not keep (chosen on validation), so that the
     test table shows transfer beside scratch and id_only."""
-    manifest = kept.checkpoint / "manifest.json"
-    if not manifest.is_file() or not (kept.checkpoint / "candidates").is_dir():
+    if not (kept.checkpoint / "manifest.json").is_file() or not (kept.checkpoint / "candidates").is_dir():
         return []
-    chosen = read_json(manifest).get("chosen")
+    chosen = kept_strategy(kept.checkpoint)
     return [System(f"{kept.checkpoint.name}/{folder.name}", folder)
             for folder in sorted((kept.checkpoint / "candidates").iterdir())
             if folder.name != chosen and is_checkpoint(folder)]
