@@ -51,7 +51,7 @@ def main() -> int:
     import torch
 
     from trecsys.config import EmbeddingConfig
-    from trecsys.data.embed import embed_texts, encode, load_encoder
+    from trecsys.ingest.embed import embed_texts, encode, load_encoder
 
     torch.set_num_threads(args.threads)
     items = pd.read_csv(items_path, sep="\t", dtype=str, keep_default_na=False, quoting=3)

@@ -80,7 +80,7 @@ def measure(args) -> dict:
     import numpy as np
     import torch
 
-    from trecsys.metrics import full_ranking_topk, ranking_metrics
+    from trecsys.rank.metrics import full_ranking_topk, ranking_metrics
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -41,8 +41,8 @@ def main() -> int:
 
     from trecsys.artifacts import read_json
     from trecsys.config import ModelConfig, load_config
-    from trecsys.data.prepared import load_prepared
-    from trecsys.model import SeqRecModel, save_checkpoint
+    from trecsys.model.seqrec import SeqRecModel, save_checkpoint
+    from trecsys.prepared.tables import load_prepared
     from trecsys.stages import recommend
 
     run_dir = REPO / args.run_dir

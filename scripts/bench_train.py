@@ -32,10 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trecsys.config import ExperimentConfig, build  # noqa: E402
-from trecsys.data.prepared import DomainRange, DomainSplit  # noqa: E402
-from trecsys.engine import Dist, fit, resolve_device  # noqa: E402
-from trecsys.model import SeqRecModel  # noqa: E402
+from trecsys.model.seqrec import SeqRecModel  # noqa: E402
+from trecsys.prepared.tables import DomainRange, DomainSplit  # noqa: E402
+from trecsys.runtime import resolve_device  # noqa: E402
 from trecsys.stages.pretrain_source import make_validate, training_setup  # noqa: E402
+from trecsys.train.engine import Dist, fit  # noqa: E402
 
 SIZES = {
     "small": {"d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 50},

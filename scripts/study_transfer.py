@@ -40,17 +40,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trecsys import metrics as M  # noqa: E402
 from trecsys.artifacts import read_json, write_parquet, write_text  # noqa: E402
 from trecsys.config import load_config, to_dict  # noqa: E402
-from trecsys.data.context import target_sequences  # noqa: E402
-from trecsys.data.prepared import load_prepared  # noqa: E402
-from trecsys.devices import resolve_device  # noqa: E402
-from trecsys.engine import epoch_batches  # noqa: E402
 from trecsys.errors import TrecError  # noqa: E402
+from trecsys.prepared.context import target_sequences  # noqa: E402
+from trecsys.prepared.tables import load_prepared  # noqa: E402
+from trecsys.rank import metrics as M  # noqa: E402
+from trecsys.runtime import resolve_device  # noqa: E402
 from trecsys.stages import distill, finetune_target, prepare, pretrain_source  # noqa: E402
 from trecsys.stages.common import domain_windows  # noqa: E402
 from trecsys.stages.evaluate import System, eval_users, make_scorer  # noqa: E402
+from trecsys.train.engine import epoch_batches  # noqa: E402
 
 STRATEGIES = ["full", "adaptor", "zero_shot", "scratch", "id_only"]
 STUDENT_KD = "student_kd_target"  # the student distilled from the target-tuned teacher

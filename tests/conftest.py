@@ -1,7 +1,7 @@
 """Shared fixtures. tests/ is on sys.path so test helpers import as plain modules.
 
 `tiny_prepared` writes a small fake `<run_dir>/prepared/` that follows the contract in
-trecsys/data/prepared.py (random text embeddings, two source domains and a target), so the stages
+trecsys/prepared/tables.py (random text embeddings, two source domains and a target), so the stages
 after `prepare` can be tested without running it.
 """
 

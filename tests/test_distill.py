@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 from trecsys.cli import app
 from trecsys.config import ModelConfig
-from trecsys.data.prepared import domain_split, load_prepared
-from trecsys.data.sequences import training_windows, window_tensors
-from trecsys.engine import LOG, read_log, seed_everything
-from trecsys.model import SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.model.seqrec import SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.prepared.tables import domain_split, load_prepared
+from trecsys.runtime import seed_everything
+from trecsys.train.engine import LOG, read_log
+from trecsys.train.windows import training_windows, window_tensors
 
 runner = CliRunner()
 STUDENT = {"d_model": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 6, "dropout": 0.0, "n_experts": 2,

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from toy_training import ToyModel, toy_fit, toy_loss
 
 from trecsys.config import TrainConfig
-from trecsys.engine import (
+from trecsys.errors import ArtifactError, DivergedError, InterruptedRun, OutOfMemoryError
+from trecsys.train.engine import (
     LAST,
     LOG,
     STATE,
@@ -27,7 +28,6 @@ from trecsys.engine import (
     read_log,
     shard,
 )
-from trecsys.errors import ArtifactError, DivergedError, InterruptedRun, OutOfMemoryError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def _devices() -> list[str]:
 def test_mixed_precision_paths_train(tmp_path, device, precision):
     if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    from trecsys.engine import Dist
+    from trecsys.train.engine import Dist
 
     model, result = toy_fit(tmp_path, small_cfg(epochs=4, precision=precision),
                             dist=Dist(device=torch.device(device)))

@@ -220,7 +220,7 @@ def test_cli_runs_the_stage(tiny_prepared):
 
 
 # ---------------------------------------------------------------------------------------------
-# With a model checkpoint (trecsys.model)
+# With a model checkpoint (trecsys.model.seqrec)
 
 
 def save_model(folder: Path, prepared_run: Path, seed: int = 0, n_items: int | None = None,
@@ -228,8 +228,8 @@ def save_model(folder: Path, prepared_run: Path, seed: int = 0, n_items: int | N
     import torch
 
     from trecsys.config import ModelConfig
-    from trecsys.data.prepared import load_prepared
-    from trecsys.model import SeqRecModel, save_checkpoint
+    from trecsys.model.seqrec import SeqRecModel, save_checkpoint
+    from trecsys.prepared.tables import load_prepared
 
     prepared = load_prepared(prepared_run)
     torch.manual_seed(seed)
@@ -241,10 +241,10 @@ def save_model(folder: Path, prepared_run: Path, seed: int = 0, n_items: int | N
 def test_model_scorer_matches_a_direct_forward_pass(tiny_prepared):
     import torch
 
-    from trecsys.data.prepared import load_prepared
-    from trecsys.data.sequences import history_batch
-    from trecsys.model import load_checkpoint
-    from trecsys.scorers import ModelScorer
+    from trecsys.model.seqrec import load_checkpoint
+    from trecsys.prepared.tables import load_prepared
+    from trecsys.rank.scorers import ModelScorer
+    from trecsys.train.windows import history_batch
 
     save_model(tiny_prepared / "finetune", tiny_prepared)
     prepared = load_prepared(tiny_prepared)
@@ -320,7 +320,7 @@ def test_popularity_without_exclusion_matches_a_count_by_hand(tiny_prepared):
 
 
 def test_slices_on_a_hand_example():
-    from trecsys.evaluation import build_slices
+    from trecsys.rank.evaluation import build_slices
 
     targets = [np.array([0]), np.array([1]), np.array([2, 0]), np.array([3])]
     counts = np.array([0, 3, 10, 5])  # item 0 never trained on, 1 cold, 2 and 3 warm (>= 5)

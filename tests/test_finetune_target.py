@@ -16,15 +16,15 @@ from typer.testing import CliRunner
 
 from trecsys.artifacts import read_parquet, stage_output, write_manifest, write_parquet
 from trecsys.cli import app
-from trecsys.data.context import histories_for, target_sequences
-from trecsys.data.prepared import load_prepared
-from trecsys.data.sequences import history_batch
-from trecsys.engine import LOG, read_log
-from trecsys.metrics import full_ranking_topk
-from trecsys.model import load_checkpoint
-from trecsys.scorers import to_local
+from trecsys.model.seqrec import load_checkpoint
+from trecsys.prepared.context import histories_for, target_sequences
+from trecsys.prepared.tables import load_prepared
+from trecsys.rank.metrics import full_ranking_topk
+from trecsys.rank.scorers import to_local
 from trecsys.stages.common import EvalCase, make_ranker
 from trecsys.stages.evaluate import System, eval_users, make_scorer
+from trecsys.train.engine import LOG, read_log
+from trecsys.train.windows import history_batch
 
 runner = CliRunner()
 FINETUNE = {"epochs": 3, "batch_size": 16, "lr": 0.01, "patience": 0}

@@ -1,4 +1,4 @@
-"""trecsys.metrics and trecsys.scorers against plain one-user-at-a-time references."""
+"""trecsys.rank.metrics and trecsys.rank.scorers against plain one-user-at-a-time references."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from scipy.stats import rankdata
 from sklearn.metrics import ndcg_score
 
-from trecsys import metrics as M
 from trecsys.errors import ConfigError
-from trecsys.scorers import ItemKNNScorer, PopularityScorer
+from trecsys.rank import metrics as M
+from trecsys.rank.scorers import ItemKNNScorer, PopularityScorer
 
 # ---------------------------------------------------------------------------------------------
 # References: one user at a time, plain Python

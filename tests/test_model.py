@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from trecsys.config import ExperimentConfig, ModelConfig, build
-from trecsys.data.sequences import history_batch, training_windows, window_tensors
 from trecsys.errors import ArtifactError, ConfigError
-from trecsys.losses import (
+from trecsys.model.seqrec import SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.train.losses import (
     chunked_cross_entropy,
     proposal_log_q,
     sampled_softmax_loss,
     softmax_over_candidates,
 )
-from trecsys.model import SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.train.windows import history_batch, training_windows, window_tensors
 
 TEXT_DIM, N_ITEMS, L = 24, 40, 8
 

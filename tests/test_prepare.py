@@ -16,11 +16,11 @@ from conftest import fake_embed_texts
 
 from trecsys.artifacts import parquet_metadata, read_manifest, run_lock
 from trecsys.config import ExperimentConfig, build, load_config
-from trecsys.data import synthetic
-from trecsys.data.clean import clean_interactions, k_core, sort_by_user_time
-from trecsys.data.split import assign_split, leave_one_out, temporal
-from trecsys.data.synthetic import COLD_ITEM_RELEASE, SPAN_S, START_UNIX_S, generate_domains
 from trecsys.errors import ConfigError, DataError, LockBusyError
+from trecsys.ingest import synthetic
+from trecsys.ingest.clean import clean_interactions, k_core, sort_by_user_time
+from trecsys.ingest.split import assign_split, leave_one_out, temporal
+from trecsys.ingest.synthetic import COLD_ITEM_RELEASE, SPAN_S, START_UNIX_S, generate_domains
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TRECSYS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -450,7 +450,7 @@ def test_kitchen_to_food_counts_match_provenance(tmp_path, fake_encoder):
 
 @pytest.mark.shared_data
 def test_office_given_split_equals_leave_one_out():
-    from trecsys.data.readers import read_domain
+    from trecsys.ingest.readers import read_domain
 
     root = shared_data("amazon2014_office")
     cfg = load_config(REPO / "configs" / "office2014.yaml", [f"data.root={root}"])

@@ -14,8 +14,8 @@ from conftest import tiny_config, write_tiny_prepared
 from typer.testing import CliRunner
 
 from trecsys.cli import app
-from trecsys.engine import LOG, read_log
-from trecsys.model import load_checkpoint
+from trecsys.model.seqrec import load_checkpoint
+from trecsys.train.engine import LOG, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -151,8 +151,8 @@ def test_a_diverged_run_exits_4_and_leaves_the_previous_pretrain_untouched(tiny_
 
 def test_trimming_shared_left_padding_does_not_change_the_model_output():
     from trecsys.config import ModelConfig
-    from trecsys.data.sequences import trim_left_padding
-    from trecsys.model import SeqRecModel
+    from trecsys.model.seqrec import SeqRecModel
+    from trecsys.train.windows import trim_left_padding
 
     torch.manual_seed(0)
     model = SeqRecModel(ModelConfig(d_model=16, n_layers=1, n_heads=2, max_seq_len=8, dropout=0.0), 4, 30).eval()

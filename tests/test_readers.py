@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from trecsys.config import ColumnConfig, DomainConfig
-from trecsys.data.readers import read_domain
 from trecsys.errors import ConfigError, DataError
+from trecsys.ingest.readers import read_domain
 
 SHARED_DATA = Path(os.environ.get("TRECSYS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

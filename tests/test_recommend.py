@@ -30,12 +30,12 @@ from trecsys.artifacts import (
 )
 from trecsys.cli import app
 from trecsys.config import ModelConfig, load_config
-from trecsys.data.prepared import load_prepared
-from trecsys.data.sequences import history_batch
 from trecsys.errors import ArtifactError, ConfigError, DataError, LockBusyError
-from trecsys.model import SeqRecModel, load_checkpoint, save_checkpoint
-from trecsys.rerank import mmr_rerank
+from trecsys.model.seqrec import SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.prepared.tables import load_prepared
+from trecsys.rank.rerank import mmr_rerank
 from trecsys.stages import recommend as stage
+from trecsys.train.windows import history_batch
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = (54, 70)  # the tiny run's Food items: item_idx 54..69, ids F000..F015, titles "Food item j"
@@ -103,7 +103,7 @@ def run_dir(tiny_prepared) -> Path:
 def fake_encoder(monkeypatch, tiny_prepared):
     """embed_texts for the tiny run: a catalogue item's text gets that item's prepared embedding, so a
     new item described like a known one is the known one to the model; other texts get a seeded vector."""
-    from trecsys.data import embed
+    from trecsys.ingest import embed
 
     prepared = load_prepared(tiny_prepared)
     by_text = dict(zip(prepared.items["text"], prepared.embeddings, strict=True))

@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 
 from trecsys.artifacts import sha256_file, verify_stage_folder
 from trecsys.cli import app
-from trecsys.data.prepared import load_prepared
-from trecsys.engine import LAST, STATE
 from trecsys.errors import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_INTERRUPTED
+from trecsys.prepared.tables import load_prepared
+from trecsys.train.engine import LAST, STATE
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "trecsys"
@@ -278,7 +278,7 @@ def test_the_package_uses_no_unsafe_loader():
         for call in _calls(code, "torch.load"):
             assert "weights_only=True" in call, f"{where}: {call}"
         for call in _calls(code, "yaml.load"):
-            assert path.name == "config.py" and "Loader=_UniqueKeyLoader" in call, f"{where}: {call}"
+            assert path.name == "load.py" and "Loader=_UniqueKeyLoader" in call, f"{where}: {call}"
         for name in ("eval", "exec", "yaml.unsafe_load", "yaml.full_load"):
             assert not _calls(code, name), f"{where}: {name}("
     # The one yaml.load uses a SafeLoader subclass.

@@ -12,10 +12,10 @@ import torch
 
 from trecsys.artifacts import parquet_metadata
 from trecsys.config import EmbeddingConfig
-from trecsys.data import embed
-from trecsys.data.embed import ENCODER_INFO_KEY, embed_texts, encode, load_encoder
-from trecsys.data.text import compose_text
 from trecsys.errors import ConfigError
+from trecsys.ingest import embed
+from trecsys.ingest.embed import ENCODER_INFO_KEY, embed_texts, encode, load_encoder
+from trecsys.ingest.text import compose_text
 
 TEMPLATE = "{title}. {brand}. {category}"
 TEXTS = [

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from trecsys.config import ExperimentConfig, ModelConfig, TrainConfig, build
-from trecsys.data.context import subset_users, target_sequences
-from trecsys.data.prepared import load_prepared
-from trecsys.data.sequences import training_windows, window_tensors
-from trecsys.engine import make_optimizer
 from trecsys.errors import ConfigError
-from trecsys.losses import chunked_cross_entropy, chunked_kd_loss
-from trecsys.model import SeqRecModel
-from trecsys.transfer import build_candidate, l2sp_penalty
+from trecsys.model.seqrec import SeqRecModel
+from trecsys.model.strategies import build_candidate, l2sp_penalty
+from trecsys.prepared.context import subset_users, target_sequences
+from trecsys.prepared.tables import load_prepared
+from trecsys.train.engine import make_optimizer
+from trecsys.train.losses import chunked_cross_entropy, chunked_kd_loss
+from trecsys.train.windows import training_windows, window_tensors
 
 TEXT_DIM, N_ITEMS, L = 12, 30, 6
 TEXT = F.normalize(torch.randn(N_ITEMS, TEXT_DIM, generator=torch.Generator().manual_seed(1)), dim=-1)

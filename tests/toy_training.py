@@ -1,4 +1,4 @@
-"""A tiny next-item model and dataset for testing trecsys/engine.py without the real model.
+"""A tiny next-item model and dataset for testing trecsys/train/engine.py without the real model.
 
 Also runnable as a script (`python tests/toy_training.py OUT [key=value ...]`), which is how the DDP
 test launches it under torchrun.
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from trecsys.config import TrainConfig
-from trecsys.engine import TrainData, distributed, fit, save_weights
+from trecsys.train.engine import TrainData, distributed, fit, save_weights
 
 N_ITEMS, WINDOW = 40, 9  # windows hold 8 inputs and their 8 next items
 

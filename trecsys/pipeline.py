@@ -149,7 +149,7 @@ def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
     if "evaluate" in names and (eval_dir / "metrics.parquet").is_file():
         import pandas as pd
 
-        from trecsys.report import terminal_table
+        from trecsys.rank.report import terminal_table
 
         context = read_json(eval_dir / "manifest.json").get("context", {})
         parts.append(terminal_table(pd.read_parquet(eval_dir / "metrics.parquet"), context)

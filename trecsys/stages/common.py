@@ -21,16 +21,16 @@ from trecsys.artifacts import (
     write_manifest,
     write_text,
 )
-from trecsys.checkpoints import is_checkpoint
 from trecsys.config import ExperimentConfig, TrainConfig, to_dict, to_yaml
-from trecsys.data.prepared import DomainRange, Prepared
-from trecsys.data.sequences import label_counts, training_windows, trim_left_padding, window_tensors
-from trecsys.engine import TrainData
 from trecsys.errors import ArtifactError, ConfigError
-from trecsys.losses import chunked_cross_entropy, proposal_log_q, sampled_softmax_loss
-from trecsys.metrics import full_ranking_topk, ranking_metrics
-from trecsys.model import CONFIG, WEIGHTS, SeqRecModel, load_checkpoint
-from trecsys.scorers import ModelScorer, to_local
+from trecsys.model.checkpoint import is_checkpoint
+from trecsys.model.seqrec import CONFIG, WEIGHTS, SeqRecModel, load_checkpoint
+from trecsys.prepared.tables import DomainRange, Prepared
+from trecsys.rank.metrics import full_ranking_topk, ranking_metrics
+from trecsys.rank.scorers import ModelScorer, to_local
+from trecsys.train.engine import TrainData
+from trecsys.train.losses import chunked_cross_entropy, proposal_log_q, sampled_softmax_loss
+from trecsys.train.windows import label_counts, training_windows, trim_left_padding, window_tensors
 
 MONITOR = "ndcg@10"
 REPORTED = ("ndcg@10", "recall@10")
@@ -236,7 +236,7 @@ class EvalCase:
 def make_ranker(cases: list[EvalCase], item_text: np.ndarray, user_batch: int, device: torch.device,
                 ks: Sequence[int] = (10,), key: str = "data.source") -> Callable[[SeqRecModel], dict[str, float]]:
     """rank(model) -> NDCG/Recall@K pooled over every case's users with a held-out item, and per case
-    ("<name>/ndcg@10"). Each case's full catalogue is ranked by trecsys.scorers.ModelScorer (the
+    ("<name>/ndcg@10"). Each case's full catalogue is ranked by trecsys.rank.scorers.ModelScorer (the
     scorer `trec evaluate` uses), the items in the user's history excluded."""
     prepared_cases = []
     for case in cases:

@@ -22,11 +22,10 @@ from torch import nn
 
 from trecsys.artifacts import atomic_path, describe_file, run_lock
 from trecsys.config import ExperimentConfig, to_dict
-from trecsys.data.prepared import domain_split, load_prepared
-from trecsys.engine import LOG, Dist, distributed, fit, seed_everything
 from trecsys.errors import ConfigError
-from trecsys.losses import chunked_kd_loss
-from trecsys.model import WEIGHTS, SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.model.seqrec import WEIGHTS, SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.prepared.tables import domain_split, load_prepared
+from trecsys.runtime import seed_everything
 from trecsys.stages.common import (
     MONITOR,
     PREPARED_KEY,
@@ -47,6 +46,8 @@ from trecsys.stages.common import (
     window_train_data,
     write_stage_folder,
 )
+from trecsys.train.engine import LOG, Dist, distributed, fit
+from trecsys.train.losses import chunked_kd_loss
 
 STAGE = "distill"
 OUTPUT = "distill"

@@ -16,9 +16,6 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from trecsys import evaluation as E
-from trecsys import metrics as M
-from trecsys import report
 from trecsys.artifacts import (
     describe_file,
     read_json,
@@ -28,19 +25,21 @@ from trecsys.artifacts import (
     write_manifest,
     write_parquet,
 )
-from trecsys.checkpoints import (
+from trecsys.config import ExperimentConfig, to_dict
+from trecsys.errors import ArtifactError, ConfigError, DataError
+from trecsys.model.checkpoint import (
     MODEL_STAGES,
     check_same_prepared,
     is_checkpoint,
     latest_checkpoint,
     prepared_file_inputs,
 )
-from trecsys.config import ExperimentConfig, to_dict
-from trecsys.data.context import histories_for
-from trecsys.data.prepared import Prepared, domain_split, load_prepared
-from trecsys.devices import resolve_device
-from trecsys.errors import ArtifactError, ConfigError, DataError
-from trecsys.scorers import (
+from trecsys.prepared.context import histories_for
+from trecsys.prepared.tables import Prepared, domain_split, load_prepared
+from trecsys.rank import evaluation as E
+from trecsys.rank import metrics as M
+from trecsys.rank import report
+from trecsys.rank.scorers import (
     ItemKNNScorer,
     ModelScorer,
     PopularityScorer,
@@ -48,6 +47,7 @@ from trecsys.scorers import (
     item_counts,
     to_local,
 )
+from trecsys.runtime import resolve_device
 
 EVAL = "eval"
 
@@ -259,7 +259,7 @@ def make_scorer(system: System, prepared: Prepared, users: EvalUsers, n_items: i
         if system.label == PopularityScorer.name:
             return PopularityScorer(users.train_sequences, n_items)
         return ItemKNNScorer(users.train_sequences, users.histories, n_items)
-    from trecsys.model import load_checkpoint
+    from trecsys.model.seqrec import load_checkpoint
 
     model, info = load_checkpoint(system.checkpoint, map_location=device)
     check_model_catalogue(info, system.checkpoint, prepared.n_items, prepared.embeddings.shape[1])

@@ -28,13 +28,13 @@ from trecsys.artifacts import (
     write_json,
     write_text,
 )
-from trecsys.checkpoints import is_checkpoint, weights_sha256
 from trecsys.config import ExperimentConfig, to_dict
-from trecsys.data.context import TargetSequences, target_sequences
-from trecsys.data.prepared import Prepared, load_prepared
-from trecsys.engine import LOG, STATE, Dist, distributed, fit
 from trecsys.errors import ConfigError
-from trecsys.model import WEIGHTS, SeqRecModel, save_checkpoint
+from trecsys.model.checkpoint import is_checkpoint, weights_sha256
+from trecsys.model.seqrec import WEIGHTS, SeqRecModel, save_checkpoint
+from trecsys.model.strategies import TRANSFERRING, Candidate, build_candidate, l2sp_penalty
+from trecsys.prepared.context import TargetSequences, target_sequences
+from trecsys.prepared.tables import Prepared, load_prepared
 from trecsys.stages.common import (
     MONITOR,
     PREPARED_KEY,
@@ -53,7 +53,7 @@ from trecsys.stages.common import (
     window_train_data,
     write_stage_folder,
 )
-from trecsys.transfer import TRANSFERRING, Candidate, build_candidate, l2sp_penalty
+from trecsys.train.engine import LOG, STATE, Dist, distributed, fit
 
 STAGE = "finetune-target"
 OUTPUT = "finetune"

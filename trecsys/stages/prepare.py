@@ -16,15 +16,15 @@ import pyarrow as pa
 
 from trecsys.artifacts import describe_file, run_lock, stage_output, write_manifest, write_parquet, write_text
 from trecsys.config import DataConfig, ExperimentConfig, to_dict, to_yaml
-from trecsys.data.clean import clean_interactions
-from trecsys.data.embed import embed_texts, encoder_metadata
-from trecsys.data.raw import RawDomain
-from trecsys.data.readers import read_domain
-from trecsys.data.split import assign_split
-from trecsys.data.synthetic import generate_domains
-from trecsys.data.text import compose_text
-from trecsys.devices import resolve_device
 from trecsys.errors import ConfigError, DataError
+from trecsys.ingest.clean import clean_interactions
+from trecsys.ingest.embed import embed_texts, encoder_metadata
+from trecsys.ingest.raw import RawDomain
+from trecsys.ingest.readers import read_domain
+from trecsys.ingest.split import assign_split
+from trecsys.ingest.synthetic import generate_domains
+from trecsys.ingest.text import compose_text
+from trecsys.runtime import resolve_device
 
 # Item metadata columns copied to items.parquet (as str) when a domain has them.
 ITEM_FIELDS = ("brand", "category", "price")

@@ -18,10 +18,10 @@ import torch
 
 from trecsys.artifacts import run_lock
 from trecsys.config import ExperimentConfig, to_dict
-from trecsys.data.prepared import DomainSplit, domain_split, load_prepared
-from trecsys.engine import LOG, Dist, distributed, fit, seed_everything
 from trecsys.errors import ConfigError
-from trecsys.model import SeqRecModel, save_checkpoint
+from trecsys.model.seqrec import SeqRecModel, save_checkpoint
+from trecsys.prepared.tables import DomainSplit, domain_split, load_prepared
+from trecsys.runtime import seed_everything
 from trecsys.stages.common import (
     MONITOR,
     PREPARED_KEY,
@@ -37,6 +37,7 @@ from trecsys.stages.common import (
     window_train_data,
     write_stage_folder,
 )
+from trecsys.train.engine import LOG, Dist, distributed, fit
 
 STAGE = "pretrain-source"
 OUTPUT = "pretrain"

@@ -33,16 +33,18 @@ from trecsys.artifacts import (
     write_parquet,
     write_text,
 )
-from trecsys.checkpoints import (
+from trecsys.config import ExperimentConfig, to_dict
+from trecsys.errors import ArtifactError, ConfigError, DataError
+from trecsys.model.checkpoint import (
     check_same_prepared,
     is_checkpoint,
     latest_checkpoint,
     prepared_file_inputs,
     weights_sha256,
 )
-from trecsys.config import ExperimentConfig, to_dict
-from trecsys.data.prepared import DomainRange, Prepared, domain_split, load_prepared
-from trecsys.data.requests import (
+from trecsys.prepared.tables import DomainRange, Prepared, domain_split, load_prepared
+from trecsys.rank.metrics import full_ranking_topk
+from trecsys.rank.requests import (
     Catalogue,
     Requests,
     query_requests,
@@ -51,11 +53,9 @@ from trecsys.data.requests import (
     read_user_ids,
     user_requests,
 )
-from trecsys.devices import resolve_device
-from trecsys.errors import ArtifactError, ConfigError, DataError
-from trecsys.metrics import full_ranking_topk
-from trecsys.rerank import Part, WeightedSum, category_mask, masked, mmr_rerank
-from trecsys.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, check_model_catalogue, to_local
+from trecsys.rank.rerank import Part, WeightedSum, category_mask, masked, mmr_rerank
+from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, check_model_catalogue, to_local
+from trecsys.runtime import resolve_device
 
 STAGE = "recommend"
 DEFAULT_FOLDERS = {"users": "recommend", "queries": "queries"}
@@ -293,7 +293,7 @@ def make_scorer(ranker: Ranker, prepared: Prepared, domain: DomainRange, histori
         if ranker.label == PopularityScorer.name:
             return PopularityScorer(everything, domain.n_items)
         return ItemKNNScorer(everything, to_local(histories, domain), domain.n_items)
-    from trecsys.model import load_checkpoint
+    from trecsys.model.seqrec import load_checkpoint
 
     model, info = load_checkpoint(ranker.checkpoint, map_location=device)
     check_model_catalogue(info, ranker.checkpoint, prepared.n_items, prepared.embeddings.shape[1])
@@ -325,7 +325,7 @@ def _item_text(cfg: ExperimentConfig, prepared: Prepared, requests: Requests, ra
                 f"{str(info.get('item_text')).lower()}) can only score catalogue items: use a text-only model "
                 "(model.item_text=true, model.item_ids=false)"
             )
-    from trecsys.data.embed import embed_texts
+    from trecsys.ingest.embed import embed_texts
 
     vectors, encoder = embed_texts(requests.new_texts, cfg.embedding, device=str(device), progress=False)
     _check_encoder(encoder, prepared)

@@ -17,8 +17,8 @@ import scipy.sparse as sp
 import torch
 from sklearn.preprocessing import normalize
 
-from trecsys.data.prepared import DomainRange
 from trecsys.errors import ArtifactError
+from trecsys.prepared.tables import DomainRange
 
 
 class Scorer(Protocol):
@@ -103,7 +103,7 @@ class ModelScorer:
 
     def __init__(self, model, histories: Sequence[np.ndarray], domain: DomainRange,
                  item_text: np.ndarray, device: torch.device, name: str = "model", user_batch: int = 1024):
-        from trecsys.data.sequences import history_batch
+        from trecsys.train.windows import history_batch
 
         self.name, self.device, self.model = name, torch.device(device), model.to(device).eval()
         model.set_item_text(torch.from_numpy(np.asarray(item_text, dtype=np.float32)))

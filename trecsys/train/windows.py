@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PAD = -1  # the item index of padding: sequences are left-padded with it
+from trecsys.model.seqrec import PAD
 
 
 def training_windows(sequences: list[np.ndarray], max_seq_len: int) -> np.ndarray:

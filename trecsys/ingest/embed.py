@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from trecsys.artifacts import read_parquet, sha256_file, write_parquet
 from trecsys.config import EmbeddingConfig
-from trecsys.devices import resolve_device
 from trecsys.errors import ArtifactError, ConfigError, TrecError
+from trecsys.runtime import resolve_device
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 # The default's short name as sentence-transformers users write it.

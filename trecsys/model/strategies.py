@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from trecsys.config import ModelConfig
-from trecsys.engine import seed_everything
-from trecsys.model import SeqRecModel
+from trecsys.model.seqrec import SeqRecModel
+from trecsys.runtime import seed_everything
 
 # Strategies that start from the init_from weights (the others only borrow its architecture).
 TRANSFERRING = ("full", "adaptor", "zero_shot")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trecsys.data.prepared import DomainRange, Prepared, domain_split
+from trecsys.prepared.tables import DomainRange, Prepared, domain_split
 
 SPLITS = ("valid", "test")
 

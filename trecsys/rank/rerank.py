@@ -13,8 +13,8 @@ import pandas as pd
 import torch
 
 from trecsys.errors import ConfigError
-from trecsys.metrics import ScoreChunk
-from trecsys.scorers import Scorer
+from trecsys.rank.metrics import ScoreChunk
+from trecsys.rank.scorers import Scorer
 
 # ---------------------------------------------------------------------------------------------
 # Fusion

@@ -1,6 +1,6 @@
-"""Readers: one domain's input files in any supported format → a RawDomain (trecsys/data/raw.py).
+"""Readers: one domain's input files in any supported format → a RawDomain (trecsys/ingest/raw.py).
 
-`read_domain` picks the reader by `format`. Amazon JSON lines live in trecsys/data/amazon.py; the
+`read_domain` picks the reader by `format`. Amazon JSON lines live in trecsys/ingest/amazon.py; the
 tabular formats (RecBole atomic files, pre-split RecBole benchmarks, CSV/TSV/Parquet) are here.
 `format: synthetic` is not read from files (the synthetic generator makes those domains).
 
@@ -26,8 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trecsys.config import DomainConfig
-from trecsys.data import amazon
-from trecsys.data.inputs import (
+from trecsys.errors import ConfigError, DataError
+from trecsys.ingest import amazon
+from trecsys.ingest.inputs import (
     READ_ERRORS,
     BadRows,
     check_unique_header,
@@ -40,8 +41,7 @@ from trecsys.data.inputs import (
     read_delimited,
     read_error,
 )
-from trecsys.data.raw import RawDomain
-from trecsys.errors import ConfigError, DataError
+from trecsys.ingest.raw import RawDomain
 
 RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
 # Order columns a RecBole .inter may carry, best first; `position` is an order, not a time.

@@ -1,6 +1,6 @@
 """What every reader returns: one domain's interactions and item table with uniform column names.
 
-Readers (trecsys/data/readers.py) turn a format into a RawDomain; cleaning, splitting and id
+Readers (trecsys/ingest/readers.py) turn a format into a RawDomain; cleaning, splitting and id
 mapping (trecsys/stages/prepare.py) work on RawDomain only, so they never see a format's quirks.
 """
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trecsys import metrics as M
+from trecsys.rank import metrics as M
 
 METRICS_COLUMNS = ("run", "split", "slice", "metric", "k", "value", "ci_low", "ci_high", "n_users")
 COMPARISON_COLUMNS = ("run", "reference", "split", "slice", "metric", "k", "delta", "ci_low", "ci_high",

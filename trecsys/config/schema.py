@@ -1,28 +1,15 @@
-"""The experiment config: one schema of dataclasses whose field names are the YAML keys.
+"""The experiment config schema: dataclasses whose field names are the YAML keys.
 
-A config file may `inherit:` a base file (a path relative to itself); command-line overrides are
-dotted `key.sub=value` pairs whose values are parsed as YAML scalars/lists. Every key is checked
-against the schema: unknown keys (with the closest known key suggested), wrong types and missing
-required values are ConfigErrors naming the dotted key. The resolved config is what a stage sees,
-prints with `--print-config` and saves beside its artifacts — there is no hidden default layer.
+The comment above each field is its documentation (`trecsys/config/reference.py` turns it into the
+README's reference). Loading and checking live in `trecsys/config/load.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Union
-
-import yaml
+from typing import Literal
 
 from trecsys.errors import ConfigError
-
-# ---------------------------------------------------------------------------------------------
-# Schema
 
 
 @dataclass
@@ -124,7 +111,7 @@ class EmbeddingConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run of trecsys/engine.py: optimiser, schedule, precision, loss, validation."""
+    """One training run of trecsys/train/engine.py: optimiser, schedule, precision, loss, validation."""
 
     # Passes over the training windows (the lr schedule spans all of them).
     epochs: int = 20
@@ -195,7 +182,7 @@ class PretrainConfig:
 
 @dataclass
 class ModelConfig:
-    """The one model family (trecsys/model.py): item tower + causal Transformer over the sequence."""
+    """The one model family (trecsys/model/seqrec.py): item tower + causal Transformer over the sequence."""
 
     # Width of item and sequence representations.
     d_model: int = 64
@@ -435,242 +422,3 @@ class ExperimentConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys, which plain YAML silently overwrites."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    mapping: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" if not path.is_dir() else
-                          f"config file {path} is a folder: give the YAML file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): re-save it as UTF-8") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (safe subclass)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def _load_with_inheritance(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path))
-        raise ConfigError(f"config inheritance loops: {chain}")
-    data = read_yaml(path)
-    base = data.pop("inherit", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: 'inherit' must be a path to a base config file")
-    return deep_merge(_load_with_inheritance(path.parent / base, (*seen, path)), data)
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    """Mappings merge key by key; any other value (lists included) replaces the base value."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {text!r}: empty key segment")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = deep_merge({}, data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            value = deep_merge(node[parts[-1]], value)
-        node[parts[-1]] = value
-    return data
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    data = _load_with_inheritance(Path(path)) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
-    where = f" in {path}" if path is not None else ""
-    return build(ExperimentConfig, data, where=where)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: dict -> dataclass tree, naming the dotted key on every error
-
-
-def build(cls: type, data: Any, where: str = "", prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}{where}: expected a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            full = f"{prefix}{key}"
-            raise ConfigError(f"unknown config key '{full}'{where}{_suggest(cls, prefix, str(key))}")
-    kwargs = {}
-    for name, f in fields.items():
-        full = f"{prefix}{name}"
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], full, where)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required config value '{full}'{where}")
-    obj = cls(**kwargs)
-    # A section may check combinations of its keys in `validate(prefix, where)`.
-    if hasattr(obj, "validate"):
-        obj.validate(prefix, where)
-    return obj
-
-
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, where)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if origin is Literal:
-        if value in args:
-            return value
-        choices = ", ".join(repr(a) for a in args)
-        raise ConfigError(f"config key '{key}'{where}: {value!r} is not one of {choices}")
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where, prefix=f"{key}.")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}'{where}: expected a list, got {_describe(value)}")
-        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}'{where}: expected a mapping, got {_describe(value)}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a schema type this function does not know is a bug in trecsys
-        raise TypeError(f"unsupported config type {tp!r} for {key}")
-    raise ConfigError(f"config key '{key}'{where}: expected {tp.__name__}, got {_describe(value)}")
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def all_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema (dict-valued sections contribute their value's keys once)."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        full = f"{prefix}{f.name}"
-        keys.append(full)
-        tp = hints[f.name]
-        if typing.get_origin(tp) is dict:
-            tp = typing.get_args(tp)[1]
-            full = f"{full}.<name>"
-        if dataclasses.is_dataclass(tp):
-            keys.extend(all_keys(tp, f"{full}."))
-    return keys
-
-
-def _suggest(cls: type, prefix: str, key: str) -> str:
-    names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
-    # The key may belong to another section: `min_user_interactions` at the top means `data.…`.
-    elsewhere = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key]
-    if elsewhere:
-        return f" (did you mean '{elsewhere[0]}'?)"
-    return f"; known keys here: {', '.join(names)}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
-
-
-def to_yaml(config: Any) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
-
-
-def data_path(config: ExperimentConfig, relative: str) -> Path:
-    """An input path from the config: absolute as given, else under `data.root`."""
-    path = Path(relative).expanduser()
-    return path if path.is_absolute() else Path(config.data.root).expanduser() / path

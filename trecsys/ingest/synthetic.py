@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from trecsys.config import ExperimentConfig
-from trecsys.data.raw import RawDomain
-from trecsys.data.synthetic_vocab import DOMAIN_VOCABULARIES, THEMES, DomainVocabulary
 from trecsys.errors import ConfigError
+from trecsys.ingest.raw import RawDomain
+from trecsys.ingest.synthetic_vocab import DOMAIN_VOCABULARIES, THEMES, DomainVocabulary
 
 # Shape of the shop. These are fixed so the demo is the same everywhere; only sizes are config keys.
 TARGET_HISTORY_RATIO = 0.5  # target histories are about half as long as source ones

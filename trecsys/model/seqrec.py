@@ -19,8 +19,9 @@ from torch import nn
 from trecsys import __version__
 from trecsys.artifacts import atomic_path, read_json, write_json
 from trecsys.config import ModelConfig, build
-from trecsys.data.sequences import PAD
 from trecsys.errors import ArtifactError, ConfigError
+
+PAD = -1  # the item index of padding: sequences are left-padded with it
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

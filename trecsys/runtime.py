@@ -1,7 +1,10 @@
-"""Which device a stage runs on: the one place that reads the `device` config key."""
+"""The process a stage runs in: its device (the one place that reads the `device` config key) and seeding."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 
 from trecsys.errors import ConfigError
@@ -18,3 +21,9 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key '{key}': {name!r} was asked for but CUDA is not available; use device=cpu")
     return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

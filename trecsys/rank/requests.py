@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.types as pat
 
 from trecsys.artifacts import read_parquet
-from trecsys.data.prepared import DomainRange, Prepared
 from trecsys.errors import DataError
+from trecsys.prepared.tables import DomainRange, Prepared
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from trecsys.artifacts import read_manifest, sha256_file
-from trecsys.data.prepared import Prepared
 from trecsys.errors import ArtifactError
+from trecsys.prepared.tables import Prepared
 
 # Where a run keeps its checkpoints, latest pipeline stage first.
 MODEL_STAGES = ("finetune", "distill", "pretrain")

@@ -22,7 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from trecsys.data.inputs import (
+from trecsys.errors import DataError
+from trecsys.ingest.inputs import (
     READ_ERRORS,
     BadRows,
     finish_interactions,
@@ -31,7 +32,6 @@ from trecsys.data.inputs import (
     read_error,
     shown,
 )
-from trecsys.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from trecsys.artifacts import atomic_path, stage_output
 from trecsys.config import TrainConfig
-from trecsys.devices import resolve_device
 from trecsys.errors import ArtifactError, ConfigError, DivergedError, InterruptedRun, OutOfMemoryError
+from trecsys.runtime import resolve_device, seed_everything
 
 WEIGHTS = "model.safetensors"  # what `save_model` must write; resume loads it back
 STATE = "train_state.pt"  # optimizer, scaler, position in the data, RNG states, early-stopping state
@@ -107,12 +107,6 @@ def distributed(device: str = "auto") -> Iterator[Dist]:
         yield dist
     finally:
         teardown_distributed()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def autocast_setup(precision: str, device: torch.device, key: str = "train.precision"

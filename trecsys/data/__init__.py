@@ -1,1 +1,0 @@
-"""Data in: readers for the formats of the field, cleaning, splits, item text and its embeddings."""

@@ -1,0 +1,1 @@
+"""The model: the network, its checkpoints, and the transfer strategies that build it."""

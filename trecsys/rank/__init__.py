@@ -1,0 +1,1 @@
+"""Ranking: metrics, scorers (models and baselines), re-ranking, evaluation, reports and recommend requests."""

@@ -1,0 +1,1 @@
+"""Training: the engine (loop, resume, DDP, mixed precision), losses, and the windows cut from sequences."""
