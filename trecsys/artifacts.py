@@ -8,12 +8,16 @@ artifact and never destroys the previous good one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trecsys import __version__
-from trecsys.errors import ArtifactError, LockBusyError, TrecError
+from trecsys.errors import (
+    EXIT_NO_PERMISSION,
+    ArtifactError,
+    EnvironmentFailure,
+    LockBusyError,
+    TrecError,
+    environment_error,
+)
 
 PARQUET_COMPRESSION = "zstd"
 MANIFEST = "manifest.json"
@@ -36,22 +47,114 @@ MANIFEST = "manifest.json"
 # The process umask, read once (os.umask can only be read by setting it).
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+# Never follow a link when creating a temporary name or a lock: a link planted there would make a
+# write land on an unrelated file outside the run.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds.
+
+    The temporary file is created here with O_CREAT|O_EXCL (mkstemp: a fresh, unpredictable name that
+    is never a link), so writers that open it by name write into a file this process owns. An output
+    that is a symbolic link or a folder is refused rather than replaced.
+    """
     path = Path(path)
     _ensure_writable_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    refuse_link(path)
+    if path.is_dir():
+        raise ArtifactError(f"output {path} is a folder; name a file (or remove the folder)")
+    clean_stale(path)
+    with environment_errors(path):
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+        os.close(fd)
+    tmp = Path(name)
     try:
-        yield tmp
-        if tmp.is_file():  # some writers (safetensors) create 0600 files: give them the usual mode
+        with environment_errors(path):
+            yield tmp
+            # mkstemp (and safetensors) make 0600 files: give artifacts the usual mode.
             os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def refuse_link(path: Path) -> None:
+    """trecsys replaces its outputs whole and never writes through a symbolic link."""
+    path = Path(path)
+    if path.is_symlink():
+        raise ArtifactError(f"output {path} is a symbolic link (to {os.readlink(path)}); trecsys never writes "
+                            "through a link: remove the link, or name the real path")
+
+
+def open_append(path: Path):
+    """A text handle appending to `path` (created if missing), refusing a link at that name."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            refuse_link(path)
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+# Temporary and moved-aside names carry the pid of the process that made them: `.<name>.tmp-<pid>...`.
+_STALE = re.compile(r"(tmp|old)-(\d+)(?:-.*)?")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (never what it points to) or a folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def clean_stale(path: Path, keep_old: bool = False) -> None:
+    """Remove temporary (and moved-aside) siblings of `path` left by processes that are gone (a
+    SIGKILLed or crashed run); those of live processes are left alone. `keep_old`: moved-aside
+    folders are kept (the caller may restore one)."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            match = _STALE.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+            if match is None or _pid_alive(int(match.group(2))) or (keep_old and match.group(1) == "old"):
+                continue
+            _remove(entry)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment errors: a full disk or a read-only folder is not a bug; name the path and exit with the
+# documented code.
+
+
+@contextlib.contextmanager
+def environment_errors(path: Path) -> Iterator[None]:
+    """Turn an environment OSError (disk full, read-only, ...) while writing `path` into a TrecError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        error = environment_error(exc, path)
+        if error is None:
+            raise
+        raise error from None
 
 
 def write_text(path: Path, text: str) -> None:
@@ -100,9 +203,13 @@ def _ensure_writable_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        error = environment_error(exc, folder)
+        if error is not None:
+            raise TrecError(f"cannot create output folder {folder}: {exc.strerror}",
+                            exit_code=error.exit_code) from None
         raise TrecError(f"cannot create output folder {folder}: {exc.strerror}") from None
     if not os.access(folder, os.W_OK):
-        raise TrecError(f"output folder is not writable: {folder}")
+        raise TrecError(f"output folder is not writable: {folder}", exit_code=EXIT_NO_PERMISSION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,23 +221,33 @@ def stage_output(final: Path) -> Iterator[Path]:
     """Build a stage's folder under a temporary name; swap it in when the block succeeds.
 
     The old folder is moved aside before the new one is renamed into place and deleted after, so
-    at every instant either the old or the new complete folder exists under a known name.
+    at every instant either the old or the new complete folder exists under a known name. The
+    temporary and moved-aside names are fresh (mkdtemp), never links; a stage folder that is a link is
+    refused before anything is built.
     """
     final = Path(final)
     _ensure_writable_dir(final.parent)
+    refuse_link(final)
     _recover_swapped(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    clean_stale(final)
+    if final.exists() and not final.is_dir():
+        raise ArtifactError(f"output {final} is a file, not a stage folder: remove it")
+    with environment_errors(final):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
-        yield tmp
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
+        with environment_errors(final):
+            try:
+                yield tmp
+            except EnvironmentFailure as exc:  # name the file as it would have been in `final`
+                inside = exc.path is not None and Path(exc.path).is_relative_to(tmp)
+                raise (exc.at(final / Path(exc.path).relative_to(tmp)) if inside else exc) from None
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
         if old.exists():
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -138,11 +255,12 @@ def stage_output(final: Path) -> Iterator[Path]:
 
 def _recover_swapped(final: Path) -> None:
     """A run killed between the two renames of `stage_output` left the old folder aside: restore it."""
-    if final.exists():
+    if final.exists() or final.is_symlink():
         return
     for old in sorted(final.parent.glob(f".{final.name}.old-*")):
-        os.replace(old, final)
-        return
+        if old.is_dir() and not old.is_symlink():
+            os.replace(old, final)
+            return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,29 +367,65 @@ def run_lock(target: Path, wait_s: float = 0.0, poll_s: float = 0.2) -> Iterator
     """Hold an exclusive lock on `target` (a file or folder path) for the duration of the block.
 
     A second run on the same target waits up to `wait_s` seconds, then raises LockBusyError (exit 3).
-    The lock is an flock on a sibling `.lock` file, so it is released when the process dies.
+    The lock is an flock on a sibling `.lock` file, so it is released when the process dies. The lock
+    file is opened without following links and never truncated; the holder removes it when done (the
+    next run removes one a killed run left), re-checking after each acquire that the name still points
+    to the file it locked.
     """
     target = Path(target)
     _ensure_writable_dir(target.parent)
+    refuse_link(target)
     lock_path = target.with_name(f".{target.name}.lock")
-    handle = open(lock_path, "a+")
     deadline = time.monotonic() + max(wait_s, 0.0)
+    while True:
+        fd = _open_lock(lock_path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise LockBusyError(
+                    f"{target} is locked by another trecsys run (lock file {lock_path}); waited {wait_s:g}s"
+                ) from None
+            time.sleep(poll_s)
+            continue
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)  # its holder removed it between our open and our lock: take the new one
     try:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockBusyError(
-                        f"{target} is locked by another trecsys run (lock file {lock_path}); "
-                        f"waited {wait_s:g}s"
-                    ) from None
-                time.sleep(poll_s)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        # The holder's pid, for people; fixed width so that nothing needs truncating.
+        os.pwrite(fd, f"{os.getpid():>10}\n".encode(), 0)
         yield
     finally:
-        handle.close()
+        with contextlib.suppress(OSError):
+            if _same_file(fd, lock_path):
+                os.unlink(lock_path)
+        os.close(fd)
+
+
+def _open_lock(lock_path: Path) -> int:
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArtifactError(f"lock file {lock_path} is a symbolic link (to {os.readlink(lock_path)}); "
+                                "trecsys never follows one: remove it") from None
+        if exc.errno == errno.EISDIR:
+            raise ArtifactError(f"lock file {lock_path} is a folder: remove it") from None
+        error = environment_error(exc, lock_path)
+        if error is not None:
+            raise error from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ArtifactError(f"lock file {lock_path} is not a regular file: remove it")
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)

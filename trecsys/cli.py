@@ -7,15 +7,25 @@ runs, so `trec --help` stays fast (torch is not imported for it).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 import typer
 
 from trecsys.config import ExperimentConfig, load_config, to_yaml
-from trecsys.errors import EXIT_BUG, EXIT_CODES_HELP, EXIT_INTERRUPTED, NotAvailableError, TrecError
+from trecsys.errors import (
+    EXIT_BUG,
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    NotAvailableError,
+    TrecError,
+    environment_error,
+)
 
 app = typer.Typer(
     name="trec",
@@ -71,29 +81,62 @@ def _run_stage(stage: str, config: Path, overrides: list[str] | None, print_conf
     _guarded(call, config, overrides, print_config, debug)
 
 
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) outside a training loop: unwind, so that every temporary file is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopSignal(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGINT and SIGTERM stop any stage the same way (a training loop installs its own handler, which
+    saves a checkpoint first, and puts this one back when it ends)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _guarded(action, config: Path, overrides: list[str] | None, print_config: bool, debug: bool) -> None:
     """Resolve the config and run `action(cfg)`, turning every failure into one line and an exit code."""
     try:
-        cfg = _resolve(config, overrides, print_config)
-        if cfg is None:
-            return
-        action(cfg)
+        with _stop_signals():
+            cfg = _resolve(config, overrides, print_config)
+            if cfg is None:
+                return
+            action(cfg)
     except TrecError as exc:
-        if debug:
-            traceback.print_exc()
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        _fail(exc, exc.exit_code, debug)
+    except KeyboardInterrupt as exc:
+        name = signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
+        _fail(f"stopped by {name}; what this run was writing was discarded and earlier outputs are kept",
+              EXIT_INTERRUPTED, debug)
     except typer.Exit:
         raise
-    except Exception as exc:  # a bug: keep the one-line promise, but let --debug show everything
-        if debug:
-            traceback.print_exc()
-        typer.echo(f"error: internal error ({type(exc).__name__}: {exc}); re-run with --debug and report it",
-                   err=True)
-        raise typer.Exit(EXIT_BUG) from None
+    except Exception as exc:
+        known = environment_error(exc)  # disk full, read-only, ...: the environment, not a bug
+        if known is not None:
+            _fail(known, known.exit_code, debug)
+        # A bug: keep the one-line promise, but let --debug show everything.
+        _fail(f"internal error ({type(exc).__name__}: {exc}); re-run with --debug and report it", EXIT_BUG, debug)
+
+
+def _fail(message: object, exit_code: int, debug: bool):
+    if debug:
+        traceback.print_exc()
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(exit_code) from None
 
 
 @app.command()
@@ -196,11 +239,11 @@ def recommend(
                              "(weight recommend.query_user_weight) and skip their seen items."),
     output: str = typer.Option(None, "--output", "-o", help="A .parquet file, or a folder that gets "
                                "date=YYYY-MM-DD/recommendations.parquet."),
-    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another run on the same output "
+    wait: float = typer.Option(0.0, "--wait", min=0.0, help="Seconds to wait for another run on the same output "
                                "before giving up with exit code 3."),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 2) on unknown user ids instead of listing "
                                 "them beside the output."),
-    show: int = typer.Option(None, "--show", help="Print the first N lists with item titles."),
+    show: int = typer.Option(None, "--show", min=0, help="Print the first N lists with item titles."),
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
     verify: bool = VerifyOption,
@@ -221,7 +264,7 @@ def run_pipeline(
     overrides: list[str] = OverridesArg,
     stages: str = typer.Option(None, "--stages", help="Comma list of the stages to consider, e.g. evaluate,recommend."),
     force: bool = typer.Option(False, "--force", help="Run the selected stages even when up to date."),
-    show: int = typer.Option(3, "--show", help="Recommendation lists to print, with item titles."),
+    show: int = typer.Option(3, "--show", min=0, help="Recommendation lists to print, with item titles."),
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
 ) -> None:

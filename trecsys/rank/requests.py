@@ -61,6 +61,19 @@ class Requests:
 # Input files
 
 
+def read_lines(path: Path, option: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of each non-empty line of a UTF-8 text file (a BOM is allowed);
+    a file that is not UTF-8 is refused naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{option} {path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as "
+                        "UTF-8") from None
+    return [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
 def read_user_ids(path: Path) -> list[str]:
     """User ids from a text file (one per line) or a Parquet file with a user_id column, deduplicated."""
     path = Path(path)
@@ -75,8 +88,7 @@ def read_user_ids(path: Path) -> list[str]:
             raise DataError(f"--users {path}: column user_id has {column.null_count} empty values")
         ids = [str(v) for v in column.to_pylist()]
     else:
-        ids = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-        ids = [i for i in ids if i]
+        ids = [line for _, line in read_lines(path, "--users")]
     if not ids:
         raise DataError(f"--users {path}: the file lists no user ids")
     return list(dict.fromkeys(ids))
@@ -87,7 +99,7 @@ def read_queries(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--queries {path}: file not found")
-    queries = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    queries = [line for _, line in read_lines(path, "--queries")]
     if not queries:
         raise DataError(f"--queries {path}: the file holds no queries")
     return queries
@@ -114,21 +126,18 @@ def read_histories(path: Path) -> list[History]:
 
 def _jsonl_histories(path: Path) -> list[History]:
     out: dict[str, History] = {}
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected an object with user_id and item_ids")
-            history = _history(record.get("user_id"), record.get("item_ids"), _texts_field(record, where), where)
-            if history.user_id in out:
-                raise DataError(f"{where}: user {history.user_id!r} already has a history at {out[history.user_id].where}")
-            out[history.user_id] = history
+    for line_no, line in read_lines(path, "--histories"):
+        where = f"{path}:{line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected an object with user_id and item_ids")
+        history = _history(record.get("user_id"), record.get("item_ids"), _texts_field(record, where), where)
+        if history.user_id in out:
+            raise DataError(f"{where}: user {history.user_id!r} already has a history at {out[history.user_id].where}")
+        out[history.user_id] = history
     return list(out.values())
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from trecsys.artifacts import atomic_path, stage_output
+from trecsys.artifacts import atomic_path, open_append, stage_output
 from trecsys.config import TrainConfig
 from trecsys.errors import ArtifactError, ConfigError, DivergedError, InterruptedRun, OutOfMemoryError
 from trecsys.runtime import resolve_device, seed_everything
@@ -653,7 +653,7 @@ def _clear(work_dir: Path) -> None:
 
 
 def _append_log(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
+    with open_append(path) as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
 

@@ -1,0 +1,256 @@
+"""A hostile user and a hostile environment, through the real CLI: links planted at the names trecsys
+writes, leftovers of killed runs, full disks and read-only folders. Nothing outside the run may ever
+be written, and each failure is one `error:` line with its documented exit code.
+"""
+
+# ruff: noqa: F811  (test functions take the imported `ctx` fixture as a parameter)
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_bad_input import ctx, hash_tree, leftovers  # noqa: F401  (ctx: the bad-input corpus fixture)
+from test_reliability import ENV, REPO, SLOW_PREPARE, wait_for
+from typer.testing import CliRunner
+
+from trecsys.cli import app
+from trecsys.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_IO, EXIT_NO_PERMISSION
+
+
+def trec(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def last_error(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (a SIGKILLed run, as far as its leftovers can tell)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def victim(ctx) -> Path:
+    """A file outside the run that a planted link points to; it must never change."""
+    path = ctx.tmp / "outside" / "precious.txt"
+    path.parent.mkdir()
+    path.write_text("do not touch\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Links planted at the names trecsys writes
+
+
+def test_a_link_at_the_old_temporary_name_is_not_followed(ctx):
+    """Temporary names used to be `.<name>.tmp-<pid>`: a link planted there received the Parquet bytes."""
+    precious = victim(ctx)
+    out = ctx.tmp / "recs" / "out.parquet"
+    out.parent.mkdir()
+    (out.parent / f".out.parquet.tmp-{os.getpid()}").symlink_to(precious)
+    result = trec("recommend", "-c", ctx.config, "--output", out)
+    assert result.exit_code == 0, result.output
+    assert precious.read_text() == "do not touch\n"
+    assert not out.is_symlink() and pq.read_table(out).num_rows > 0
+
+
+def test_a_link_at_the_lock_file_is_refused_and_not_truncated(ctx):
+    precious = victim(ctx)
+    out = ctx.tmp / "recs" / "out.parquet"
+    out.parent.mkdir()
+    lock = out.parent / ".out.parquet.lock"
+    lock.symlink_to(precious)
+    result = trec("recommend", "-c", ctx.config, "--output", out)
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert last_error(result) == (f"error: lock file {lock} is a symbolic link (to {precious}); trecsys never "
+                                  "follows one: remove it")
+    assert precious.read_text() == "do not touch\n" and not out.exists()
+
+
+def test_an_output_that_is_a_link_is_refused(ctx):
+    precious = victim(ctx)
+    out = ctx.tmp / "out.parquet"
+    out.symlink_to(precious)
+    result = trec("recommend", "-c", ctx.config, "--output", out)
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert last_error(result).startswith(f"error: output {out} is a symbolic link (to {precious})")
+    assert precious.read_text() == "do not touch\n" and out.is_symlink()
+
+
+def test_an_output_that_is_a_folder_is_refused(ctx):
+    out = ctx.tmp / "out.parquet"
+    out.mkdir()
+    result = trec("recommend", "-c", ctx.config, "--output", out)
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert last_error(result) == f"error: output {out} is a folder; name a file (or remove the folder)"
+
+
+def test_a_stage_folder_that_is_a_link_is_refused_before_any_work(ctx):
+    elsewhere = ctx.tmp / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine\n")
+    (ctx.run_dir / "eval").symlink_to(elsewhere)
+    result = trec("evaluate", "-c", ctx.config)
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert last_error(result).startswith(f"error: output {ctx.run_dir / 'eval'} is a symbolic link")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+    assert (ctx.run_dir / "eval").is_symlink()
+
+
+def test_a_link_planted_in_the_training_work_folder_is_not_followed(ctx):
+    precious = victim(ctx)
+    work = ctx.run_dir / ".pretrain.work"
+    work.mkdir()
+    (work / "train_log.jsonl").symlink_to(precious)
+    result = trec("pretrain-source", "-c", ctx.config)
+    assert precious.read_text() == "do not touch\n"
+    assert result.exit_code in (0, EXIT_BAD_INPUT), result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Leftovers of killed runs
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_by_the_next_run(ctx):
+    pid = dead_pid()
+    run = ctx.run_dir
+    stale_dir = run / f".eval.tmp-{pid}"
+    stale_dir.mkdir()
+    (stale_dir / "metrics.parquet").write_bytes(b"half")
+    stale_link = run / f".eval.tmp-{pid}-abc"
+    stale_link.symlink_to(ctx.tmp)  # removed as a link, never followed into
+    (run / ".eval.lock").write_text(f"{pid}\n")  # a lock file of the killed run
+    live = run / f".eval.tmp-{os.getppid()}"  # a live process's temporary folder stays
+    live.mkdir()
+    result = trec("evaluate", "-c", ctx.config)
+    assert result.exit_code == 0, result.output
+    assert not stale_dir.exists() and not stale_link.is_symlink()
+    assert not (run / ".eval.lock").exists()
+    assert live.is_dir() and (ctx.tmp / "good.yaml").is_file()
+    live.rmdir()
+    assert leftovers(ctx.tmp) == []
+
+
+def test_a_killed_recommend_leaves_nothing_for_long(ctx):
+    pid = dead_pid()
+    out = ctx.tmp / "recs" / "out.parquet"
+    out.parent.mkdir()
+    stale = [out.parent / f".out.parquet.tmp-{pid}", out.parent / f".out.parquet.tmp-{pid}-x1y2"]
+    for path in stale:
+        path.write_bytes(b"PAR1 half written")
+    result = trec("recommend", "-c", ctx.config, "--output", out)
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in stale) and leftovers(ctx.tmp) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment: full disks, size limits, read-only folders. Not a bug (exit 1): its own code,
+# with the path named, and the previous output kept.
+
+FSIZE_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+from trecsys.cli import main
+sys.argv = ["trec", *sys.argv[1:]]
+main()
+"""
+
+
+def test_file_too_large_exits_74_naming_the_output(ctx):
+    out = ctx.tmp / "out.parquet"
+    out.write_bytes(b"the previous output")
+    proc = subprocess.run([sys.executable, "-c", FSIZE_LIMITED, "recommend", "-c", str(ctx.config),
+                           "--output", str(out)], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_IO, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {out}: file too large for this file system or ulimit -f"
+    assert out.read_bytes() == b"the previous output" and leftovers(ctx.tmp) == []
+
+
+def test_disk_full_exits_74_naming_the_output(ctx, monkeypatch):
+    import trecsys.artifacts
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(trecsys.artifacts.pq, "write_table", full)
+    before = hash_tree(ctx.run_dir)
+    result = trec("evaluate", "-c", ctx.config)
+    assert result.exit_code == EXIT_IO, result.output
+    message = last_error(result)
+    assert message.startswith(f"error: {ctx.run_dir / 'eval'}/") and message.endswith(".parquet: no space left on "
+                                                                                      "the device"), message
+    assert hash_tree(ctx.run_dir) == before and leftovers(ctx.tmp) == []
+
+
+def test_a_read_only_folder_exits_77_naming_it(ctx, monkeypatch):
+    import trecsys.artifacts
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+
+    monkeypatch.setattr(trecsys.artifacts.tempfile, "mkstemp", read_only)
+    out = ctx.tmp / "out.parquet"
+    result = trec("recommend", "-c", ctx.config, "--output", out)
+    assert result.exit_code == EXIT_NO_PERMISSION, result.output
+    assert last_error(result) == f"error: {out}: read-only file system"
+    assert not out.exists() and leftovers(ctx.tmp) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Request files and options
+
+
+@pytest.mark.parametrize("option", ["--users", "--queries", "--histories"])
+def test_a_request_file_that_is_not_utf8_names_its_line(ctx, option):
+    name = "h.jsonl" if option == "--histories" else "f.txt"
+    path = ctx.tmp / name
+    path.write_bytes(b'{"user_id": "u1", "item_ids": ["F001"]}\n' if option == "--histories" else b"u1\n")
+    with open(path, "ab") as handle:
+        handle.write('caf\xe9\n'.encode("latin-1"))
+    result = trec("recommend", "-c", ctx.config, option, path, "--output", ctx.tmp / "o.parquet")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert last_error(result) == f"error: {option} {path}:2: not UTF-8 (byte 0xe9); save the file as UTF-8"
+
+
+@pytest.mark.parametrize("args", [["recommend", "--wait", "-1"], ["recommend", "--show", "-2"],
+                                  ["run", "--show", "-1"]], ids=["wait", "show", "run-show"])
+def test_negative_counts_and_waits_are_refused(ctx, args):
+    result = trec(args[0], "-c", ctx.config, *args[1:])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert args[1] in result.output and not (ctx.run_dir / "recommend").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals outside training: SIGTERM and SIGINT stop any stage with exit 130 and no leftovers
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_during_prepare_exits_130_and_leaves_nothing(tmp_path, signum):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(run_dir), "device": "cpu",
+        "data": {"domains": {"Kitchen": {"format": "synthetic"}, "Food": {"format": "synthetic"}},
+                 "source": ["Kitchen"], "target": "Food", "synthetic": {"n_users": 60, "n_items_per_domain": 30}},
+    }))
+    marker = tmp_path / "embedding"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, str(marker), "prepare", "-c", str(config)],
+                            env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(marker, proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (f"error: stopped by {signum.name}; what this run was writing was "
+                                               "discarded and earlier outputs are kept")
+    assert not (run_dir / "prepared").exists() and leftovers(tmp_path) == []
