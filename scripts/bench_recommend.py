@@ -41,7 +41,8 @@ def main() -> int:
 
     from trecsys.artifacts import read_json
     from trecsys.config import ModelConfig, load_config
-    from trecsys.model.seqrec import SeqRecModel, save_checkpoint
+    from trecsys.model.checkpoint import save_checkpoint
+    from trecsys.model.seqrec import SeqRecModel
     from trecsys.prepared.tables import load_prepared
     from trecsys.stages import recommend
 

@@ -37,7 +37,7 @@ def test_checkpoints_get_the_usual_file_mode(tmp_path):
     """safetensors creates 0600 files; artifacts others read (a serving job, a colleague) follow the umask."""
     import torch
 
-    from trecsys.train.engine import save_weights
+    from trecsys.model.checkpoint import save_weights
 
     save_weights(torch.nn.Linear(2, 2), tmp_path)
     umask = os.umask(0)

@@ -28,7 +28,8 @@ from trecsys.artifacts import write_manifest, write_parquet
 from trecsys.cli import app
 from trecsys.config import ModelConfig, build
 from trecsys.errors import EXIT_BAD_INPUT
-from trecsys.model.seqrec import SeqRecModel, save_checkpoint
+from trecsys.model.checkpoint import save_checkpoint
+from trecsys.model.seqrec import SeqRecModel
 
 # ---------------------------------------------------------------------------------------------
 # The shared run directory and checks

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from trecsys.cli import app
 from trecsys.config import ModelConfig
-from trecsys.model.seqrec import SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.model.checkpoint import load_checkpoint, save_checkpoint
+from trecsys.model.seqrec import SeqRecModel
 from trecsys.prepared.tables import domain_split, load_prepared
 from trecsys.runtime import seed_everything
 from trecsys.train.engine import LOG, read_log
@@ -102,7 +103,7 @@ def test_distill_reports_teacher_and_student_side_by_side(run_copy, tmp_path):
     assert side["student"]["checkpoint_mib"] < side["teacher"]["checkpoint_mib"]
     assert side["teacher"]["users_per_s"] > 0 and side["student"]["users_per_s"] > 0
     assert side["student"]["valid"]["ndcg@10"] == pytest.approx(manifest["metrics"]["ndcg@10"])
-    assert manifest["data"] == ["Books", "Games", "Food"] and info["extra"]["teacher"] == str(run_copy / "pretrain")
+    assert manifest["data"] == ["Books", "Games", "Food"] and info.extra["teacher"] == str(run_copy / "pretrain")
     assert {"Books/ndcg@10", "Food/ndcg@10"} <= manifest["metrics"].keys()
     assert len(list(read_log(out / LOG))) == 4
 
@@ -124,8 +125,8 @@ def test_bad_teachers_and_students_are_one_line_errors_naming_the_key(run_copy, 
     for name, text_dim, n_items in (("narrow", 8, prepared.n_items), ("other_catalogue", 16, prepared.n_items + 3)):
         save_checkpoint(SeqRecModel(ModelConfig(**STUDENT), text_dim, n_items), tmp_path / name)
     cases = [
-        ([f"distill.teacher={tmp_path / 'narrow'}"], "'distill.teacher'", "8-dimensional item text embeddings"),
-        ([f"distill.teacher={tmp_path / 'other_catalogue'}"], "'distill.teacher'", "catalogue of"),
+        ([f"distill.teacher={tmp_path / 'narrow'}"], "'distill.teacher'", "text_dim=8 but the prepared item embeddings have 16"),
+        ([f"distill.teacher={tmp_path / 'other_catalogue'}"], "'distill.teacher'", "built for n_items="),
         (["distill.teacher=finetune"], "'distill.teacher'", "trec finetune-target"),
         (["distill.student.max_seq_len=12"], "'distill.student.max_seq_len'", "at most"),
         (["distill.student.n_heads=3"], "'distill.student.n_heads'", "do not divide"),

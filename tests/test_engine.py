@@ -17,11 +17,11 @@ from toy_training import ToyModel, toy_fit, toy_loss
 
 from trecsys.config import TrainConfig
 from trecsys.errors import ArtifactError, DivergedError, InterruptedRun, OutOfMemoryError
+from trecsys.model.checkpoint import WEIGHTS
 from trecsys.train.engine import (
     LAST,
     LOG,
     STATE,
-    WEIGHTS,
     epoch_batches,
     lr_at,
     make_optimizer,

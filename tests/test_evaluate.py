@@ -228,7 +228,8 @@ def save_model(folder: Path, prepared_run: Path, seed: int = 0, n_items: int | N
     import torch
 
     from trecsys.config import ModelConfig
-    from trecsys.model.seqrec import SeqRecModel, save_checkpoint
+    from trecsys.model.checkpoint import save_checkpoint
+    from trecsys.model.seqrec import SeqRecModel
     from trecsys.prepared.tables import load_prepared
 
     prepared = load_prepared(prepared_run)
@@ -241,7 +242,7 @@ def save_model(folder: Path, prepared_run: Path, seed: int = 0, n_items: int | N
 def test_model_scorer_matches_a_direct_forward_pass(tiny_prepared):
     import torch
 
-    from trecsys.model.seqrec import load_checkpoint
+    from trecsys.model.checkpoint import load_checkpoint
     from trecsys.prepared.tables import load_prepared
     from trecsys.rank.scorers import ModelScorer
     from trecsys.train.windows import history_batch

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from trecsys.artifacts import read_parquet, stage_output, write_manifest, write_parquet
 from trecsys.cli import app
-from trecsys.model.seqrec import load_checkpoint
+from trecsys.model.checkpoint import load_checkpoint
 from trecsys.prepared.context import histories_for, target_sequences
 from trecsys.prepared.tables import load_prepared
 from trecsys.rank.metrics import full_ranking_topk
@@ -67,8 +67,8 @@ def test_full_finetune_with_source_context_writes_the_checkpoint_and_manifest(ru
     assert manifest["n_train_users"] == int(np.ceil(0.5 * 52))
     assert manifest["metrics"] == max((r["valid"] for r in read_log(out / LOG)), key=lambda v: v["ndcg@10"])
     model, info = load_checkpoint(out)
-    assert model.item_id is not None and info["extra"]["history"] == "all_domains"
-    assert info["extra"]["strategy"] == "full" and info["extra"]["init_from"] == str(run_copy / "pretrain")
+    assert model.item_id is not None and info.extra["history"] == "all_domains"
+    assert info.extra["strategy"] == "full" and info.extra["init_from"] == str(run_copy / "pretrain")
     assert not (run_copy / ".finetune.work").exists()
     # `trec evaluate` gives this model the histories it was trained with: source items included.
     prepared = load_prepared(run_copy)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from trecsys.config import ExperimentConfig, ModelConfig, build
 from trecsys.errors import ArtifactError, ConfigError
-from trecsys.model.seqrec import SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.model.checkpoint import load_checkpoint, save_checkpoint
+from trecsys.model.seqrec import SeqRecModel
 from trecsys.train.losses import (
     chunked_cross_entropy,
     proposal_log_q,
@@ -288,8 +289,8 @@ def test_checkpoint_round_trip(tmp_path):
     model = make_model(item_ids=True, adaptor="mlp", score="cosine")
     save_checkpoint(model, tmp_path / "ckpt", extra={"stage": "pretrain-source", "prepared": "abc"})
     loaded, info = load_checkpoint(tmp_path / "ckpt")
-    assert info["extra"] == {"stage": "pretrain-source", "prepared": "abc"}
-    assert info["n_items"] == N_ITEMS and info["text_dim"] == TEXT_DIM
+    assert info.extra == {"stage": "pretrain-source", "prepared": "abc"}
+    assert info.n_items == N_ITEMS and info.text_dim == TEXT_DIM
     assert loaded.config == model.config
     assert "item_text" not in loaded.state_dict()  # text embeddings stay out of the checkpoint
     loaded.set_item_text(model.item_text)

@@ -14,7 +14,7 @@ from conftest import tiny_config, write_tiny_prepared
 from typer.testing import CliRunner
 
 from trecsys.cli import app
-from trecsys.model.seqrec import load_checkpoint
+from trecsys.model.checkpoint import load_checkpoint
 from trecsys.train.engine import LOG, read_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_pretrain_writes_the_best_checkpoint_log_config_and_manifest(tiny_prepar
     assert manifest["metrics"] == best["valid"] and manifest["best_step"] == best["step"]
     assert {"Books/ndcg@10", "Games/recall@10", "recall@10"} <= manifest["metrics"].keys()
     model, info = load_checkpoint(out)
-    assert info["extra"]["source"] == ["Books", "Games"] and model.num_parameters() == manifest["n_parameters"]
+    assert info.extra["source"] == ["Books", "Games"] and model.num_parameters() == manifest["n_parameters"]
     assert not (tiny_prepared / ".pretrain.work").exists()  # the resumable state is gone after success
 
 

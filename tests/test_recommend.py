@@ -31,7 +31,8 @@ from trecsys.artifacts import (
 from trecsys.cli import app
 from trecsys.config import ModelConfig, load_config
 from trecsys.errors import ArtifactError, ConfigError, DataError, LockBusyError
-from trecsys.model.seqrec import SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.model.checkpoint import load_checkpoint, save_checkpoint
+from trecsys.model.seqrec import SeqRecModel
 from trecsys.prepared.tables import load_prepared
 from trecsys.rank.rerank import mmr_rerank
 from trecsys.stages import recommend as stage

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from trecsys.config import TrainConfig
-from trecsys.train.engine import TrainData, distributed, fit, save_weights
+from trecsys.model.checkpoint import save_weights
+from trecsys.train.engine import TrainData, distributed, fit
 
 N_ITEMS, WINDOW = 40, 9  # windows hold 8 inputs and their 8 next items
 

@@ -1,4 +1,5 @@
-"""The one model family of trecsys, top to bottom: item tower, sequence tower, score, checkpoints.
+"""The one model family of trecsys, top to bottom: item tower, sequence tower, score (checkpoints:
+trecsys.model.checkpoint).
 
 Items are represented from their frozen text embedding (and optionally a learned ID); a causal
 Transformer reads a user's left-padded item sequence and gives the state after every prefix; the
@@ -7,24 +8,14 @@ score of a state and an item is a dot product or a scaled cosine. Sizes come fro
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trecsys import __version__
-from trecsys.artifacts import atomic_path, read_json, write_json
-from trecsys.config import ModelConfig, build
+from trecsys.config import ModelConfig
 from trecsys.errors import ArtifactError, ConfigError
 
 PAD = -1  # the item index of padding: sequences are left-padded with it
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 
 
 class Dropout(nn.Dropout):
@@ -212,64 +203,3 @@ class SeqRecModel(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors weights + config.json (never pickle)
-
-
-def save_checkpoint(model: SeqRecModel, folder: str | Path, extra: dict | None = None) -> None:
-    """Write `model.safetensors` and `config.json` into `folder`, each atomically."""
-    folder = Path(folder)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    with atomic_path(folder / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "trecsys_version": __version__})
-    write_json(folder / CONFIG, {
-        "model": dataclasses.asdict(model.config),
-        "text_dim": model.text_dim,
-        "n_items": model.n_items,
-        "trecsys_version": __version__,
-        "extra": extra or {},
-    })
-
-
-def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[SeqRecModel, dict]:
-    """Rebuild the model from `config.json` and load `model.safetensors`; returns (model, info).
-
-    The text embeddings are not in the checkpoint: call `model.set_item_text(...)` afterwards.
-    """
-    folder = Path(folder)
-    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
-    if not folder.is_dir():
-        raise ArtifactError(f"checkpoint folder not found: {folder}")
-    info = read_json(config_path)
-    try:
-        cfg = build(ModelConfig, info["model"], where=f" in {config_path}", prefix="model.")
-        model = SeqRecModel(cfg, int(info["text_dim"]), int(info["n_items"]))
-    except ConfigError as exc:
-        raise ArtifactError(str(exc)) from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{config_path}: not a trecsys model config ({exc!r}): re-save the checkpoint") from None
-    if not weights_path.is_file():
-        raise ArtifactError(f"missing checkpoint weights: {weights_path}")
-    try:
-        tensors = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ArtifactError(f"{weights_path}: unreadable safetensors ({reason}): the file is truncated or corrupt") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ArtifactError(
-            f"{weights_path} does not match {config_path}: missing tensors {missing[:3]}, "
-            f"unexpected tensors {unexpected[:3]}"
-        )
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise ArtifactError(
-                f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)} but {config_path} "
-                f"describes {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(tensors)
-    return model.to(map_location), info

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -17,7 +16,6 @@ import scipy.sparse as sp
 import torch
 from sklearn.preprocessing import normalize
 
-from trecsys.errors import ArtifactError
 from trecsys.prepared.tables import DomainRange
 
 
@@ -137,18 +135,3 @@ def _width_groups(histories: Sequence[np.ndarray], max_seq_len: int) -> list[tup
     lengths = np.fromiter((min(len(h), max_seq_len) for h in histories), dtype=np.int64, count=len(histories))
     widths = np.minimum(max_seq_len, 1 << np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64))
     return [(int(w), np.flatnonzero(widths == w)) for w in np.unique(widths)]
-
-
-def check_model_catalogue(info: dict, folder: Path, n_items: int, text_dim: int) -> None:
-    """Refuse a checkpoint made for another catalogue, naming what differs."""
-    config_path = Path(folder) / "config.json"
-    if int(info.get("n_items", -1)) != n_items:
-        raise ArtifactError(
-            f"{config_path}: the model was built for n_items={info.get('n_items')} but the prepared catalogue "
-            f"has {n_items} items: use it with the run whose prepared data it was trained on"
-        )
-    if int(info.get("text_dim", -1)) != text_dim:
-        raise ArtifactError(
-            f"{config_path}: the model expects text_dim={info.get('text_dim')} but the prepared item "
-            f"embeddings have {text_dim} dimensions: use the same embedding.encoder"
-        )

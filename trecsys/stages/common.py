@@ -1,4 +1,4 @@
-"""What the training stages share: checking the prepared data, finding and checking checkpoints,
+"""What the training stages share: checking the prepared data,
 training windows with the next-item loss, full-ranking validation, and writing the stage folder.
 """
 
@@ -12,19 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trecsys.artifacts import (
-    MANIFEST,
-    describe_file,
-    sha256_file,
-    stage_output,
-    verify_stage_folder,
-    write_manifest,
-    write_text,
-)
+from trecsys.artifacts import MANIFEST, stage_output, write_manifest, write_text
 from trecsys.config import ExperimentConfig, TrainConfig, to_dict, to_yaml
 from trecsys.errors import ArtifactError, ConfigError
-from trecsys.model.checkpoint import is_checkpoint
-from trecsys.model.seqrec import CONFIG, WEIGHTS, SeqRecModel, load_checkpoint
+from trecsys.model.seqrec import SeqRecModel
 from trecsys.prepared.tables import DomainRange, Prepared
 from trecsys.rank.metrics import full_ranking_topk, ranking_metrics
 from trecsys.rank.scorers import ModelScorer, to_local
@@ -34,22 +25,9 @@ from trecsys.train.windows import label_counts, training_windows, trim_left_padd
 
 MONITOR = "ndcg@10"
 REPORTED = ("ndcg@10", "recall@10")
-# Stage folders that hold a checkpoint, and the command that writes each.
-CHECKPOINT_STAGES = {"pretrain": "pretrain-source", "distill": "distill", "finetune": "finetune-target"}
-# Where a checkpoint records the prepared data it was trained on (config.json "extra").
-PREPARED_KEY = "prepared_manifest_sha256"
 
 # ---------------------------------------------------------------------------------------------
 # Prepared data
-
-
-def prepared_fingerprint(prepared: Prepared) -> str:
-    """sha256 of the prepared manifest: it changes whenever `trec prepare` runs again."""
-    return sha256_file(prepared.folder / MANIFEST)
-
-
-def prepared_input(prepared: Prepared, run_dir: Path) -> dict:
-    return describe_file(prepared.folder / MANIFEST, root=run_dir)
 
 
 def check_prepared(prepared: Prepared, cfg: ExperimentConfig) -> list[str]:
@@ -79,70 +57,6 @@ def check_target(prepared: Prepared, cfg: ExperimentConfig) -> DomainRange:
             f"'data.target' is {cfg.data.target!r}: set it back or re-run `trec prepare`"
         )
     return domain
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_folder(value: str, run_dir: Path) -> Path:
-    """A stage name of this run (pretrain, distill, finetune) or a checkpoint folder -> the folder."""
-    return Path(run_dir) / value if value in CHECKPOINT_STAGES else Path(value).expanduser()
-
-
-def resolve_checkpoint(value: str, run_dir: Path, key: str) -> Path:
-    """The checkpoint folder `value` names, which must hold a checkpoint."""
-    folder = checkpoint_folder(value, run_dir)
-    if not is_checkpoint(folder):
-        if value in CHECKPOINT_STAGES:
-            hint = f"run `trec {CHECKPOINT_STAGES[value]}` first"
-        else:
-            hint = f"expected one of {', '.join(CHECKPOINT_STAGES)} or a folder with {WEIGHTS} and {CONFIG}"
-        raise ArtifactError(f"config key '{key}': no checkpoint in {folder}: {hint}")
-    return folder
-
-
-def load_compatible(value: str, run_dir: Path, prepared: Prepared, key: str, verify: bool = False
-                    ) -> tuple[SeqRecModel, dict, Path]:
-    """Load the checkpoint `value` names and refuse one made for other prepared data or embeddings.
-
-    Its folder is checked against its manifest (size + mtime; every sha256 with `verify`).
-    """
-    folder = resolve_checkpoint(value, run_dir, key)
-    verify_stage_folder(folder, full_hash=verify)
-    try:
-        model, info = load_checkpoint(folder)
-    except ArtifactError as exc:
-        raise ArtifactError(f"config key '{key}': {exc}") from None
-    recorded, current = info.get("extra", {}).get(PREPARED_KEY), prepared_fingerprint(prepared)
-    if recorded is not None and recorded != current:
-        raise ArtifactError(
-            f"config key '{key}': {folder} was trained on other prepared data (prepared manifest sha256 "
-            f"{recorded[:12]}…, this run's is {current[:12]}…): retrain it on {prepared.folder} or name a "
-            "checkpoint of this run"
-        )
-    text_dim = prepared.embeddings.shape[1]
-    if model.text_dim != text_dim:
-        raise ArtifactError(
-            f"config key '{key}': {folder} expects {model.text_dim}-dimensional item text embeddings, the "
-            f"prepared ones have {text_dim}: use a checkpoint made with the same embedding.encoder"
-        )
-    if model.n_items != prepared.n_items:
-        raise ArtifactError(
-            f"config key '{key}': {folder} was built for a catalogue of {model.n_items} items, the prepared "
-            f"data has {prepared.n_items}: name a checkpoint trained on this run's prepared data"
-        )
-    model.set_item_text(torch.from_numpy(prepared.embeddings))
-    return model, info, folder
-
-
-def checkpoint_files(folder: Path, prefix: str = "") -> dict[str, Path]:
-    """{destination: source} for copying a checkpoint (weights and config.json) into a stage folder."""
-    return {f"{prefix}{name}": Path(folder) / name for name in (WEIGHTS, CONFIG)}
-
-
-def file_mib(path: Path) -> float:
-    return round(Path(path).stat().st_size / 2**20, 3)
 
 
 # ---------------------------------------------------------------------------------------------

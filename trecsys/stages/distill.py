@@ -17,32 +17,36 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trecsys.artifacts import atomic_path, describe_file, run_lock
+from trecsys.artifacts import describe_file, run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.errors import ConfigError
-from trecsys.model.seqrec import WEIGHTS, SeqRecModel, load_checkpoint, save_checkpoint
+from trecsys.model.checkpoint import (
+    PREPARED_KEY,
+    WEIGHTS,
+    checkpoint_files,
+    load_checkpoint,
+    load_named,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+)
+from trecsys.model.seqrec import SeqRecModel
+from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import domain_split, load_prepared
 from trecsys.runtime import seed_everything
 from trecsys.stages.common import (
     MONITOR,
-    PREPARED_KEY,
     EvalCase,
     batch_inputs,
     check_prepared,
     check_target,
-    checkpoint_files,
     domain_windows,
-    file_mib,
-    load_compatible,
     make_ranker,
     metrics_line,
     n_ranked_users,
     next_item_loss,
-    prepared_fingerprint,
-    prepared_input,
     window_train_data,
     write_stage_folder,
 )
@@ -70,14 +74,13 @@ def save_distillation(module: Distillation, folder: Path, extra: dict) -> None:
     """The student as an ordinary checkpoint (what later stages load), the projection beside it."""
     save_checkpoint(module.student, folder, extra)
     if module.project is not None:
-        with atomic_path(Path(folder) / PROJECTION) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.project.state_dict().items()}, str(tmp))
+        save_weights(module.project, folder, PROJECTION)
 
 
 def load_distillation(module: Distillation, folder: Path) -> None:
-    module.student.load_state_dict(load_file(str(Path(folder) / WEIGHTS), device="cpu"))
+    load_weights(module.student, folder)
     if module.project is not None:
-        module.project.load_state_dict(load_file(str(Path(folder) / PROJECTION), device="cpu"))
+        load_weights(module.project, folder, PROJECTION)
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
@@ -93,7 +96,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
         prepared = load_prepared(run_dir, verify=verify)
         sources = check_prepared(prepared, cfg)
         target = check_target(prepared, cfg).name
-        teacher, _, teacher_dir = load_compatible(dc.teacher, run_dir, prepared, "distill.teacher", verify)
+        teacher, _, teacher_dir = load_named(dc.teacher, run_dir, prepared, "distill.teacher", verify)
         check_student(cfg, teacher)
         names = {"source": sources, "target": [target], "both": [*sources, target]}[dc.data]
         if not names:
@@ -194,7 +197,7 @@ def measure(model: SeqRecModel, weights: Path, rank, cases: list[EvalCase]) -> d
         t0 = time.perf_counter()
         metrics = rank(model)
         seconds = time.perf_counter() - t0
-    return {"n_parameters": model.num_parameters(), "checkpoint_mib": file_mib(weights),
+    return {"n_parameters": model.num_parameters(), "checkpoint_mib": round(weights.stat().st_size / 2**20, 3),
             "users_per_s": round(n_ranked_users(cases) / max(seconds, 1e-9), 1),
             "valid": {k: v for k, v in metrics.items() if "/" not in k}}
 

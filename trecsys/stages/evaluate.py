@@ -28,25 +28,20 @@ from trecsys.artifacts import (
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.model.checkpoint import (
-    MODEL_STAGES,
-    check_same_prepared,
+    CHECKPOINT_STAGES,
+    CONFIG,
+    WEIGHTS,
     is_checkpoint,
     latest_checkpoint,
-    prepared_file_inputs,
+    load_fitting,
 )
 from trecsys.prepared.context import histories_for
+from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
 from trecsys.prepared.tables import Prepared, domain_split, load_prepared
 from trecsys.rank import evaluation as E
 from trecsys.rank import metrics as M
 from trecsys.rank import report
-from trecsys.rank.scorers import (
-    ItemKNNScorer,
-    ModelScorer,
-    PopularityScorer,
-    check_model_catalogue,
-    item_counts,
-    to_local,
-)
+from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, item_counts, to_local
 from trecsys.runtime import resolve_device
 
 EVAL = "eval"
@@ -88,7 +83,7 @@ def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare:
     if model:
         folder = Path(model)
         if not is_checkpoint(folder):
-            raise ArtifactError(f"--model {model}: no model.safetensors and config.json in that folder")
+            raise ArtifactError(f"--model {model}: no {WEIGHTS} and {CONFIG} in that folder")
         if (folder.parent / "prepared").is_dir():
             check_same_prepared(folder.parent / "prepared", prepared, f"--model {model}")
         return [System(str(model), folder)]
@@ -145,14 +140,14 @@ def _compare_system(entry: str, prepared: Prepared) -> System:
     path = Path(entry)
     if is_checkpoint(path):
         folder, other_run = path, path.parent
-    elif (path / "prepared").is_dir() or any((path / s).is_dir() for s in MODEL_STAGES):
+    elif (path / "prepared").is_dir() or any((path / s).is_dir() for s in CHECKPOINT_STAGES):
         folder, other_run = latest_checkpoint(path), path
     else:
-        raise ArtifactError(f"--compare {entry}: not a run folder or a checkpoint folder (model.safetensors + config.json)")
+        raise ArtifactError(f"--compare {entry}: not a run folder or a checkpoint folder ({WEIGHTS} + {CONFIG})")
     if (other_run / "prepared").is_dir():
         check_same_prepared(other_run / "prepared", prepared, f"--compare {entry}")
     if folder is None:
-        raise ArtifactError(f"--compare {entry}: the run has no model in {', '.join(MODEL_STAGES)}/: train one first")
+        raise ArtifactError(f"--compare {entry}: the run has no model in {', '.join(CHECKPOINT_STAGES)}/: train one first")
     label = entry if folder == path else f"{entry.rstrip('/')}/{folder.name}"
     return System(label, folder)
 
@@ -247,7 +242,7 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[System], s
         plots = report.write_plots(out, metrics_df, run_dirs, ks)
         report.write_report(out / "report.md", metrics_df, comparison_df, context, plots)
         inputs = prepared_file_inputs(prepared)
-        inputs += [describe_file(s.checkpoint / "model.safetensors") for s in systems if s.checkpoint is not None]
+        inputs += [describe_file(s.checkpoint / WEIGHTS) for s in systems if s.checkpoint is not None]
         write_manifest(out, "evaluate", to_dict(cfg), inputs, {"context": context})
     print(report.terminal_table(metrics_df, context))
     print(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots")
@@ -259,15 +254,12 @@ def make_scorer(system: System, prepared: Prepared, users: EvalUsers, n_items: i
         if system.label == PopularityScorer.name:
             return PopularityScorer(users.train_sequences, n_items)
         return ItemKNNScorer(users.train_sequences, users.histories, n_items)
-    from trecsys.model.seqrec import load_checkpoint
-
-    model, info = load_checkpoint(system.checkpoint, map_location=device)
-    check_model_catalogue(info, system.checkpoint, prepared.n_items, prepared.embeddings.shape[1])
+    model, info = load_fitting(system.checkpoint, prepared, device)
     domain = prepared.domain(prepared.target, key="data.target")
     histories = users.histories_global
-    if info.get("extra", {}).get("history", "target") != "target":
+    if info.history != "target":
         # Fine-tuned reading the user's source items as context (finetune.history): read them here too.
-        histories = histories_for(prepared, info["extra"]["history"], users.split, users.user_idx)
+        histories = histories_for(prepared, info.history, users.split, users.user_idx)
     return ModelScorer(model, histories, domain, prepared.embeddings, device,
                        name=system.label, user_batch=user_batch)
 

@@ -30,26 +30,30 @@ from trecsys.artifacts import (
 )
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.errors import ConfigError
-from trecsys.model.checkpoint import is_checkpoint, weights_sha256
-from trecsys.model.seqrec import WEIGHTS, SeqRecModel, save_checkpoint
+from trecsys.model.checkpoint import (
+    PREPARED_KEY,
+    WEIGHTS,
+    checkpoint_files,
+    checkpoint_folder,
+    is_checkpoint,
+    load_named,
+    save_checkpoint,
+    weights_sha256,
+)
+from trecsys.model.seqrec import SeqRecModel
 from trecsys.model.strategies import TRANSFERRING, Candidate, build_candidate, l2sp_penalty
 from trecsys.prepared.context import TargetSequences, target_sequences
+from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import Prepared, load_prepared
 from trecsys.stages.common import (
     MONITOR,
-    PREPARED_KEY,
     EvalCase,
     ce_loss_fn,
     check_prepared,
     check_target,
-    checkpoint_files,
-    checkpoint_folder,
     domain_windows,
-    load_compatible,
     make_ranker,
     metrics_line,
-    prepared_fingerprint,
-    prepared_input,
     window_train_data,
     write_stage_folder,
 )
@@ -125,7 +129,7 @@ def init_model(cfg: ExperimentConfig, prepared: Prepared, strategies: list[str],
     run_dir, value = Path(cfg.run_dir), cfg.finetune.init_from
     if not any(s in TRANSFERRING for s in strategies) and not is_checkpoint(checkpoint_folder(value, run_dir)):
         return None, None
-    model, _, folder = load_compatible(value, run_dir, prepared, "finetune.init_from", verify)
+    model, _, folder = load_named(value, run_dir, prepared, "finetune.init_from", verify)
     return model, folder
 
 

@@ -19,21 +19,19 @@ import torch
 from trecsys.artifacts import run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.errors import ConfigError
-from trecsys.model.seqrec import SeqRecModel, save_checkpoint
+from trecsys.model.checkpoint import PREPARED_KEY, checkpoint_files, save_checkpoint
+from trecsys.model.seqrec import SeqRecModel
+from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import DomainSplit, domain_split, load_prepared
 from trecsys.runtime import seed_everything
 from trecsys.stages.common import (
     MONITOR,
-    PREPARED_KEY,
     EvalCase,
     ce_loss_fn,
     check_prepared,
-    checkpoint_files,
     domain_windows,
     make_ranker,
     metrics_line,
-    prepared_fingerprint,
-    prepared_input,
     window_train_data,
     write_stage_folder,
 )

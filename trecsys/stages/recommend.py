@@ -36,12 +36,15 @@ from trecsys.artifacts import (
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.model.checkpoint import (
-    check_same_prepared,
+    CONFIG,
+    WEIGHTS,
     is_checkpoint,
     latest_checkpoint,
-    prepared_file_inputs,
+    load_fitting,
+    read_info,
     weights_sha256,
 )
+from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
 from trecsys.prepared.tables import DomainRange, Prepared, domain_split, load_prepared
 from trecsys.rank.metrics import full_ranking_topk
 from trecsys.rank.requests import (
@@ -54,7 +57,7 @@ from trecsys.rank.requests import (
     user_requests,
 )
 from trecsys.rank.rerank import Part, WeightedSum, category_mask, masked, mmr_rerank
-from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, check_model_catalogue, to_local
+from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, to_local
 from trecsys.runtime import resolve_device
 
 STAGE = "recommend"
@@ -202,7 +205,7 @@ def resolve_rankers(cfg: ExperimentConfig, model: str | None, prepared: Prepared
         else:
             folder, where = Path(name).expanduser(), f"config key 'recommend.fusion[{i}].model'"
         if not is_checkpoint(folder):
-            raise ArtifactError(f"{where}: {folder} is not a checkpoint folder (model.safetensors and config.json), "
+            raise ArtifactError(f"{where}: {folder} is not a checkpoint folder ({WEIGHTS} and {CONFIG}), "
                                 "nor popularity, itemknn or latest")
         if (folder.parent / "prepared").is_dir():
             check_same_prepared(folder.parent / "prepared", prepared, where, files=("items.parquet",),
@@ -293,11 +296,8 @@ def make_scorer(ranker: Ranker, prepared: Prepared, domain: DomainRange, histori
         if ranker.label == PopularityScorer.name:
             return PopularityScorer(everything, domain.n_items)
         return ItemKNNScorer(everything, to_local(histories, domain), domain.n_items)
-    from trecsys.model.seqrec import load_checkpoint
-
-    model, info = load_checkpoint(ranker.checkpoint, map_location=device)
-    check_model_catalogue(info, ranker.checkpoint, prepared.n_items, prepared.embeddings.shape[1])
-    if (info.get("extra") or {}).get("history", "target") == "all_domains" and any(requests.read_from):
+    model, info = load_fitting(ranker.checkpoint, prepared, device)
+    if info.history == "all_domains" and any(requests.read_from):
         catalogue = Catalogue(prepared, domain)
         context = [*prepared.source, domain.name]
         histories = [h if user is None else catalogue.history(user, context)
@@ -317,12 +317,12 @@ def _item_text(cfg: ExperimentConfig, prepared: Prepared, requests: Requests, ra
         raise ConfigError(f"{named} is new to the catalogue and only a model can read its text, but "
                           "recommend.fusion has popularity/itemknn only")
     for ranker in models:
-        info = json.loads((ranker.checkpoint / "config.json").read_text(encoding="utf-8"))["model"]
-        if not info.get("item_text", True) or info.get("item_ids", False):
+        model = read_info(ranker.checkpoint).model
+        if not model.item_text or model.item_ids:
             raise DataError(
                 f"{named} is new to the catalogue, but the model {ranker.checkpoint} "
-                f"(model.item_ids={str(info.get('item_ids')).lower()}, model.item_text="
-                f"{str(info.get('item_text')).lower()}) can only score catalogue items: use a text-only model "
+                f"(model.item_ids={str(model.item_ids).lower()}, model.item_text="
+                f"{str(model.item_text).lower()}) can only score catalogue items: use a text-only model "
                 "(model.item_text=true, model.item_ids=false)"
             )
     from trecsys.ingest.embed import embed_texts
@@ -414,7 +414,7 @@ def write_output(out: Output, table: pa.Table, requests: Requests, cfg: Experime
     elif out.unknown_users.exists():
         out.unknown_users.unlink()
     inputs = prepared_file_inputs(prepared)
-    inputs += [describe_file(r.checkpoint / "model.safetensors") for r in rankers if r.checkpoint is not None]
+    inputs += [describe_file(r.checkpoint / WEIGHTS) for r in rankers if r.checkpoint is not None]
     write_manifest(out.parquet.parent, STAGE, to_dict(cfg), inputs, {"context": context}, files=files,
                    name=out.manifest.name)
 

@@ -26,16 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from trecsys.artifacts import atomic_path, open_append, stage_output
 from trecsys.config import TrainConfig
 from trecsys.errors import ArtifactError, ConfigError, DivergedError, InterruptedRun, OutOfMemoryError
+from trecsys.model.checkpoint import load_weights, save_weights
 from trecsys.runtime import resolve_device, seed_everything
 
-WEIGHTS = "model.safetensors"  # what `save_model` must write; resume loads it back
 STATE = "train_state.pt"  # optimizer, scaler, position in the data, RNG states, early-stopping state
 LAST, BEST, LOG = "last", "best", "train_log.jsonl"
 STATE_FORMAT = 1
@@ -201,21 +200,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_weights(model: nn.Module, folder: Path) -> None:
-    """The default `save_model`: the state dict as safetensors (stages pass their own richer one)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(Path(folder) / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp))
-
-
-def load_weights(model: nn.Module, folder: Path) -> None:
-    path = Path(folder) / WEIGHTS
-    if not path.is_file():
-        raise ArtifactError(f"missing checkpoint weights: {path}")
-    model.load_state_dict(load_file(str(path), device="cpu"))
+# Resume state
 
 
 def _rng_state(device: torch.device) -> dict:
