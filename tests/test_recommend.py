@@ -399,8 +399,9 @@ def test_bad_histories_name_the_item_and_line(run_dir, tmp_path, fake_encoder):
         recommend(run_dir, histories=str(bad))
 
 
-def test_query_mode_reads_the_query_as_a_one_item_history(run_dir, tmp_path, fake_encoder, capsys):
-    out = stage.run(load_config(write_config(run_dir), ["recommend.exclude_seen=false"]),
+def test_query_mode_follows_reads_the_query_as_a_one_item_history(run_dir, tmp_path, fake_encoder, capsys):
+    follows = "recommend.query_mode=follows"
+    out = stage.run(load_config(write_config(run_dir), ["recommend.exclude_seen=false", follows]),
                     query=["Food item 8", "wireless earbuds"])
     assert out.parquet.parent.parent == run_dir / "queries"
     recs = pd.read_parquet(out.parquet)
@@ -412,18 +413,18 @@ def test_query_mode_reads_the_query_as_a_one_item_history(run_dir, tmp_path, fak
     assert lists(recs, "query")["Food item 8"] == lists(one_item)["x"]
 
     # Blended with a user: weight 1 is the user's own list (their seen items excluded), 0 the query's.
-    config = load_config(write_config(run_dir), ["recommend.query_user_weight=1.0"])
+    config = load_config(write_config(run_dir), ["recommend.query_user_weight=1.0", follows])
     as_user = pd.read_parquet(stage.run(config, query=["Food item 8"], user="u1").parquet)
     assert as_user["item_id"].tolist() == lists(recommend(run_dir))["u1"]
-    config = load_config(write_config(run_dir), ["recommend.query_user_weight=0.0"])
+    config = load_config(write_config(run_dir), ["recommend.query_user_weight=0.0", follows])
     queries = tmp_path / "q.txt"
     queries.write_text("Food item 8\n\n")
     as_query = pd.read_parquet(stage.run(config, queries=str(queries), user="u1").parquet)
     seen = food_histories(run_dir)["u1"]
-    config = load_config(write_config(run_dir), ["recommend.exclude_seen=false", "recommend.k=16"])
+    config = load_config(write_config(run_dir), ["recommend.exclude_seen=false", "recommend.k=16", follows])
     everything = pd.read_parquet(stage.run(config, query=["Food item 8"]).parquet)["item_id"].tolist()
     assert as_query["item_id"].tolist() == [i for i in everything if i not in seen][:K]
-    halfway = pd.read_parquet(stage.run(load_config(write_config(run_dir)), query=["Food item 8"], user="u1").parquet)
+    halfway = pd.read_parquet(stage.run(load_config(write_config(run_dir), [follows]), query=["Food item 8"], user="u1").parquet)
     assert len(halfway) == K and not set(halfway["item_id"]) & seen
     with pytest.raises(DataError, match=r"--user 'nobody'"):
         stage.run(config, query=["tea"], user="nobody")

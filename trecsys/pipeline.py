@@ -47,6 +47,15 @@ def _in_run(folder: str) -> Callable[[ExperimentConfig], Path]:
     return lambda cfg: Path(cfg.run_dir).expanduser() / folder / "manifest.json"
 
 
+def _evaluate_manifest(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.run_dir).expanduser() / eval_folder(cfg) / "manifest.json"
+
+
+def eval_folder(cfg: ExperimentConfig) -> str:
+    """eval/ for the recommendation task, eval_search/ for evaluate.task: search."""
+    return "eval_search" if cfg.evaluate.task == "search" else "eval"
+
+
 def _recommend_manifest(cfg: ExperimentConfig) -> Path:
     from trecsys.stages.recommend import output_paths
 
@@ -59,8 +68,8 @@ STAGES = (
     Stage("pretrain-source", ("seed", "model", "pretrain"), _MODELS[:1], _in_run("pretrain")),
     Stage("distill", ("seed", "model", "distill"), _MODELS[:2], _in_run("distill")),
     Stage("finetune-target", ("seed", "model", "finetune"), _MODELS[:3], _in_run("finetune")),
-    Stage("evaluate", ("seed", "evaluate"), _MODELS, _in_run("eval")),
-    Stage("recommend", ("recommend",), _MODELS, _recommend_manifest),
+    Stage("evaluate", ("seed", "evaluate", "search"), _MODELS, _evaluate_manifest),
+    Stage("recommend", ("recommend", "search"), _MODELS, _recommend_manifest),
 )
 BY_NAME = {s.name: s for s in STAGES}
 # `distill.teacher: finetune` compresses the target-tuned model: distill then runs after
@@ -145,7 +154,7 @@ def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
     users' recommendations with item titles."""
     parts = []
     names = {s.name for s in selected}
-    eval_dir = Path(cfg.run_dir).expanduser() / "eval"
+    eval_dir = Path(cfg.run_dir).expanduser() / eval_folder(cfg)
     if "evaluate" in names and (eval_dir / "metrics.parquet").is_file():
         import pandas as pd
 

@@ -337,6 +337,10 @@ class EvaluateConfig:
     # test numbers for transfer beside scratch and id_only; and with the student distilled from the
     # fine-tuned model (distill.teacher: finetune). Only for the run's latest model.
     candidates: bool = True
+    # recommend: rank the catalogue for each user's held-out items (writes eval/); search: the
+    # personalised product search protocol, a query per held-out item from its category path
+    # (writes eval_search/; needs items with a category; see the search section).
+    task: Literal["recommend", "search"] = "recommend"
 
     def validate(self, prefix: str = "evaluate.", where: str = "") -> None:
         """Check value ranges that the types alone cannot (K against the catalogue: at run time)."""
@@ -384,7 +388,11 @@ class RecommendConfig:
     # Rankers summed after z-scoring each one's scores over the catalogue per user; [] = the model alone.
     # Each entry: {model: a checkpoint folder, latest, popularity or itemknn; weight: > 0, default 1}.
     fusion: list[FusionComponent] = field(default_factory=list)
-    # Query mode with --user: weight of the user's history against the query (0 = the query alone).
+    # What --query/--queries rank: search = the items that match the text, ordered for --user among
+    # the relevant ones (the search section); follows = what would follow the text read as a
+    # one-item history ("what follows this item"), blended with --user by query_user_weight.
+    query_mode: Literal["search", "follows"] = "search"
+    # query_mode follows with --user: weight of the user's history against the query (0 = the query alone).
     query_user_weight: float = 0.5
     # Users scored at once (memory is user_batch × item_chunk scores).
     user_batch: int = 1024
@@ -405,6 +413,42 @@ class RecommendConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Text queries over a catalogue: `trec recommend --query` and `evaluate.task: search`
+    (trecsys/rank/search.py). Relevance first (BM25 fused with the text encoder), then the user."""
+
+    # Item columns the lexical (BM25) index reads, joined; columns the items lack are skipped.
+    fields: list[str] = field(default_factory=lambda: ["text", "category"])
+    # Share of BM25 in relevance, the rest is the text encoder's cosine; null = chosen on validation.
+    lexical_weight: float | None = None
+    # Candidates: relevance, scaled to [0, 1] over the catalogue per query, at least this; null = chosen on validation.
+    threshold: float | None = None
+    # Share of the user's score (the model's) among the candidates; null = chosen on validation.
+    personal_weight: float | None = None
+    # At most this many candidates per query (ties at the cut all stay in).
+    max_candidates: int = 200
+    # Validation queries the null weights are chosen on (a seeded sample when there are more).
+    tune_queries: int = 1000
+    # Queries encoded and ranked at once.
+    query_batch: int = 256
+    # BM25 term-frequency saturation.
+    k1: float = 1.5
+    # BM25 length normalisation (0 = none, 1 = full).
+    b: float = 0.75
+
+    def validate(self, prefix: str = "search.", where: str = "") -> None:
+        for name in ("max_candidates", "tune_queries", "query_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
+        for name in ("lexical_weight", "threshold", "personal_weight", "b"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be in [0, 1], got {value}")
+        if self.k1 < 0:
+            raise ConfigError(f"config key '{prefix}k1'{where}: must be >= 0, got {self.k1}")
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: every stage reads this whole config and uses its own sections."""
 
@@ -422,3 +466,4 @@ class ExperimentConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)

@@ -62,6 +62,14 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
     run_dir = Path(cfg.run_dir)
     prepared = load_prepared(run_dir, verify=verify)
     systems = model_systems(run_dir, prepared, model, compare)
+    if cfg.evaluate.task == "search":  # the run's model (or --model, --compare) beside the search floors
+        from trecsys.stages.evaluate_search import FOLDER, evaluate_search
+
+        for system in systems:
+            verify_stage_folder(system.checkpoint, full_hash=verify)
+        with run_lock(run_dir / FOLDER):
+            evaluate_search(cfg, prepared, systems, split)
+        return
     if not (model or compare) and cfg.evaluate.candidates and systems:
         systems += candidate_systems(systems[0]) + student_systems(run_dir)
     for system in systems:

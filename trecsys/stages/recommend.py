@@ -101,7 +101,9 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
         prepared = load_prepared(cfg.run_dir, verify=verify)
         rc = cfg.recommend
         domain = prepared.domain(rc.domain or prepared.target, key="recommend.domain")
-        rankers = resolve_rankers(cfg, model, prepared)
+        search = bool(query_texts) and rc.query_mode == "search"
+        # Search without --user ranks by relevance alone: no model needed.
+        rankers = [] if search and user is None and model is None else resolve_rankers(cfg, model, prepared)
         for ranker in rankers:
             if ranker.checkpoint is not None:
                 verify_stage_folder(ranker.checkpoint, full_hash=verify)
@@ -117,12 +119,23 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
         allowed = category_mask(items, rc.include_categories, rc.exclude_categories, domain.name)
         device = resolve_device(cfg.device)
         ranking_started, ranking_cpu = time.perf_counter(), time.process_time()
-        values, index = rank(cfg, prepared, domain, rankers, requests, allowed, device)
+        if search:
+            from trecsys.stages.recommend_search import rank_queries
+
+            values, index, searched = rank_queries(cfg, prepared, domain, rankers, requests, allowed, device)
+        else:
+            values, index = rank(cfg, prepared, domain, rankers, requests, allowed, device)
         rank_seconds = time.perf_counter() - ranking_started
         rank_cpu_seconds = time.process_time() - ranking_cpu
+        if search:  # what queries/s measures: the batches, not the index or choosing the mix
+            rank_seconds = searched.seconds
         table = output_table(requests, mode, values, index, items["item_id"].astype(str).to_numpy())
         seconds = time.perf_counter() - started
         context = _context(cfg, domain, rankers, requests, mode, seconds, rank_seconds, rank_cpu_seconds)
+        if query_texts:
+            context["query_mode"] = rc.query_mode
+            if search:
+                context.update(searched.context())
         write_output(out, table, requests, cfg, prepared, rankers, context)
     if requests.unknown:
         print(f"warning: {len(requests.unknown):,} of {len(requests.unknown) + len(requests.labels):,} requested "
@@ -132,6 +145,8 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
     if n_shown:
         histories = history_titles(prepared, requests, n_shown) if mode == "users" else None
         print(show_lists(table, item_titles(items), n_shown, histories))
+    if search:
+        print(searched.summary(cfg.search.query_batch))
     what, rate = ("queries" if query_texts else "users"), len(requests.labels) / max(rank_seconds, 1e-9)
     print(f"recommend: {len(requests.labels):,} {what} × {domain.n_items:,} items of {domain.name} in "
           f"{seconds:.1f} s ({rate:,.{0 if rate >= 100 else 1}f} {what}/s ranking), "
