@@ -15,10 +15,11 @@ import torch
 
 from trecsys.config import ExperimentConfig, SearchConfig
 from trecsys.errors import ConfigError, DataError
+from trecsys.model.checkpoint import load_fitting
 from trecsys.prepared.context import histories_for
 from trecsys.prepared.tables import DomainRange, Prepared, domain_split
 from trecsys.rank import search as S
-from trecsys.rank.scorers import ModelScorer, PopularityScorer, Scorer, check_model_catalogue, to_local
+from trecsys.rank.scorers import ModelScorer, PopularityScorer, Scorer, to_local
 
 CATEGORY = "category"
 NDCG_K = 10
@@ -140,14 +141,11 @@ def model_scorer(checkpoint, prepared: Prepared, rows: ProtocolRows, device: tor
                  name: str) -> ModelScorer:
     """The sequence model over each row's history (with the source domains interleaved when the model
     was fine-tuned reading them, as it was trained)."""
-    from trecsys.model.seqrec import load_checkpoint
-
-    model, info = load_checkpoint(checkpoint, map_location=device)
-    check_model_catalogue(info, checkpoint, prepared.n_items, prepared.embeddings.shape[1])
+    model, info = load_fitting(checkpoint, prepared, device)
     domain = prepared.domain(prepared.target, key="data.target")
     histories = rows.histories_global
-    if (info.get("extra") or {}).get("history", "target") != "target":
-        histories = histories_for(prepared, info["extra"]["history"], rows.split, rows.user_idx)
+    if info.history != "target":
+        histories = histories_for(prepared, info.history, rows.split, rows.user_idx)
     return ModelScorer(model, histories, domain, prepared.embeddings, device, name=name, user_batch=user_batch)
 
 

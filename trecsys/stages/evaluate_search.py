@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from trecsys.artifacts import describe_file, stage_output, write_manifest, write_parquet, write_text
 from trecsys.config import ExperimentConfig, to_dict
-from trecsys.model.checkpoint import prepared_file_inputs
+from trecsys.model.checkpoint import WEIGHTS
+from trecsys.prepared.identity import prepared_file_inputs
 from trecsys.prepared.tables import Prepared
 from trecsys.rank import evaluation as E
 from trecsys.rank import metrics as M
@@ -93,7 +94,7 @@ def evaluate_search(cfg: ExperimentConfig, prepared: Prepared, systems: list, sp
         write_parquet(pa.Table.from_pandas(comparison_df, preserve_index=False), out / "comparison.parquet", meta)
         write_text(out / "report.md", search_report(metrics_df, comparison_df, context))
         inputs = prepared_file_inputs(prepared)
-        inputs += [describe_file(s.checkpoint / "model.safetensors") for s in systems]
+        inputs += [describe_file(s.checkpoint / WEIGHTS) for s in systems]
         write_manifest(out, "evaluate", to_dict(cfg), inputs, {"context": context})
     print(report.terminal_table(metrics_df, context))
     if not comparison_df.empty:

@@ -58,6 +58,7 @@ from trecsys.rank.requests import (
 )
 from trecsys.rank.rerank import Part, WeightedSum, category_mask, masked, mmr_rerank
 from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, to_local
+from trecsys.rank.search_protocol import check_encoder
 from trecsys.runtime import resolve_device
 
 STAGE = "recommend"
@@ -343,21 +344,8 @@ def _item_text(cfg: ExperimentConfig, prepared: Prepared, requests: Requests, ra
     from trecsys.ingest.embed import embed_texts
 
     vectors, encoder = embed_texts(requests.new_texts, cfg.embedding, device=str(device), progress=False)
-    _check_encoder(encoder, prepared)
+    check_encoder(encoder, prepared)
     return np.concatenate([prepared.embeddings, vectors.astype(np.float32)])
-
-
-def _check_encoder(encoder: dict, prepared: Prepared) -> None:
-    """New texts must be embedded like the catalogue was, or they land in another space."""
-    made = prepared.manifest.get("encoder")
-    made = made if isinstance(made, dict) else {"name": made}
-    keys = ("revision", "dim", "max_length", "pooling") if "revision" in made else ("name", "dim")
-    for key in keys:
-        if key in made and made[key] != encoder.get(key):
-            raise ConfigError(
-                f"config key 'embedding.encoder': it gives {key}={encoder.get(key)!r}, but the catalogue in "
-                f"{prepared.folder} was embedded with {key}={made[key]!r}: use the encoder the run was prepared with"
-            )
 
 
 # ---------------------------------------------------------------------------------------------
