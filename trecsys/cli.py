@@ -222,7 +222,8 @@ def evaluate(
 @app.command(help=(
     "Top-K items per user (or per text query) to Parquet, safe to run from cron: writes "
     "<run_dir>/recommend/date=YYYY-MM-DD/recommendations.parquet, or --output.\n\n"
-    "Knobs in the config's recommend: section (k, exclude_seen, category filters, diversity, fusion).\n\n"
+    "Knobs in the config's recommend: section (k, exclude_seen, category filters, diversity, fusion) "
+    "and the search: section for --query.\n\n"
     f"{EXIT_CODES_HELP} A run that exits non-zero leaves the previous output in place."
 ))
 def recommend(
@@ -233,10 +234,11 @@ def recommend(
                               "file with a user_id column (default: every user of the domain)."),
     histories: str = typer.Option(None, "--histories", help="New users' histories: JSONL {user_id, item_ids, "
                                   "texts} or Parquet (user_id, item_id[, text]); new items need their text."),
-    query: list[str] = typer.Option(None, "--query", help="Rank items for this text (repeatable)."),
-    queries: str = typer.Option(None, "--queries", help="File of queries, one per line."),
-    user: str = typer.Option(None, "--user", help="With --query: blend in this user's history "
-                             "(weight recommend.query_user_weight) and skip their seen items."),
+    query: list[str] = typer.Option(None, "--query", help="Rank the items that match this text (repeatable); "
+                                    "recommend.query_mode=follows ranks what follows it instead."),
+    queries: str = typer.Option(None, "--queries", help="File of queries, one per line, ranked in batches."),
+    user: str = typer.Option(None, "--user", help="With --query: order the matching items by this user's "
+                             "history (follows mode: blend it in) and skip their seen items."),
     output: str = typer.Option(None, "--output", "-o", help="A .parquet file, or a folder that gets "
                                "date=YYYY-MM-DD/recommendations.parquet."),
     wait: float = typer.Option(0.0, "--wait", min=0.0, help="Seconds to wait for another run on the same output "
