@@ -9,7 +9,7 @@ STAMP := $(VENV)/.trecsys-installed
 # 2.13.0 is the build CI machines install from local disk in seconds; other specs download gigabytes.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench study lint clean
+.PHONY: install test test-fast demo bench bench-scale study lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH)
+
+# Every stage on generated Amazon-2023-shaped reviews (scripts/gen_amazon2023.py): wall, CPU, peak RSS per
+# stage. N = 1M by default; SCALE="--n 1e7" when the machine is otherwise idle. See README "At scale".
+bench-scale: install
+	$(PY) scripts/bench_scale.py $(SCALE)
 
 # Transfer study on the shared Kitchen→Food data (skips when absent): one table of test NDCG@10 and
 # Recall@10 per variant in runs/kitchen_to_food/study/. CPU-sized caps; e.g. STUDY="--epochs 20 device=cuda".
