@@ -93,6 +93,10 @@ class DataConfig:
     temporal_holdout: float = 0.1
     # A malformed input row stops the run (error) or is counted, reported and left out (skip).
     on_bad_rows: Literal["error", "skip"] = "error"
+    # What cleans, splits and indexes the interactions: pandas (in memory, row-wise), or polars
+    # (columns with integer ids, Amazon JSON read in chunks, Parquet files or folders of part
+    # files scanned; the same prepared files, several times less memory: README "At scale").
+    engine: Literal["pandas", "polars"] = "pandas"
 
 
 @dataclass

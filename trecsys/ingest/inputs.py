@@ -51,6 +51,23 @@ def input_path(root: Path, relative: str, domain: str, key: str, fmt: str) -> Pa
     return path
 
 
+def parquet_input(root: Path, relative: str, domain: str, key: str = "interactions") -> Path:
+    """A Parquet file, or a folder of `*.parquet` part files (what Spark, Hive or BigQuery exports
+    write; read in sorted path order, as one table)."""
+    path = Path(relative).expanduser()
+    path = (path if path.is_absolute() else Path(root).expanduser() / path).absolute()
+    if relative and path.is_dir():
+        if not any(path.rglob("*.parquet")):
+            raise DataError(f"{path}: folder holds no *.parquet part files (data.domains.{domain}.{key})")
+        return path
+    return input_path(root, relative, domain, key, "parquet")
+
+
+def parquet_parts(path: Path) -> list[str]:
+    """The files of a Parquet input in sorted order (one file for a file)."""
+    return sorted(str(p) for p in path.rglob("*.parquet")) if path.is_dir() else [str(path)]
+
+
 def is_gzip(path: Path) -> bool:
     """By content, not name: a `.gz` that is plain text, or gzip under another name, both read."""
     with open(path, "rb") as handle:

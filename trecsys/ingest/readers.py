@@ -38,6 +38,8 @@ from trecsys.ingest.inputs import (
     input_path,
     items_from_interactions,
     open_text,
+    parquet_input,
+    parquet_parts,
     read_delimited,
     read_error,
 )
@@ -332,7 +334,8 @@ def _map_back(root: Path, prefix: str, kind: str, ids: list[str], name: str, fil
 
 
 def _read_table(name: str, domain: DomainConfig, root: Path, bad: BadRows) -> RawDomain:
-    path = input_path(root, domain.interactions, name, "interactions", domain.format)
+    path = (parquet_input(root, domain.interactions, name) if domain.format == "parquet"
+            else input_path(root, domain.interactions, name, "interactions", domain.format))
     cols = domain.columns
     wanted = {"user_id": cols.user, "item_id": cols.item, "timestamp": cols.time}
     if cols.rating:
@@ -341,6 +344,7 @@ def _read_table(name: str, domain: DomainConfig, root: Path, bad: BadRows) -> Ra
         wanted["split"] = cols.split
     reverse = {"user_id": "user", "item_id": "item", "timestamp": "time", "rating": "rating", "split": "split"}
     frame, lines, unit, found = _read_tabular(path, domain.format, bad, list(wanted.values()))
+    files = parquet_parts(path) if domain.format == "parquet" else [str(path)]
     for key, column in wanted.items():
         if column not in found:
             raise DataError(
@@ -349,10 +353,10 @@ def _read_table(name: str, domain: DomainConfig, root: Path, bad: BadRows) -> Ra
             )
     raw = pd.DataFrame({key: frame[column] for key, column in wanted.items()})
     interactions = finish_interactions(path, raw, lines, wanted, bad, unit)
-    files = [str(path)]
     if domain.items:
-        item_path = input_path(root, domain.items, name, "items", domain.format)
-        files.append(str(item_path))
+        item_path = (parquet_input(root, domain.items, name, "items") if domain.format == "parquet"
+                     else input_path(root, domain.items, name, "items", domain.format))
+        files += parquet_parts(item_path) if domain.format == "parquet" else [str(item_path)]
         frame, lines, unit, found = _read_tabular(item_path, domain.format, bad, None)
         if cols.item not in found:
             raise DataError(
@@ -370,7 +374,7 @@ def _read_tabular(path: Path, fmt: str, bad: BadRows,
                   columns: list[str] | None) -> tuple[pd.DataFrame, np.ndarray, str, list[str]]:
     """(frame, line or row numbers, 'line' | 'row', header names); `columns` limits Parquet reads."""
     if fmt == "parquet":
-        return _read_parquet(path, columns)
+        return read_parquet_table(path, columns)
     sep = "," if fmt == "csv" else "\t"
     try:
         with open_text(path) as handle:
@@ -386,13 +390,15 @@ def _read_tabular(path: Path, fmt: str, bad: BadRows,
     return frame, lines, "line", header
 
 
-def _read_parquet(path: Path, columns: list[str] | None) -> tuple[pd.DataFrame, np.ndarray, str, list[str]]:
+def read_parquet_table(path: Path, columns: list[str] | None) -> tuple[pd.DataFrame, np.ndarray, str, list[str]]:
+    """A Parquet file or folder of part files (rows numbered across the parts, in path order)."""
     try:
-        schema = pq.read_schema(path)
+        parts = parquet_parts(path)
+        schema = pq.read_schema(parts[0])
         names = list(schema.names)
         check_unique_header(path, names)
         present = names if columns is None else [c for c in columns if c in names]
-        table = pq.read_table(path, columns=present)
+        table = pa.concat_tables([pq.read_table(p, columns=present) for p in parts])
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: unreadable Parquet ({str(exc).splitlines()[0]})") from None
     if table.num_rows == 0:

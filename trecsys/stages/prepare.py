@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from trecsys.artifacts import describe_file, run_lock, stage_output, write_manifest, write_parquet, write_text
 from trecsys.config import DataConfig, ExperimentConfig, to_dict, to_yaml
@@ -21,7 +22,7 @@ from trecsys.ingest.clean import clean_interactions
 from trecsys.ingest.embed import embed_texts, encoder_metadata
 from trecsys.ingest.raw import RawDomain
 from trecsys.ingest.readers import read_domain
-from trecsys.ingest.split import assign_split
+from trecsys.ingest.split import SPLITS, assign_split
 from trecsys.ingest.synthetic import generate_domains
 from trecsys.ingest.text import compose_text
 from trecsys.runtime import resolve_device
@@ -38,29 +39,10 @@ def run(cfg: ExperimentConfig) -> None:
     started = time.perf_counter()
     with run_lock(out):
         timings: dict[str, float] = {}
-        clock = time.perf_counter()
-        _note(f"reading {len(roles)} domain(s): {', '.join(roles)}")
-        raw = read_domains(cfg)
-        timings["read"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        cleaned, removed = {}, {}
-        for name, domain in raw.items():
-            cleaned[name], removed[name] = clean_interactions(domain.interactions, cfg.data, name)
-            if cleaned[name].empty:
-                raise DataError(
-                    f"domain {name!r} has no interactions left after cleaning ({_filters(cfg.data)}); "
-                    "relax those settings"
-                )
-        timings["clean"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        for name, frame in cleaned.items():
-            frame["split"] = assign_split(frame, cfg.data.split, cfg.data.temporal_holdout, name,
-                                          raw[name].order_only)
-        _check_target(cfg.data.target, cleaned[cfg.data.target])
-        items, interactions = build_tables(cleaned, raw)
-        timings["split"] = time.perf_counter() - clock
+        _note(f"reading {len(roles)} domain(s): {', '.join(roles)}"
+              + ("" if cfg.data.engine == "pandas" else f" (data.engine={cfg.data.engine})"))
+        tables = pandas_tables if cfg.data.engine == "pandas" else columnar_tables
+        items, interactions, raw, removed = tables(cfg, timings)
 
         clock = time.perf_counter()
         items["text"] = item_texts(items, cfg.data)
@@ -74,7 +56,7 @@ def run(cfg: ExperimentConfig) -> None:
         stats = domain_stats(items, interactions, roles, raw, removed)
         with stage_output(out) as folder:
             write_parquet(items_table(items), folder / "items.parquet")
-            write_parquet(interactions_table(interactions), folder / "interactions.parquet")
+            write_parquet(interactions, folder / "interactions.parquet")
             write_parquet(embeddings_table(items["item_idx"].to_numpy(), embeddings), folder / "item_embeddings.parquet",
                           metadata=encoder_metadata(encoder))
             write_text(folder / "config.yaml", to_yaml(cfg))
@@ -89,7 +71,7 @@ def run(cfg: ExperimentConfig) -> None:
                     "source": list(cfg.data.source),
                     "target": cfg.data.target,
                     "encoder": encoder,
-                    "n_users": int(interactions["user_idx"].max()) + 1,
+                    "n_users": int(pc.max(interactions["user_idx"]).as_py()) + 1,
                     "n_items": len(items),
                 },
             )
@@ -99,6 +81,82 @@ def run(cfg: ExperimentConfig) -> None:
             examples = "; ".join(domain.skipped_examples[:3])
             print(f"{name}: skipped {domain.skipped_rows:,} bad input rows (data.on_bad_rows=skip), e.g. {examples}")
     print(f"prepared: {out} ({time.perf_counter() - started:.1f} s)")
+
+
+def pandas_tables(cfg: ExperimentConfig, timings: dict[str, float]
+                  ) -> tuple[pd.DataFrame, pa.Table, dict[str, RawDomain], dict[str, dict]]:
+    """(items, interactions table, raw domains, rows removed per domain) with pandas, in memory."""
+    clock = time.perf_counter()
+    raw = read_domains(cfg)
+    timings["read"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    cleaned, removed = {}, {}
+    for name, domain in raw.items():
+        cleaned[name], removed[name] = clean_interactions(domain.interactions, cfg.data, name)
+        if cleaned[name].empty:
+            _nothing_left(name, cfg.data)
+    timings["clean"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    for name, frame in cleaned.items():
+        frame["split"] = assign_split(frame, cfg.data.split, cfg.data.temporal_holdout, name,
+                                      raw[name].order_only)
+    _check_target(cfg.data.target, (cleaned[cfg.data.target]["split"] == "test").any())
+    items, interactions = build_tables(cleaned, raw)
+    timings["split"] = time.perf_counter() - clock
+    return items, interactions_table(interactions), raw, removed
+
+
+def columnar_tables(cfg: ExperimentConfig, timings: dict[str, float]
+                    ) -> tuple[pd.DataFrame, pa.Table, dict[str, RawDomain], dict[str, dict]]:
+    """The same as pandas_tables, on Polars columns (data.engine: polars; trecsys/ingest/columnar.py)."""
+    try:
+        from trecsys.ingest import columnar
+    except ImportError:
+        raise ConfigError("data.engine: polars needs the polars package: pip install 'trecsys[scale]' "
+                          "(or polars), or set data.engine: pandas") from None
+
+    clock = time.perf_counter()
+    synthetic = generate_domains(cfg)
+    root = Path(cfg.data.root).expanduser()
+    if cfg.data.on_bad_rows not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_rows: {cfg.data.on_bad_rows!r} is not one of 'error', 'skip'")
+    domains = {
+        name: columnar.from_raw(synthetic[name]) if spec.format == "synthetic"
+        else columnar.read_columnar(name, spec, root, cfg.data.on_bad_rows)
+        for name, spec in cfg.data.domains.items()
+    }
+    timings["read"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    for name, domain in domains.items():
+        columnar.clean(domain, cfg.data, name)
+        if domain.frame.height == 0:
+            _nothing_left(name, cfg.data)
+    timings["clean"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    for name, domain in domains.items():
+        columnar.assign_split(domain, cfg.data.split, cfg.data.temporal_holdout, name)
+    target = domains[cfg.data.target].frame
+    _check_target(cfg.data.target, bool((target["split"] == columnar.SPLIT_CODES["test"]).any()))
+    raw = {name: d.raw for name, d in domains.items()}
+    removed = {name: d.removed for name, d in domains.items()}
+    item_ids, frame, users = columnar.build_tables(domains)
+    items = item_table(item_ids, raw)
+    table = pa.table({
+        "user_idx": pa.array(frame["user_idx"].to_numpy(), pa.int32()),
+        "user_id": pa.array(users[frame["user_idx"].to_numpy()].tolist(), pa.string()),
+        "item_idx": pa.array(frame["item_idx"].to_numpy(), pa.int32()),
+        "domain": pa.array(np.asarray(list(domains), dtype=object)[frame["domain_pos"].to_numpy()].tolist(),
+                           pa.string()),
+        "timestamp": pa.array(frame["timestamp"].to_numpy(), pa.int64()),
+        "rating": pa.array(frame["rating"].to_numpy(), pa.float32()),
+        "split": pa.array(np.asarray(SPLITS, dtype=object)[frame["split"].to_numpy()].tolist(), pa.string()),
+    })
+    timings["split"] = time.perf_counter() - clock
+    return items, table, raw, removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +208,14 @@ def _filters(data: DataConfig) -> str:
     return ", ".join(parts)
 
 
-def _check_target(name: str, frame: pd.DataFrame) -> None:
-    if not (frame["split"] == "test").any():
+def _nothing_left(name: str, data: DataConfig) -> None:
+    raise DataError(
+        f"domain {name!r} has no interactions left after cleaning ({_filters(data)}); relax those settings"
+    )
+
+
+def _check_target(name: str, has_test: bool) -> None:
+    if not has_test:
         raise DataError(
             f"target domain {name!r} has no test interactions after the split (users need at least 2 "
             "interactions for leave_one_out); check data.split and the filters"
@@ -165,23 +229,12 @@ def _check_target(name: str, frame: pd.DataFrame) -> None:
 def build_tables(cleaned: dict[str, pd.DataFrame], raw: dict[str, RawDomain]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Dense ids: items contiguous per domain (mapping order, sorted by item_id inside a domain),
     users over the sorted original ids of all domains, so one person is one user everywhere."""
-    item_frames, start = [], 0
-    for name, frame in cleaned.items():
-        ids = np.sort(frame["item_id"].astype(str).unique())
-        meta = raw[name].items.drop_duplicates("item_id").set_index("item_id").reindex(ids)
-        block = pd.DataFrame({"item_idx": np.arange(start, start + len(ids), dtype=np.int32),
-                              "item_id": ids, "domain": name})
-        for column in meta.columns:
-            if column not in RESERVED_ITEM_COLUMNS:
-                block[column] = meta[column].to_numpy()
-        item_frames.append(block)
-        start += len(ids)
-    items = pd.concat(item_frames, ignore_index=True)
-
+    items = item_table({name: np.sort(frame["item_id"].astype(str).unique()) for name, frame in cleaned.items()}, raw)
     user_ids = np.sort(pd.unique(np.concatenate([f["user_id"].astype(str).to_numpy() for f in cleaned.values()])))
     users = pd.Index(user_ids)
     parts = []
-    for block, (name, frame) in zip(item_frames, cleaned.items(), strict=True):
+    for name, frame in cleaned.items():
+        block = items[items["domain"] == name]
         item_index = pd.Index(block["item_id"])
         parts.append(pd.DataFrame({
             "user_idx": users.get_indexer(frame["user_id"].astype(str)).astype(np.int32),
@@ -197,6 +250,22 @@ def build_tables(cleaned: dict[str, pd.DataFrame], raw: dict[str, RawDomain]) ->
     # Stable: ties (same user, same time) keep domain mapping order, then each domain's input order.
     order = np.lexsort((interactions["timestamp"].to_numpy(), interactions["user_idx"].to_numpy()))
     return items, interactions.iloc[order].reset_index(drop=True)
+
+
+def item_table(ids: dict[str, np.ndarray], raw: dict[str, RawDomain]) -> pd.DataFrame:
+    """Items of every domain from their sorted ids (mapping order), item_idx contiguous per domain,
+    with each domain's metadata columns (missing metadata stays NaN)."""
+    item_frames, start = [], 0
+    for name, domain_ids in ids.items():
+        meta = raw[name].items.drop_duplicates("item_id").set_index("item_id").reindex(domain_ids)
+        block = pd.DataFrame({"item_idx": np.arange(start, start + len(domain_ids), dtype=np.int32),
+                              "item_id": domain_ids, "domain": name})
+        for column in meta.columns:
+            if column not in RESERVED_ITEM_COLUMNS:
+                block[column] = meta[column].to_numpy()
+        item_frames.append(block)
+        start += len(domain_ids)
+    return pd.concat(item_frames, ignore_index=True)
 
 
 def item_texts(items: pd.DataFrame, data: DataConfig) -> pd.Series:
@@ -258,34 +327,42 @@ def embeddings_table(item_idx: np.ndarray, embeddings: np.ndarray) -> pa.Table:
 # Statistics
 
 
-def domain_stats(items: pd.DataFrame, interactions: pd.DataFrame, roles: dict[str, str],
+def domain_stats(items: pd.DataFrame, interactions: pa.Table, roles: dict[str, str],
                  raw: dict[str, RawDomain], removed: dict[str, dict]) -> dict[str, dict]:
-    users_by_domain = {name: set(frame["user_idx"].unique())
-                       for name, frame in interactions.groupby("domain", sort=False)}
+    """Per-domain counts for the manifest and the summary, on the columns of the written table."""
+    user_idx = interactions["user_idx"].to_numpy()
+    item_idx = interactions["item_idx"].to_numpy()
+    split = interactions["split"].to_numpy(zero_copy_only=False)
+    n_users = int(user_idx.max()) + 1 if len(user_idx) else 0
+    masks = {name: pc.equal(interactions["domain"], name).to_numpy(zero_copy_only=False) for name in roles}
+    present = {name: np.bincount(user_idx[mask], minlength=n_users) > 0 for name, mask in masks.items()}
     stats = {}
     for name, role in roles.items():
-        frame = interactions[interactions["domain"] == name]
+        mask = masks[name]
         domain_items = items[items["domain"] == name]
-        users = users_by_domain[name]
-        others = set().union(*(u for other, u in users_by_domain.items() if other != name))
-        train_items = set(frame.loc[frame["split"] == "train", "item_idx"])
-        n_users, n_items = len(users), len(domain_items)
+        others = np.zeros(n_users, dtype=bool)
+        for other, users in present.items():
+            if other != name:
+                others |= users
+        in_split = {s: mask & (split == s) for s in ("train", "valid", "test")}
+        train_items = np.unique(item_idx[in_split["train"]])
+        users_here, n_items, n_rows = int(present[name].sum()), len(domain_items), int(mask.sum())
         stats[name] = {
             "role": role,
             "item_start": int(domain_items["item_idx"].min()),
             "item_stop": int(domain_items["item_idx"].max()) + 1,
-            "n_users": n_users,
+            "n_users": users_here,
             "n_items": n_items,
-            "n_interactions": len(frame),
-            "density": len(frame) / (n_users * n_items),
-            "n_overlap_users": len(users & others),
+            "n_interactions": n_rows,
+            "density": n_rows / (users_here * n_items),
+            "n_overlap_users": int((present[name] & others).sum()),
             # Items seen in valid (test) but never in this domain's training rows.
-            "cold_items_valid": len(set(frame.loc[frame["split"] == "valid", "item_idx"]) - train_items),
-            "cold_items_test": len(set(frame.loc[frame["split"] == "test", "item_idx"]) - train_items),
+            "cold_items_valid": len(np.setdiff1d(item_idx[in_split["valid"]], train_items)),
+            "cold_items_test": len(np.setdiff1d(item_idx[in_split["test"]], train_items)),
             "items_without_text": int((domain_items["text"].str.strip() == "").sum()),
             "skipped_rows": raw[name].skipped_rows,
             "removed_rows": removed[name],
-            "splits": {s: int((frame["split"] == s).sum()) for s in ("train", "valid", "test")},
+            "splits": {s: int(m.sum()) for s, m in in_split.items()},
         }
     return stats
 
