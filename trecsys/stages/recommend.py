@@ -60,6 +60,7 @@ from trecsys.rank.rerank import Part, WeightedSum, category_mask, masked, mmr_re
 from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, to_local
 from trecsys.rank.search_protocol import check_encoder
 from trecsys.runtime import resolve_device
+from trecsys.stages.recommend_shards import is_sharded, run_sharded
 
 STAGE = "recommend"
 DEFAULT_FOLDERS = {"users": "recommend", "queries": "queries"}
@@ -90,6 +91,8 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
         query: list[str] | None = None, queries: str | None = None, user: str | None = None,
         output: str | None = None, wait: float = 0.0, strict: bool = False, show: int | None = None,
         verify: bool = False) -> Output:
+    if is_sharded():  # under torchrun: each rank ranks a share of the users (recommend_shards.py)
+        return run_sharded(cfg, model, users, histories, output, wait, strict, verify, bool(query or queries))
     query_texts = _query_texts(query, queries)
     mode = "queries" if query_texts else "users"
     if query_texts and (users or histories):
@@ -402,14 +405,7 @@ def write_output(out: Output, table: pa.Table, requests: Requests, cfg: Experime
                  rankers: list[Ranker], context: dict) -> None:
     """The Parquet file first (atomically: the previous one stays until the new one is complete),
     then the unknown-users list (a stale one removed) and the manifest that vouches for both."""
-    models = [m for m in context["models"] if m["sha256"]]
-    metadata = {
-        METADATA_KEY: json.dumps(context, sort_keys=True),
-        "created_at": context["created_at"],
-        "model": ",".join(m["model"] for m in context["models"]),
-        "model_sha256": ",".join(m["sha256"] for m in models),
-    }
-    write_parquet(table, out.parquet, metadata)
+    write_parquet(table, out.parquet, output_metadata(context))
     files = [out.parquet]
     if requests.unknown:
         write_text(out.unknown_users, "\n".join(requests.unknown) + "\n")
@@ -420,6 +416,17 @@ def write_output(out: Output, table: pa.Table, requests: Requests, cfg: Experime
     inputs += [describe_file(r.checkpoint / WEIGHTS) for r in rankers if r.checkpoint is not None]
     write_manifest(out.parquet.parent, STAGE, to_dict(cfg), inputs, {"context": context}, files=files,
                    name=out.manifest.name)
+
+
+def output_metadata(context: dict) -> dict[str, str]:
+    """The Parquet metadata of an output file (or of each part of a sharded output)."""
+    models = [m for m in context["models"] if m["sha256"]]
+    return {
+        METADATA_KEY: json.dumps(context, sort_keys=True),
+        "created_at": context["created_at"],
+        "model": ",".join(m["model"] for m in context["models"]),
+        "model_sha256": ",".join(m["sha256"] for m in models),
+    }
 
 
 def show_lists(table: pa.Table, titles: dict[str, str], n: int, histories: dict[str, list[str]] | None = None) -> str:
