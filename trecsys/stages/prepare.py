@@ -38,21 +38,21 @@ def run(cfg: ExperimentConfig) -> None:
     out = Path(cfg.run_dir).expanduser() / "prepared"
     started = time.perf_counter()
     with run_lock(out):
-        timings: dict[str, float] = {}
+        timings: dict[str, tuple[float, float]] = {}
         _note(f"reading {len(roles)} domain(s): {', '.join(roles)}"
               + ("" if cfg.data.engine == "pandas" else f" (data.engine={cfg.data.engine})"))
         tables = pandas_tables if cfg.data.engine == "pandas" else columnar_tables
         items, interactions, raw, removed = tables(cfg, timings)
 
-        clock = time.perf_counter()
+        clock = _now()
         items["text"] = item_texts(items, cfg.data)
         _note(f"embedding {len(items):,} item texts with {cfg.embedding.encoder}")
         embeddings, encoder = embed_texts(items["text"].tolist(), cfg.embedding, device=str(resolve_device(cfg.device)))
         if embeddings.shape[0] != len(items):
             raise DataError(f"the encoder returned {embeddings.shape[0]} embeddings for {len(items)} items")
-        timings["embed"] = time.perf_counter() - clock
+        timings["embed"] = _since(clock)
 
-        clock = time.perf_counter()
+        clock = _now()
         stats = domain_stats(items, interactions, roles, raw, removed)
         with stage_output(out) as folder:
             write_parquet(items_table(items), folder / "items.parquet")
@@ -60,13 +60,15 @@ def run(cfg: ExperimentConfig) -> None:
             write_parquet(embeddings_table(items["item_idx"].to_numpy(), embeddings), folder / "item_embeddings.parquet",
                           metadata=encoder_metadata(encoder))
             write_text(folder / "config.yaml", to_yaml(cfg))
-            timings["write"] = time.perf_counter() - clock
+            timings["write"] = _since(clock)
             write_manifest(
                 folder, "prepare", to_dict(cfg),
                 inputs=[describe_file(Path(f)) for domain in raw.values() for f in domain.files],
                 extra={
                     "seed": cfg.seed,
-                    "timings_s": {k: round(v, 3) for k, v in timings.items()},
+                    "timings_s": {k: round(wall, 3) for k, (wall, _) in timings.items()},
+                    # CPU seconds of every thread of this process: steadier than wall time on a shared machine.
+                    "cpu_s": {k: round(cpu, 3) for k, (_, cpu) in timings.items()},
                     "domains": stats,
                     "source": list(cfg.data.source),
                     "target": cfg.data.target,
@@ -83,32 +85,32 @@ def run(cfg: ExperimentConfig) -> None:
     print(f"prepared: {out} ({time.perf_counter() - started:.1f} s)")
 
 
-def pandas_tables(cfg: ExperimentConfig, timings: dict[str, float]
+def pandas_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float]]
                   ) -> tuple[pd.DataFrame, pa.Table, dict[str, RawDomain], dict[str, dict]]:
     """(items, interactions table, raw domains, rows removed per domain) with pandas, in memory."""
-    clock = time.perf_counter()
+    clock = _now()
     raw = read_domains(cfg)
-    timings["read"] = time.perf_counter() - clock
+    timings["read"] = _since(clock)
 
-    clock = time.perf_counter()
+    clock = _now()
     cleaned, removed = {}, {}
     for name, domain in raw.items():
         cleaned[name], removed[name] = clean_interactions(domain.interactions, cfg.data, name)
         if cleaned[name].empty:
             _nothing_left(name, cfg.data)
-    timings["clean"] = time.perf_counter() - clock
+    timings["clean"] = _since(clock)
 
-    clock = time.perf_counter()
+    clock = _now()
     for name, frame in cleaned.items():
         frame["split"] = assign_split(frame, cfg.data.split, cfg.data.temporal_holdout, name,
                                       raw[name].order_only)
     _check_target(cfg.data.target, (cleaned[cfg.data.target]["split"] == "test").any())
     items, interactions = build_tables(cleaned, raw)
-    timings["split"] = time.perf_counter() - clock
+    timings["split"] = _since(clock)
     return items, interactions_table(interactions), raw, removed
 
 
-def columnar_tables(cfg: ExperimentConfig, timings: dict[str, float]
+def columnar_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float]]
                     ) -> tuple[pd.DataFrame, pa.Table, dict[str, RawDomain], dict[str, dict]]:
     """The same as pandas_tables, on Polars columns (data.engine: polars; trecsys/ingest/columnar.py)."""
     try:
@@ -117,7 +119,7 @@ def columnar_tables(cfg: ExperimentConfig, timings: dict[str, float]
         raise ConfigError("data.engine: polars needs the polars package: pip install 'trecsys[scale]' "
                           "(or polars), or set data.engine: pandas") from None
 
-    clock = time.perf_counter()
+    clock = _now()
     synthetic = generate_domains(cfg)
     root = Path(cfg.data.root).expanduser()
     if cfg.data.on_bad_rows not in ("error", "skip"):
@@ -127,16 +129,16 @@ def columnar_tables(cfg: ExperimentConfig, timings: dict[str, float]
         else columnar.read_columnar(name, spec, root, cfg.data.on_bad_rows)
         for name, spec in cfg.data.domains.items()
     }
-    timings["read"] = time.perf_counter() - clock
+    timings["read"] = _since(clock)
 
-    clock = time.perf_counter()
+    clock = _now()
     for name, domain in domains.items():
         columnar.clean(domain, cfg.data, name)
         if domain.frame.height == 0:
             _nothing_left(name, cfg.data)
-    timings["clean"] = time.perf_counter() - clock
+    timings["clean"] = _since(clock)
 
-    clock = time.perf_counter()
+    clock = _now()
     for name, domain in domains.items():
         columnar.assign_split(domain, cfg.data.split, cfg.data.temporal_holdout, name)
     target = domains[cfg.data.target].frame
@@ -155,7 +157,7 @@ def columnar_tables(cfg: ExperimentConfig, timings: dict[str, float]
         "rating": pa.array(frame["rating"].to_numpy(), pa.float32()),
         "split": pa.array(np.asarray(SPLITS, dtype=object)[frame["split"].to_numpy()].tolist(), pa.string()),
     })
-    timings["split"] = time.perf_counter() - clock
+    timings["split"] = _since(clock)
     return items, table, raw, removed
 
 
@@ -193,6 +195,15 @@ def read_domains(cfg: ExperimentConfig) -> dict[str, RawDomain]:
         else read_domain(name, domain, root, cfg.data.on_bad_rows)
         for name, domain in cfg.data.domains.items()
     }
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    """(wall, CPU) seconds since `start` (from _now)."""
+    return time.perf_counter() - start[0], time.process_time() - start[1]
 
 
 def _note(message: str) -> None:
