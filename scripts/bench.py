@@ -21,6 +21,7 @@ BENCHMARKS = {
     "ml100k": [],  # the RecBole comparison; skips unless ml-100k is found (see the script)
     "eval": [],
     "recommend": [],
+    "search": [],  # on the demo run (built when absent)
 }
 
 

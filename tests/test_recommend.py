@@ -110,7 +110,7 @@ def fake_encoder(monkeypatch, tiny_prepared):
     by_text = dict(zip(prepared.items["text"], prepared.embeddings, strict=True))
     info = {k: prepared.manifest["encoder"][k] for k in ("name", "revision", "pooling", "dim")}
 
-    def fake(texts, cfg, device="cpu", progress=True):
+    def fake(texts, cfg, device="cpu", progress=True, cache=True):
         rows = [by_text[t] if t in by_text else np.random.default_rng(len(t)).standard_normal(16) for t in texts]
         return np.stack(rows).astype(np.float32), info
 

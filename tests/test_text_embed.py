@@ -226,6 +226,14 @@ def test_cache_returns_identical_vectors_and_embeds_nothing_twice(cfg, count_enc
     assert ENCODER_INFO_KEY in parquet_metadata(shards[0])
 
 
+def test_uncached_calls_read_and_write_no_shard(cfg, count_encoded):
+    cached, _ = embed_texts(TEXTS[:1], cfg, progress=False)
+    vectors, _ = embed_texts(TEXTS, cfg, progress=False, cache=False)  # search queries
+    assert count_encoded == [TEXTS[:1], TEXTS]  # the cached text is encoded again, not read back
+    np.testing.assert_allclose(vectors[0], cached[0], atol=1e-6)
+    assert len(list(Path(cfg.cache_dir).rglob("shard-*.parquet"))) == 1
+
+
 def test_duplicates_within_a_call_are_embedded_once(cfg, count_encoded):
     texts = ["kettle", "teapot", "kettle", "kettle", "teapot"]
     vectors, _ = embed_texts(texts, cfg, progress=False)

@@ -51,12 +51,13 @@ class Encoder:
 
 
 def embed_texts(
-    texts: list[str], cfg: EmbeddingConfig, device: str = "cpu", progress: bool = True
+    texts: list[str], cfg: EmbeddingConfig, device: str = "cpu", progress: bool = True, cache: bool = True
 ) -> tuple[np.ndarray, dict]:
     """Embed `texts` in order: an (n, dim) float32 array of unit rows, and the encoder_info dict.
 
     Texts found in the cache are read back; the others (each distinct text once) are embedded and
-    appended to the cache as a new shard.
+    appended to the cache as a new shard. `cache=False` (search queries: short-lived, and a shard per
+    batch would make every later lookup scan them all) embeds every distinct text and stores nothing.
     """
     if cfg.batch_size < 1:
         raise ConfigError(f"embedding.batch_size must be at least 1, got {cfg.batch_size}")
@@ -69,8 +70,8 @@ def embed_texts(
     dim = info["dim"]
     unique = list(dict.fromkeys(texts))
     hashes = [text_hash(t) for t in unique]
-    cache = _cache_folder(cfg, info)
-    found = read_cache(cache, set(hashes), dim)
+    folder = _cache_folder(cfg, info)
+    found = read_cache(folder, set(hashes), dim) if cache else {}
     misses = [i for i, h in enumerate(hashes) if h not in found]
     vectors = np.empty((len(unique), dim), dtype=np.float32)
     for i, h in enumerate(hashes):
@@ -79,7 +80,8 @@ def embed_texts(
     if misses:
         new = encode(encoder, [unique[i] for i in misses], cfg.batch_size, progress)
         vectors[misses] = new
-        _append_shard(cache, [hashes[i] for i in misses], new, info)
+        if cache:
+            _append_shard(folder, [hashes[i] for i in misses], new, info)
     row_of = {text: i for i, text in enumerate(unique)}
     return vectors[[row_of[t] for t in texts]], info
 

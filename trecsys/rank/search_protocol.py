@@ -31,14 +31,19 @@ def build_index(prepared: Prepared, domain: DomainRange, sc: SearchConfig) -> S.
     return S.SearchIndex(documents, prepared.embeddings[domain.item_start:domain.item_stop], k1=sc.k1, b=sc.b)
 
 
-def embed_queries(cfg: ExperimentConfig, prepared: Prepared, queries: list[str], device: torch.device
-                  ) -> np.ndarray:
-    """The queries' unit vectors from the encoder the catalogue was embedded with (refused otherwise)."""
+def embed_queries(cfg: ExperimentConfig, prepared: Prepared, queries: list[str], device: torch.device,
+                  known: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """The queries' unit vectors from the encoder the catalogue was embedded with (refused otherwise).
+    Queries stay out of the on-disk embedding cache; `known` remembers them within the process."""
     from trecsys.ingest.embed import embed_texts
 
-    vectors, encoder = embed_texts(queries, cfg.embedding, device=str(device), progress=False)
-    check_encoder(encoder, prepared)
-    return vectors
+    known = {} if known is None else known
+    new = list(dict.fromkeys(q for q in queries if q not in known))
+    if new:
+        vectors, encoder = embed_texts(new, cfg.embedding, device=str(device), progress=False, cache=False)
+        check_encoder(encoder, prepared)
+        known.update(zip(new, vectors, strict=True))
+    return np.stack([known[q] for q in queries]) if queries else np.zeros((0, prepared.embeddings.shape[1]), np.float32)
 
 
 def check_encoder(encoder: dict, prepared: Prepared) -> None:

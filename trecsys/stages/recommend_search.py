@@ -56,14 +56,15 @@ def rank_queries(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange,
     user = requests.users[0] if requests.users else None
     personal = user_scores(cfg, prepared, domain, rankers, user, device) if user is not None else None
     run = SearchRun(*choose_mix(cfg, prepared, domain, index, rankers, personal is not None, device))
-    P.embed_queries(cfg, prepared, requests.labels[:1], device)  # warm: loading the encoder is not a query's time
+    known: dict[str, np.ndarray] = {}  # a query asked again in the same run is not encoded again
+    P.embed_queries(cfg, prepared, ["warm up"], device)  # loading the encoder is not a query's time
     run.setup_seconds = time.perf_counter() - setup
     values, top_index = [], []
     for lo in range(0, len(requests.labels), sc.query_batch):
         hi = min(lo + sc.query_batch, len(requests.labels))
         started = time.perf_counter()
         queries = requests.labels[lo:hi]
-        lexical, semantic = index.parts(queries, P.embed_queries(cfg, prepared, queries, device))
+        lexical, semantic = index.parts(queries, P.embed_queries(cfg, prepared, queries, device, known))
         mine = personal.expand(hi - lo, -1) if personal is not None else None
         exclude = requests.exclude[lo:hi]
         has_exclude = any(len(e) for e in exclude)
