@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from trecsys.artifacts import read_json, write_parquet, write_text  # noqa: E402
 from trecsys.config import load_config, to_dict  # noqa: E402
 from trecsys.errors import TrecError  # noqa: E402
+from trecsys.model.strategies import STRATEGIES  # noqa: E402
 from trecsys.prepared.context import target_sequences  # noqa: E402
 from trecsys.prepared.tables import load_prepared  # noqa: E402
 from trecsys.rank import metrics as M  # noqa: E402
@@ -52,7 +53,9 @@ from trecsys.stages.common import domain_windows  # noqa: E402
 from trecsys.stages.evaluate import System, eval_users, make_scorer  # noqa: E402
 from trecsys.train.engine import epoch_batches  # noqa: E402
 
-STRATEGIES = ["full", "adaptor", "zero_shot", "scratch", "id_only"]
+# Every strategy of the table; "+ids" rows for those that finetune.item_ids changes.
+STRATEGY_NAMES = list(STRATEGIES)
+WITH_IDS = [name for name, s in STRATEGIES.items() if s.takes_item_ids]
 STUDENT_KD = "student_kd_target"  # the student distilled from the target-tuned teacher
 COLUMNS = ["variant", "strategy", "init_from", "history", "train_fraction", "n_trainable", "valid_ndcg@10",
            "test_ndcg@10", "test_recall@10", "shared_ndcg@10", "train_s"]
@@ -122,8 +125,8 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     # config's finetune.item_ids and finetune.history (target only, but for the source_history rows).
     # auto twice: text-only item towers, and with IDs added (transductive; id_only and zero_shot are
     # the same in both).
-    variants = {"auto": dict(strategy="auto", candidates=STRATEGIES, item_ids=False),
-                "auto+ids": dict(strategy="auto", candidates=STRATEGIES, item_ids=True),
+    variants = {"auto": dict(strategy="auto", candidates=STRATEGY_NAMES, item_ids=False),
+                "auto+ids": dict(strategy="auto", candidates=STRATEGY_NAMES, item_ids=True),
                 "student": dict(strategy="full", init_from=str(run_dir / "distill"), item_ids=False)}
     # Few-shot: full vs scratch, text only and with IDs, on a seeded fraction of the target's training
     # users (nested fractions), with as many optimizer steps as the full-data run (epochs / fraction)
@@ -226,13 +229,13 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple
         checkpoints = {name: (out, manifest["chosen"])}
         if name.startswith("auto"):  # every candidate, and what auto kept
             suffix = name[len("auto"):]
-            checkpoints = {s + (suffix if s in ("full", "adaptor", "scratch") else ""): (out / "candidates" / s, s)
-                           for s in STRATEGIES if not suffix or s in ("full", "adaptor", "scratch")}
-            checkpoints[f"{name} (kept {manifest['chosen']}{suffix if manifest['chosen'] in ('full', 'adaptor', 'scratch') else ''})"] = (out, manifest["chosen"])
+            checkpoints = {s + (suffix if s in WITH_IDS else ""): (out / "candidates" / s, s)
+                           for s in STRATEGY_NAMES if not suffix or s in WITH_IDS}
+            checkpoints[f"{name} (kept {manifest['chosen']}{suffix if manifest['chosen'] in WITH_IDS else ''})"] = (out, manifest["chosen"])
         for label, (folder, strategy) in checkpoints.items():
             cand = manifest["candidates"][strategy]
             rows.append({"variant": label, "strategy": strategy,
-                         "init_from": init if strategy in ("full", "adaptor", "zero_shot") else "none",
+                         "init_from": init if STRATEGIES[strategy].transfers else "none",
                          "history": manifest["history"], "train_fraction": manifest["train_fraction"],
                          "n_trainable": cand["n_trainable"], "valid_ndcg@10": cand["valid"]["ndcg@10"],
                          **test_metrics(System(label, folder)), "train_s": cand["train_s"]})

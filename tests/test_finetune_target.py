@@ -94,6 +94,7 @@ def test_auto_keeps_every_candidate_and_the_adaptor_leaves_the_sequence_tower_as
     scores = {name: c["valid"]["ndcg@10"] for name, c in manifest["candidates"].items()}
     assert manifest["chosen"] == max(scores, key=scores.get)
     assert manifest["candidates"]["zero_shot"]["n_trainable"] == 0
+    assert manifest["candidates"]["zero_shot"]["stopped"] == "not_trained"
     assert 0 < manifest["candidates"]["adaptor"]["n_trainable"] < manifest["candidates"]["adaptor"]["n_parameters"]
     pretrained = load_file(str(run_copy / "pretrain" / "model.safetensors"))
     for name in ("adaptor", "zero_shot"):

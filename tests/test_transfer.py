@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from trecsys.config import ExperimentConfig, ModelConfig, TrainConfig, build
 from trecsys.errors import ConfigError
 from trecsys.model.seqrec import SeqRecModel
-from trecsys.model.strategies import build_candidate, l2sp_penalty
+from trecsys.model.strategies import STRATEGIES, build_candidate, l2sp_penalty
 from trecsys.prepared.context import subset_users, target_sequences
 from trecsys.prepared.tables import load_prepared
 from trecsys.train.engine import make_optimizer
@@ -53,7 +53,7 @@ SEQUENCE_TOWER = ("blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "bloc
                   "blocks.0.mlp.2.bias", "position.weight")
 
 
-@pytest.mark.parametrize("strategy", ["full", "adaptor", "zero_shot", "scratch", "id_only"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_each_strategy_trains_exactly_what_it_says(strategy):
     init = pretrained()
     cand = build_candidate(strategy, init, init.config, TEXT, N_ITEMS, item_ids=False, seed=0)
@@ -62,7 +62,7 @@ def test_each_strategy_trains_exactly_what_it_says(strategy):
     names = {n for n, _ in model.named_parameters()}
     init_state = init.state_dict()
     if strategy == "zero_shot":
-        assert trainable == set() and not cand.trains and cand.n_trainable() == 0
+        assert trainable == set() and not cand.strategy.trains and cand.n_trainable() == 0
     elif strategy == "full":
         assert trainable == names
     elif strategy == "adaptor":
@@ -75,10 +75,10 @@ def test_each_strategy_trains_exactly_what_it_says(strategy):
         assert not torch.equal(model.blocks[0].attn.qkv.weight, init.blocks[0].attn.qkv.weight)
     else:  # id_only: an ID table instead of the text adaptor
         assert model.adaptor is None and model.item_id is not None and trainable == names
-    if strategy in ("full", "adaptor", "zero_shot"):  # starts from the transferred weights
+    if cand.strategy.transfers:  # starts from the transferred weights
         assert all(torch.equal(p, init_state[n]) for n, p in model.state_dict().items())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    if cand.trains:
+    if cand.strategy.trains:
         one_step(model)
     moved = changed(before, model)
     assert moved <= trainable  # frozen tensors never change, weight decay included

@@ -24,7 +24,7 @@ from trecsys.config.load import (  # noqa: F401
     to_yaml,
 )
 from trecsys.config.schema import (  # noqa: F401
-    STRATEGIES,
+    STRATEGY_NAMES,
     ColumnConfig,
     DataConfig,
     DistillConfig,

@@ -6,6 +6,7 @@ README's reference). Loading and checking live in `trecsys/config/load.py`.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -232,8 +233,10 @@ class ModelConfig:
             raise ConfigError(f"config key '{prefix}temperature'{where}: must be > 0, got {self.temperature}")
 
 
-# Everything `finetune.strategy` may name; `auto` runs `finetune.candidates` and keeps the best on valid.
-STRATEGIES = ("full", "adaptor", "zero_shot", "scratch", "id_only")
+# What `finetune.strategy` may name besides `auto`: the YAML vocabulary. What each one transfers,
+# trains, freezes and builds is its row in trecsys/model/strategies.py (which must name exactly these).
+StrategyName = Literal["full", "adaptor", "zero_shot", "scratch", "id_only"]
+STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyName)
 
 
 @dataclass
@@ -246,9 +249,9 @@ class FinetuneConfig:
     # full: all weights; adaptor: sequence tower frozen, item adaptor and norms trained; zero_shot: no
     # training; scratch: same architecture, random init; id_only: item-ID SASRec on the target alone;
     # auto: every strategy in `candidates`, the best by validation NDCG@10 is kept.
-    strategy: Literal["full", "adaptor", "zero_shot", "scratch", "id_only", "auto"] = "auto"
+    strategy: Literal[StrategyName, "auto"] = "auto"
     # The strategies `auto` tries, in this order (a tie on validation keeps the earlier one).
-    candidates: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    candidates: list[StrategyName] = field(default_factory=lambda: list(STRATEGY_NAMES))
     # Add learned target item-ID embeddings to the text item tower (transductive); zero_shot never does.
     item_ids: bool = False
     # L2-SP: add l2sp * ||w - w_pretrained||^2 over the transferred weights to the loss (0 = off).
@@ -270,12 +273,7 @@ class FinetuneConfig:
                 f"config key '{prefix}train_fraction'{where}: expected a fraction in (0, 1], got {self.train_fraction}"
             )
         if not self.candidates:
-            raise ConfigError(f"config key '{prefix}candidates'{where}: name at least one of {', '.join(STRATEGIES)}")
-        for i, name in enumerate(self.candidates):
-            if name not in STRATEGIES:
-                raise ConfigError(
-                    f"config key '{prefix}candidates[{i}]'{where}: {name!r} is not one of {', '.join(STRATEGIES)}"
-                )
+            raise ConfigError(f"config key '{prefix}candidates'{where}: name at least one of {', '.join(STRATEGY_NAMES)}")
         if len(set(self.candidates)) != len(self.candidates):
             raise ConfigError(f"config key '{prefix}candidates'{where}: {self.candidates} names a strategy twice")
         if self.l2sp < 0:

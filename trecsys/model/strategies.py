@@ -1,80 +1,23 @@
-"""What each `finetune.strategy` starts from and trains: the model it builds, the parameters it
-freezes, which parameters are new (their own learning rate), and the optional L2-SP pull toward
-the transferred weights (Li et al. 2018, "Explicit inductive bias for transfer learning").
+"""`finetune.strategy`, one row each: what a strategy transfers from `finetune.init_from`, whether it
+trains, what it freezes, and which architecture it builds. Fine-tuning, `auto`, evaluate's labels and
+the study script read this table; adding a strategy is one row here (and its name in
+config/schema.py's StrategyName, the YAML vocabulary). Also the optional L2-SP pull toward the
+transferred weights (Li et al. 2018, "Explicit inductive bias for transfer learning").
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from trecsys.config import ModelConfig
+from trecsys.config import STRATEGY_NAMES, ModelConfig
 from trecsys.model.seqrec import SeqRecModel
 from trecsys.runtime import seed_everything
-
-# Strategies that start from the init_from weights (the others only borrow its architecture).
-TRANSFERRING = ("full", "adaptor", "zero_shot")
-
-
-@dataclass
-class Candidate:
-    """One strategy's model, ready for the engine: frozen parameters have requires_grad False."""
-
-    strategy: str
-    model: SeqRecModel
-    new_params: list[str]  # parameters that did not come from init_from
-    # Transferred weights as they were loaded, for L2-SP (trainable ones only).
-    anchors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def trains(self) -> bool:
-        return self.strategy != "zero_shot"
-
-    def n_trainable(self) -> int:
-        return self.model.num_parameters(trainable_only=True)
-
-    def lr_scales(self, new_params_lr_scale: float) -> dict[str, float]:
-        return {name: new_params_lr_scale for name in self.new_params} if new_params_lr_scale != 1.0 else {}
-
-
-def candidate_config(strategy: str, base: ModelConfig, item_ids: bool) -> ModelConfig:
-    """The architecture a strategy trains: the base one, with target item IDs when asked (never for
-    zero_shot: nothing would train them), and IDs only for id_only."""
-    if strategy == "id_only":
-        return dataclasses.replace(base, item_text=False, item_ids=True)
-    if strategy == "zero_shot":
-        return base
-    return dataclasses.replace(base, item_ids=base.item_ids or item_ids)
-
-
-def build_candidate(strategy: str, init: SeqRecModel | None, base: ModelConfig, item_text: torch.Tensor,
-                    n_items: int, item_ids: bool, seed: int) -> Candidate:
-    """The model `strategy` starts from. `init` (the init_from model) is required by the
-    transferring strategies; `base` is the architecture (init's when there is one)."""
-    if strategy in TRANSFERRING and init is None:
-        raise ValueError(f"strategy {strategy!r} needs an init_from model")
-    if strategy == "zero_shot":
-        model = copy.deepcopy(init)
-        model.requires_grad_(False)
-        return Candidate(strategy, model, new_params=[])
-    seed_everything(seed)  # the same random init for a strategy whatever ran before it
-    model = SeqRecModel(candidate_config(strategy, base, item_ids), item_text.shape[1], n_items)
-    model.set_item_text(item_text)
-    if strategy not in TRANSFERRING:
-        return Candidate(strategy, model, new_params=[name for name, _ in model.named_parameters()])
-    loaded = init.state_dict()
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    if unexpected:  # only ever an ID table the init has and we add anyway; a mismatch is a bug
-        raise RuntimeError(f"init_from tensors not in the {strategy} model: {unexpected}")
-    if strategy == "adaptor":
-        freeze_sequence_tower(model)
-    anchors = {name: loaded[name].detach().clone() for name, p in model.named_parameters()
-               if p.requires_grad and name not in missing}
-    return Candidate(strategy, model, new_params=list(missing), anchors=anchors)
 
 
 def freeze_sequence_tower(model: SeqRecModel) -> None:
@@ -84,6 +27,93 @@ def freeze_sequence_tower(model: SeqRecModel) -> None:
         trainable = name.startswith(("adaptor", "item_id")) or isinstance(module, nn.LayerNorm)
         for p in module.parameters(recurse=False):
             p.requires_grad_(trainable)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    # Starts from init_from's weights; otherwise only its architecture is borrowed (random init).
+    transfers: bool
+    # False: the transferred model is only validated, never trained.
+    trains: bool = True
+    # `finetune.item_ids` adds a learned target item-ID table to the text item tower.
+    takes_item_ids: bool = True
+    # The item tower reads the items' text (False: an item-ID table alone, SASRec-style).
+    item_text: bool = True
+    # Marks the parameters kept as transferred (requires_grad False); None trains them all.
+    freeze: Callable[[SeqRecModel], None] | None = None
+
+    def architecture(self, base: ModelConfig, item_ids: bool) -> ModelConfig:
+        """The model config this strategy builds from `base` (init_from's architecture when there is one)."""
+        if not self.item_text:
+            return dataclasses.replace(base, item_text=False, item_ids=True)
+        if not self.takes_item_ids:
+            return base
+        return dataclasses.replace(base, item_ids=base.item_ids or item_ids)
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("full", transfers=True),
+    Strategy("adaptor", transfers=True, freeze=freeze_sequence_tower),
+    Strategy("zero_shot", transfers=True, trains=False, takes_item_ids=False),  # nothing would train IDs
+    Strategy("scratch", transfers=False),
+    Strategy("id_only", transfers=False, takes_item_ids=False, item_text=False),
+)}
+if tuple(STRATEGIES) != STRATEGY_NAMES:  # the config's vocabulary and this table must agree, in order
+    raise RuntimeError(f"trecsys.model.strategies names {tuple(STRATEGIES)}, config/schema.py {STRATEGY_NAMES}")
+
+
+def transfers_any(names: list[str]) -> bool:
+    """Whether any of these strategies needs the init_from weights (else its architecture will do)."""
+    return any(STRATEGIES[name].transfers for name in names)
+
+
+@dataclass
+class Candidate:
+    """One strategy's model, ready for the engine: frozen parameters have requires_grad False."""
+
+    strategy: Strategy
+    model: SeqRecModel
+    new_params: list[str]  # parameters that did not come from init_from
+    # Transferred weights as they were loaded, for L2-SP (trainable ones only).
+    anchors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.strategy.name
+
+    def n_trainable(self) -> int:
+        return self.model.num_parameters(trainable_only=True)
+
+    def lr_scales(self, new_params_lr_scale: float) -> dict[str, float]:
+        return {name: new_params_lr_scale for name in self.new_params} if new_params_lr_scale != 1.0 else {}
+
+
+def build_candidate(name: str, init: SeqRecModel | None, base: ModelConfig, item_text: torch.Tensor,
+                    n_items: int, item_ids: bool, seed: int) -> Candidate:
+    """The model strategy `name` starts from. `init` (the init_from model) is required by the
+    transferring strategies; `base` is the architecture (init's when there is one)."""
+    spec = STRATEGIES[name]
+    if spec.transfers and init is None:
+        raise ValueError(f"strategy {name!r} needs an init_from model")
+    if not spec.trains:  # the transferred model as it is
+        model = copy.deepcopy(init)
+        model.requires_grad_(False)
+        return Candidate(spec, model, new_params=[])
+    seed_everything(seed)  # the same random init for a strategy whatever ran before it
+    model = SeqRecModel(spec.architecture(base, item_ids), item_text.shape[1], n_items)
+    model.set_item_text(item_text)
+    if not spec.transfers:
+        return Candidate(spec, model, new_params=[param for param, _ in model.named_parameters()])
+    loaded = init.state_dict()
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    if unexpected:  # only ever an ID table the init has and we add anyway; a mismatch is a bug
+        raise RuntimeError(f"init_from tensors not in the {name} model: {unexpected}")
+    if spec.freeze is not None:
+        spec.freeze(model)
+    anchors = {param: loaded[param].detach().clone() for param, p in model.named_parameters()
+               if p.requires_grad and param not in missing}
+    return Candidate(spec, model, new_params=list(missing), anchors=anchors)
 
 
 def l2sp_penalty(model: nn.Module, anchors: dict[str, torch.Tensor], weight: float) -> torch.Tensor:

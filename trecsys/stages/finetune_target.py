@@ -41,7 +41,7 @@ from trecsys.model.checkpoint import (
     weights_sha256,
 )
 from trecsys.model.seqrec import SeqRecModel
-from trecsys.model.strategies import TRANSFERRING, Candidate, build_candidate, l2sp_penalty
+from trecsys.model.strategies import Candidate, build_candidate, l2sp_penalty, transfers_any
 from trecsys.prepared.context import TargetSequences, target_sequences
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import Prepared, load_prepared
@@ -64,6 +64,7 @@ OUTPUT = "finetune"
 WORK = ".finetune.work"
 TRAIN_KEY = "finetune.train"
 RESULT = "result.json"  # a finished candidate's summary in its work folder (a resume skips it)
+NOT_TRAINED = "not_trained"  # `stopped` of a strategy that does not train (zero_shot): only validated
 
 
 @dataclass
@@ -72,7 +73,7 @@ class CandidateResult:
     valid: dict[str, float]
     best_step: int | None
     steps: int
-    stopped: str
+    stopped: str  # the engine's FitResult.stopped, or NOT_TRAINED
     n_parameters: int
     n_trainable: int
     train_s: float
@@ -127,7 +128,7 @@ def init_model(cfg: ExperimentConfig, prepared: Prepared, strategies: list[str],
                ) -> tuple[SeqRecModel | None, Path | None]:
     """The init_from model; scratch and id_only alone may go without (the `model` section is used)."""
     run_dir, value = Path(cfg.run_dir), cfg.finetune.init_from
-    if not any(s in TRANSFERRING for s in strategies) and not is_checkpoint(checkpoint_folder(value, run_dir)):
+    if not transfers_any(strategies) and not is_checkpoint(checkpoint_folder(value, run_dir)):
         return None, None
     model, _, folder = load_named(value, run_dir, prepared, "finetune.init_from", verify)
     return model, folder
@@ -136,13 +137,14 @@ def init_model(cfg: ExperimentConfig, prepared: Prepared, strategies: list[str],
 def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSequences, train_users: np.ndarray,
                   validate, work: Path, extra: dict, init_dir: Path | None, resume: bool,
                   dist: Dist) -> CandidateResult:
-    """Train (or, for zero_shot, only validate) one candidate; its best model lands in `work/best/`."""
-    ft, model = cfg.finetune, candidate.model
+    """Train (or, for a strategy that does not train, only validate) one candidate; its best model
+    lands in `work/best/`."""
+    ft, model, spec = cfg.finetune, candidate.model, candidate.strategy
     done = work / RESULT
     if resume and done.is_file():
         return CandidateResult(**read_json(done))
     save = lambda m, folder: save_checkpoint(m, folder, extra)  # noqa: E731
-    if not candidate.trains:
+    if not spec.trains:
         t0 = time.perf_counter()
         metrics = None
         if dist.is_main:
@@ -152,7 +154,7 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
             with stage_output(work / "best") as folder:
                 save(model, folder)
             write_text(work / LOG, json.dumps({"step": 0, "valid": metrics, "best_step": 0}) + "\n")
-        result = CandidateResult(candidate.strategy, metrics or {}, 0, 0, "zero_shot", model.num_parameters(), 0,
+        result = CandidateResult(spec.name, metrics or {}, 0, 0, NOT_TRAINED, model.num_parameters(), 0,
                                  round(time.perf_counter() - t0, 3))
     else:
         parts = [domain_windows(seqs.domain, [seqs.train[u] for u in train_users], model.config.max_seq_len,
@@ -166,17 +168,17 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
         if ft.l2sp > 0 and candidate.anchors:
             penalty = lambda m: l2sp_penalty(m, candidate.anchors, ft.l2sp)  # noqa: E731
         fingerprint = {
-            "model": to_dict(model.config), "strategy": candidate.strategy, "history": ft.history,
+            "model": to_dict(model.config), "strategy": spec.name, "history": ft.history,
             "train_fraction": ft.train_fraction, "item_ids": ft.item_ids, "l2sp": ft.l2sp,
             "prepared": extra[PREPARED_KEY],
-            "init": weights_sha256(init_dir) if init_dir and candidate.strategy in TRANSFERRING else None,
+            "init": weights_sha256(init_dir) if init_dir and spec.transfers else None,
         }
         fitted = fit(model, window_train_data(parts), ce_loss_fn(parts, ft.train, penalty), validate, ft.train,
                      work, seed=cfg.seed, dist=dist, save_model=save, monitor=MONITOR, config_key=TRAIN_KEY,
                      fingerprint=fingerprint, resume=resume and (work / "last" / STATE).is_file(),
                      resume_hint=f"run `trec {STAGE}` again with --resume to continue",
                      lr_scales=candidate.lr_scales(ft.new_params_lr_scale))
-        result = CandidateResult(candidate.strategy, fitted.best_metrics or {}, fitted.best_step, fitted.steps,
+        result = CandidateResult(spec.name, fitted.best_metrics or {}, fitted.best_step, fitted.steps,
                                  fitted.stopped, model.num_parameters(), candidate.n_trainable(),
                                  round(fitted.elapsed_s, 3))
     if dist.is_main and result.stopped != "max_steps":  # one cut short by max_steps resumes from last/
