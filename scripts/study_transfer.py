@@ -47,10 +47,13 @@ from trecsys.model.strategies import STRATEGIES  # noqa: E402
 from trecsys.prepared.context import target_sequences  # noqa: E402
 from trecsys.prepared.tables import load_prepared  # noqa: E402
 from trecsys.rank import metrics as M  # noqa: E402
+from trecsys.rank.rankers import Ranker, make_scorer  # noqa: E402
 from trecsys.runtime import resolve_device  # noqa: E402
 from trecsys.stages import distill, finetune_target, prepare, pretrain_source  # noqa: E402
 from trecsys.stages.common import domain_windows  # noqa: E402
-from trecsys.stages.evaluate import System, eval_users, make_scorer  # noqa: E402
+from trecsys.stages.distill import DistillManifest  # noqa: E402
+from trecsys.stages.evaluate import eval_users, ranking_inputs  # noqa: E402
+from trecsys.stages.finetune_target import FinetuneManifest  # noqa: E402
 from trecsys.train.engine import epoch_batches  # noqa: E402
 
 # Every strategy of the table; "+ids" rows for those that finetune.item_ids changes.
@@ -212,8 +215,10 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple
     shared = users.in_source if users.in_source is not None else np.zeros(len(users.targets), dtype=bool)
     rows = []
 
-    def test_metrics(system: System) -> dict:
-        scorer = make_scorer(system, prepared, users, n_items, device, base.evaluate.user_batch)
+    inputs = ranking_inputs(prepared, users, device, base.evaluate.user_batch, base.evaluate.item_chunk)
+
+    def test_metrics(system: Ranker) -> dict:
+        scorer = make_scorer(system, inputs)
         _, top = M.full_ranking_topk(scorer.score_chunk, len(users.targets), n_items, 10, exclude=users.histories,
                                      user_batch=base.evaluate.user_batch, item_chunk=base.evaluate.item_chunk,
                                      device=scorer.device)
@@ -224,31 +229,32 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple
 
     for name in variants:
         out = study / "runs" / name.replace("@", "_frac").replace("+", "_") / "finetune"
-        manifest = read_json(out / "manifest.json")
+        manifest = FinetuneManifest.read(out)
         init = "student" if name == "student" else "teacher"
-        checkpoints = {name: (out, manifest["chosen"])}
+        kept = manifest.chosen
+        checkpoints = {name: (out, kept)}
         if name.startswith("auto"):  # every candidate, and what auto kept
             suffix = name[len("auto"):]
             checkpoints = {s + (suffix if s in WITH_IDS else ""): (out / "candidates" / s, s)
                            for s in STRATEGY_NAMES if not suffix or s in WITH_IDS}
-            checkpoints[f"{name} (kept {manifest['chosen']}{suffix if manifest['chosen'] in WITH_IDS else ''})"] = (out, manifest["chosen"])
+            checkpoints[f"{name} (kept {kept}{suffix if kept in WITH_IDS else ''})"] = (out, kept)
         for label, (folder, strategy) in checkpoints.items():
-            cand = manifest["candidates"][strategy]
+            cand = manifest.candidates[strategy]
             rows.append({"variant": label, "strategy": strategy,
                          "init_from": init if STRATEGIES[strategy].transfers else "none",
-                         "history": manifest["history"], "train_fraction": manifest["train_fraction"],
-                         "n_trainable": cand["n_trainable"], "valid_ndcg@10": cand["valid"]["ndcg@10"],
-                         **test_metrics(System(label, folder)), "train_s": cand["train_s"]})
+                         "history": manifest.history, "train_fraction": manifest.train_fraction,
+                         "n_trainable": cand.n_trainable, "valid_ndcg@10": cand.valid["ndcg@10"],
+                         **test_metrics(Ranker(label, folder)), "train_s": cand.train_s})
     out = study / "runs" / STUDENT_KD / "distill"
-    manifest = read_json(out / "manifest.json")
+    student = DistillManifest.read(out)
     rows.append({"variant": "student (KD from full, on target)", "strategy": "distill", "init_from": "full",
-                 "history": "target", "train_fraction": 1.0, "n_trainable": manifest["n_parameters"],
-                 "valid_ndcg@10": manifest["metrics"]["ndcg@10"], **test_metrics(System(STUDENT_KD, out)),
-                 "train_s": manifest["timings_s"]["train"]})
+                 "history": "target", "train_fraction": 1.0, "n_trainable": student.n_parameters,
+                 "valid_ndcg@10": student.metrics["ndcg@10"], **test_metrics(Ranker(STUDENT_KD, out)),
+                 "train_s": student.timings_s["train"]})
     for baseline in ("popularity", "item-knn"):
         rows.append({"variant": baseline, "strategy": baseline, "init_from": "none", "history": "target",
                      "train_fraction": 1.0, "n_trainable": 0, "valid_ndcg@10": float("nan"),
-                     **test_metrics(System(baseline)), "train_s": 0.0})
+                     **test_metrics(Ranker(baseline)), "train_s": 0.0})
     return pd.DataFrame(rows, columns=COLUMNS), int(shared.sum())
 
 

@@ -18,6 +18,7 @@ from trecsys.cli import app
 from trecsys.config import load_config
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.stages import evaluate as stage
+from trecsys.stages.finetune_target import FinetuneManifest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KS = [1, 5, 10]  # the tiny target catalogue has 16 items
@@ -342,7 +343,10 @@ def test_finetune_candidates_that_were_not_kept_are_evaluated_beside_it(tiny_pre
     for strategy, seed in (("full", 1), ("scratch", 2), ("id_only", 3)):
         save_model(tiny_prepared / "finetune" / "candidates" / strategy, tiny_prepared, seed=seed)
     save_model(tiny_prepared / "finetune", tiny_prepared, seed=1)
-    (tiny_prepared / "finetune" / "manifest.json").write_text(json.dumps({"chosen": "full"}))
+    write_manifest(tiny_prepared / "finetune", "finetune-target", {}, [], FinetuneManifest(
+        seed=0, target="Food", strategy="auto", chosen="full", chosen_by="valid ndcg@10", metrics={}, candidates={},
+        init_from=None, history="target", train_fraction=1.0, n_train_users=0, n_parameters=0, n_trainable=0,
+        timings_s={}).to_json())
     metrics = evaluate(tiny_prepared)
     assert list(dict.fromkeys(metrics["run"])) == ["finetune/full (kept)", "finetune/id_only", "finetune/scratch",
                                                     "popularity", "item-knn"]

@@ -20,9 +20,10 @@ from trecsys.model.checkpoint import load_checkpoint
 from trecsys.prepared.context import histories_for, target_sequences
 from trecsys.prepared.tables import load_prepared
 from trecsys.rank.metrics import full_ranking_topk
+from trecsys.rank.rankers import Ranker, make_scorer
 from trecsys.rank.scorers import to_local
 from trecsys.stages.common import EvalCase, make_ranker
-from trecsys.stages.evaluate import System, eval_users, make_scorer
+from trecsys.stages.evaluate import eval_users, ranking_inputs
 from trecsys.train.engine import LOG, read_log
 from trecsys.train.windows import history_batch
 
@@ -73,7 +74,7 @@ def test_full_finetune_with_source_context_writes_the_checkpoint_and_manifest(ru
     # `trec evaluate` gives this model the histories it was trained with: source items included.
     prepared = load_prepared(run_copy)
     users = eval_users(prepared, "test")
-    scorer = make_scorer(System("finetune", out), prepared, users, 16, torch.device("cpu"), 64)
+    scorer = make_scorer(Ranker("finetune", out), ranking_inputs(prepared, users, torch.device("cpu"), 64, 4096))
     mixed = histories_for(prepared, "all_domains", "test", users.user_idx)
     assert sum(map(len, mixed)) > sum(map(len, users.histories_global))
     model.set_item_text(torch.from_numpy(prepared.embeddings))

@@ -8,6 +8,7 @@ artifact and never destroys the previous good one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -321,6 +322,15 @@ def read_manifest(folder: Path, stage: str | None = None, name: str = MANIFEST) 
     if stage is not None and manifest.get("stage") != stage:
         raise ArtifactError(f"{path}: made by stage {manifest.get('stage')!r}, expected {stage!r}")
     return manifest
+
+
+def manifest_fields(cls: type, folder: Path, stage: str) -> dict:
+    """The keys of `folder`'s manifest that dataclass `cls` names (a stage's own record), for `cls(**...)`."""
+    manifest = read_manifest(folder, stage=stage)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in manifest]
+    if missing:
+        raise ArtifactError(f"{Path(folder) / MANIFEST}: no {missing[0]!r}: re-run `trec {stage}` to rewrite it")
+    return {f.name: manifest[f.name] for f in dataclasses.fields(cls)}
 
 
 def verify_outputs(folder: Path, manifest: dict, full_hash: bool = False) -> None:

@@ -15,11 +15,11 @@ import torch
 
 from trecsys.config import ExperimentConfig, SearchConfig
 from trecsys.errors import ConfigError, DataError
-from trecsys.model.checkpoint import load_fitting
 from trecsys.prepared.context import histories_for
 from trecsys.prepared.tables import DomainRange, Prepared, domain_split
 from trecsys.rank import search as S
-from trecsys.rank.scorers import ModelScorer, PopularityScorer, Scorer, to_local
+from trecsys.rank.rankers import Ranker, RankingInputs, make_scorer
+from trecsys.rank.scorers import PopularityScorer, Scorer, to_local
 
 CATEGORY = "category"
 NDCG_K = 10
@@ -143,15 +143,16 @@ def sample_rows(rows: ProtocolRows, limit: int, seed: int) -> ProtocolRows:
 
 
 def model_scorer(checkpoint, prepared: Prepared, rows: ProtocolRows, device: torch.device, user_batch: int,
-                 name: str) -> ModelScorer:
+                 name: str) -> Scorer:
     """The sequence model over each row's history (with the source domains interleaved when the model
     was fine-tuned reading them, as it was trained)."""
-    model, info = load_fitting(checkpoint, prepared, device)
-    domain = prepared.domain(prepared.target, key="data.target")
-    histories = rows.histories_global
-    if info.history != "target":
-        histories = histories_for(prepared, info.history, rows.split, rows.user_idx)
-    return ModelScorer(model, histories, domain, prepared.embeddings, device, name=name, user_batch=user_batch)
+    inputs = RankingInputs(
+        prepared, prepared.domain(prepared.target, key="data.target"), rows.histories_global,
+        counted=lambda: popularity_train(prepared),
+        model_histories=lambda history: histories_for(prepared, history, rows.split, rows.user_idx),
+        item_text=prepared.embeddings, device=device, user_batch=user_batch,
+    )
+    return make_scorer(Ranker(name, checkpoint), inputs)
 
 
 def popularity_train(prepared: Prepared) -> list[np.ndarray]:

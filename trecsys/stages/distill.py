@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from trecsys.artifacts import describe_file, run_lock
+from trecsys.artifacts import describe_file, manifest_fields, run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.errors import ConfigError
 from trecsys.model.checkpoint import (
@@ -83,6 +84,31 @@ def load_distillation(module: Distillation, folder: Path) -> None:
         load_weights(module.project, folder, PROJECTION)
 
 
+@dataclass
+class DistillManifest:
+    """What distill/manifest.json records beside the config and files (evaluate and the study read it)."""
+
+    seed: int
+    teacher: str  # the teacher's checkpoint folder
+    data: list[str]  # the domains whose train sequences it distilled on
+    metrics: dict[str, float] | None  # the best student's validation metrics
+    best_step: int | None
+    steps: int
+    stopped: str
+    n_parameters: int
+    comparison: dict  # {"teacher": ..., "student": ...} from measure()
+    precision: str
+    world_size: int
+    timings_s: dict[str, float]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, folder: Path) -> DistillManifest:
+        return cls(**manifest_fields(cls, folder, STAGE))
+
+
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
     with distributed(cfg.device) as dist:
         _run(cfg, resume, dist, verify)
@@ -138,12 +164,12 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
             write_stage_folder(
                 out, {**checkpoint_files(result.best_dir), LOG: work / LOG}, cfg, STAGE,
                 inputs=[prepared_input(prepared, run_dir), describe_file(teacher_dir / WEIGHTS)],
-                extra={
-                    "seed": cfg.seed, "teacher": str(teacher_dir), "data": names, "metrics": result.best_metrics,
-                    "best_step": result.best_step, "steps": result.steps, "stopped": result.stopped,
-                    "n_parameters": best.num_parameters(), "comparison": side, "precision": result.precision,
-                    "world_size": dist.world_size, "timings_s": {"train": round(result.elapsed_s, 3)},
-                })
+                extra=DistillManifest(
+                    seed=cfg.seed, teacher=str(teacher_dir), data=names, metrics=result.best_metrics,
+                    best_step=result.best_step, steps=result.steps, stopped=result.stopped,
+                    n_parameters=best.num_parameters(), comparison=side, precision=result.precision,
+                    world_size=dist.world_size, timings_s={"train": round(result.elapsed_s, 3)},
+                ).to_json())
             if result.stopped != "max_steps":
                 shutil.rmtree(work, ignore_errors=True)
             print(comparison_table(side, names))

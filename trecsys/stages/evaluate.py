@@ -17,8 +17,8 @@ import pyarrow as pa
 import torch
 
 from trecsys.artifacts import (
+    MANIFEST,
     describe_file,
-    read_json,
     run_lock,
     stage_output,
     verify_stage_folder,
@@ -33,7 +33,6 @@ from trecsys.model.checkpoint import (
     WEIGHTS,
     is_checkpoint,
     latest_checkpoint,
-    load_fitting,
 )
 from trecsys.prepared.context import histories_for
 from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
@@ -41,18 +40,13 @@ from trecsys.prepared.tables import Prepared, domain_split, load_prepared
 from trecsys.rank import evaluation as E
 from trecsys.rank import metrics as M
 from trecsys.rank import report
-from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, item_counts, to_local
+from trecsys.rank.rankers import BASELINES, Ranker, RankingInputs, make_scorer
+from trecsys.rank.scorers import item_counts, to_local
 from trecsys.runtime import resolve_device
+from trecsys.stages.distill import DistillManifest
+from trecsys.stages.finetune_target import FinetuneManifest
 
 EVAL = "eval"
-
-
-@dataclass
-class System:
-    """One ranked list maker: a checkpoint folder, or a baseline when `checkpoint` is None."""
-
-    label: str
-    checkpoint: Path | None = None
 
 
 def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
@@ -83,7 +77,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
 
 
 def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare: list[str] | None
-                  ) -> list[System]:
+                  ) -> list[Ranker]:
     if compare:
         if model:
             raise ConfigError("options --model and --compare: give one or the other")
@@ -94,11 +88,11 @@ def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare:
             raise ArtifactError(f"--model {model}: no {WEIGHTS} and {CONFIG} in that folder")
         if (folder.parent / "prepared").is_dir():
             check_same_prepared(folder.parent / "prepared", prepared, f"--model {model}")
-        return [System(str(model), folder)]
+        return [Ranker(str(model), folder)]
     folder = latest_checkpoint(run_dir)
     if folder is None:
         return []  # baselines only: nothing is trained yet
-    return [System(run_model_label(folder), folder)]
+    return [Ranker(run_model_label(folder), folder)]
 
 
 def run_model_label(folder: Path) -> str:
@@ -112,38 +106,36 @@ def run_model_label(folder: Path) -> str:
 
 def kept_strategy(folder: Path) -> str | None:
     """The strategy finetune-target kept in `folder`, as its manifest records it (None without one)."""
-    manifest = folder / "manifest.json"
-    return read_json(manifest).get("chosen") if manifest.is_file() else None
+    return FinetuneManifest.read(folder).chosen if (folder / MANIFEST).is_file() else None
 
 
-def candidate_systems(kept: System) -> list[System]:
+def candidate_systems(kept: Ranker) -> list[Ranker]:
     """The `auto` candidates that finetune-target did not keep (chosen on validation), so that the
     test table shows transfer beside scratch and id_only."""
-    if not (kept.checkpoint / "manifest.json").is_file() or not (kept.checkpoint / "candidates").is_dir():
+    if not (kept.checkpoint / MANIFEST).is_file() or not (kept.checkpoint / "candidates").is_dir():
         return []
     chosen = kept_strategy(kept.checkpoint)
-    return [System(f"{kept.checkpoint.name}/{folder.name}", folder)
+    return [Ranker(f"{kept.checkpoint.name}/{folder.name}", folder)
             for folder in sorted((kept.checkpoint / "candidates").iterdir())
             if folder.name != chosen and is_checkpoint(folder)]
 
 
-def student_systems(run_dir: Path) -> list[System]:
+def student_systems(run_dir: Path) -> list[Ranker]:
     """The run's distilled student when its teacher is the run's fine-tuned model (`distill.teacher:
     finetune`): the compressed model beside the one it compresses."""
     student, teacher = Path(run_dir) / "distill", Path(run_dir) / "finetune"
-    manifest = student / "manifest.json"
-    if not (is_checkpoint(student) and is_checkpoint(teacher) and manifest.is_file()):
+    if not (is_checkpoint(student) and is_checkpoint(teacher) and (student / MANIFEST).is_file()):
         return []
-    if Path(read_json(manifest).get("teacher", "")).resolve() != teacher.resolve():
+    if Path(DistillManifest.read(student).teacher).resolve() != teacher.resolve():
         return []
-    return [System("distill (student of finetune)", student)]
+    return [Ranker("distill (student of finetune)", student)]
 
 
 def _split_entries(entries: list[str]) -> list[str]:
     return [part.strip() for entry in entries for part in str(entry).split(",") if part.strip()]
 
 
-def _compare_system(entry: str, prepared: Prepared) -> System:
+def _compare_system(entry: str, prepared: Prepared) -> Ranker:
     """A run folder (its latest model) or a stage/checkpoint folder, on the same prepared data as ours."""
     path = Path(entry)
     if is_checkpoint(path):
@@ -157,7 +149,7 @@ def _compare_system(entry: str, prepared: Prepared) -> System:
     if folder is None:
         raise ArtifactError(f"--compare {entry}: the run has no model in {', '.join(CHECKPOINT_STAGES)}/: train one first")
     label = entry if folder == path else f"{entry.rstrip('/')}/{folder.name}"
-    return System(label, folder)
+    return Ranker(label, folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +198,7 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
     )
 
 
-def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[System], split: str) -> None:
+def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], split: str) -> None:
     ev = cfg.evaluate
     domain = prepared.domain(prepared.target, key="data.target")
     n_items = domain.n_items
@@ -218,10 +210,11 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[System], s
     item_text = prepared.embeddings[domain.item_start:domain.item_stop]
     percentile = M.popularity_percentile(counts)
 
+    inputs = ranking_inputs(prepared, users, resolve_device(cfg.device), ev.user_batch, ev.item_chunk)
     labels, per_user, topks, timings = [], [], [], {}
-    for system in [*systems, System(PopularityScorer.name), System(ItemKNNScorer.name)]:
+    for system in [*systems, *(Ranker(name) for name in BASELINES)]:
         t0 = time.perf_counter()
-        scorer = make_scorer(system, prepared, users, n_items, resolve_device(cfg.device), ev.user_batch)
+        scorer = make_scorer(system, inputs)
         _, topk = M.full_ranking_topk(
             scorer.score_chunk, len(users.targets), n_items, max(ks),
             exclude=users.histories if ev.exclude_seen else None,
@@ -256,20 +249,15 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[System], s
     print(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots")
 
 
-def make_scorer(system: System, prepared: Prepared, users: EvalUsers, n_items: int, device: torch.device,
-                user_batch: int):
-    if system.checkpoint is None:
-        if system.label == PopularityScorer.name:
-            return PopularityScorer(users.train_sequences, n_items)
-        return ItemKNNScorer(users.train_sequences, users.histories, n_items)
-    model, info = load_fitting(system.checkpoint, prepared, device)
-    domain = prepared.domain(prepared.target, key="data.target")
-    histories = users.histories_global
-    if info.history != "target":
-        # Fine-tuned reading the user's source items as context (finetune.history): read them here too.
-        histories = histories_for(prepared, info.history, users.split, users.user_idx)
-    return ModelScorer(model, histories, domain, prepared.embeddings, device,
-                       name=system.label, user_batch=user_batch)
+def ranking_inputs(prepared: Prepared, users: EvalUsers, device: torch.device, user_batch: int,
+                   item_chunk: int) -> RankingInputs:
+    """The evaluated users as every scorer reads them: baselines count the target's train split."""
+    return RankingInputs(
+        prepared, prepared.domain(prepared.target, key="data.target"), users.histories_global,
+        counted=lambda: users.train_sequences,
+        model_histories=lambda history: histories_for(prepared, history, users.split, users.user_idx),
+        item_text=prepared.embeddings, device=device, user_batch=user_batch, item_chunk=item_chunk,
+    )
 
 
 def _unique_label(label: str, taken: list[str]) -> str:

@@ -22,6 +22,7 @@ import torch
 
 from trecsys.artifacts import (
     describe_file,
+    manifest_fields,
     read_json,
     run_lock,
     stage_output,
@@ -77,6 +78,37 @@ class CandidateResult:
     n_parameters: int
     n_trainable: int
     train_s: float
+
+
+@dataclass
+class FinetuneManifest:
+    """What finetune/manifest.json records beside the config and files (evaluate and the study read it)."""
+
+    seed: int
+    target: str
+    strategy: str  # finetune.strategy as configured (auto, or one strategy)
+    chosen: str  # the strategy whose model is in the folder
+    chosen_by: str
+    metrics: dict[str, float]  # the chosen candidate's validation metrics
+    candidates: dict[str, CandidateResult]
+    init_from: str | None
+    history: str
+    train_fraction: float
+    n_train_users: int
+    n_parameters: int
+    n_trainable: int
+    timings_s: dict[str, float]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> FinetuneManifest:
+        return cls(**{**data, "candidates": {k: CandidateResult(**v) for k, v in data["candidates"].items()}})
+
+    @classmethod
+    def read(cls, folder: Path) -> FinetuneManifest:
+        return cls.from_json(manifest_fields(cls, folder, STAGE))
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
@@ -207,15 +239,13 @@ def write_output(out: Path, work: Path, cfg: ExperimentConfig, prepared: Prepare
     if init_dir is not None:
         inputs.append(describe_file(init_dir / WEIGHTS))
     ft = cfg.finetune
-    write_stage_folder(out, files, cfg, STAGE, inputs, extra={
-        "seed": cfg.seed, "target": seqs.domain.name, "strategy": ft.strategy, "chosen": chosen.strategy,
-        "chosen_by": f"valid {MONITOR}", "metrics": chosen.valid,
-        "candidates": {r.strategy: asdict(r) for r in results},
-        "init_from": str(init_dir) if init_dir else None, "history": ft.history,
-        "train_fraction": ft.train_fraction, "n_train_users": len(train_users),
-        "n_parameters": chosen.n_parameters, "n_trainable": chosen.n_trainable,
-        "timings_s": {"train": round(sum(r.train_s for r in results), 3)},
-    })
+    write_stage_folder(out, files, cfg, STAGE, inputs, extra=FinetuneManifest(
+        seed=cfg.seed, target=seqs.domain.name, strategy=ft.strategy, chosen=chosen.strategy,
+        chosen_by=f"valid {MONITOR}", metrics=chosen.valid, candidates={r.strategy: r for r in results},
+        init_from=str(init_dir) if init_dir else None, history=ft.history, train_fraction=ft.train_fraction,
+        n_train_users=len(train_users), n_parameters=chosen.n_parameters, n_trainable=chosen.n_trainable,
+        timings_s={"train": round(sum(r.train_s for r in results), 3)},
+    ).to_json())
 
 
 def summary_table(results: list[CandidateResult], chosen: CandidateResult, target: str) -> str:

@@ -40,13 +40,13 @@ from trecsys.model.checkpoint import (
     WEIGHTS,
     is_checkpoint,
     latest_checkpoint,
-    load_fitting,
     read_info,
     weights_sha256,
 )
 from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
 from trecsys.prepared.tables import DomainRange, Prepared, domain_split, load_prepared
 from trecsys.rank.metrics import full_ranking_topk
+from trecsys.rank.rankers import Ranker, RankingInputs, make_scorer
 from trecsys.rank.requests import (
     Catalogue,
     Requests,
@@ -57,7 +57,7 @@ from trecsys.rank.requests import (
     user_requests,
 )
 from trecsys.rank.rerank import Part, WeightedSum, category_mask, masked, mmr_rerank
-from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, to_local
+from trecsys.rank.scorers import to_local
 from trecsys.rank.search_protocol import check_encoder
 from trecsys.runtime import resolve_device
 from trecsys.stages.recommend_shards import is_sharded, run_sharded
@@ -66,7 +66,8 @@ STAGE = "recommend"
 DEFAULT_FOLDERS = {"users": "recommend", "queries": "queries"}
 FILE_NAMES = {"users": "recommendations.parquet", "queries": "queries.parquet"}
 METADATA_KEY = "trecsys.recommend"
-BASELINES = {"popularity": "popularity", "itemknn": "item-knn", "item-knn": "item-knn"}
+# recommend.fusion's names for the baselines -> their rankers' labels.
+BASELINE_NAMES = {"popularity": "popularity", "itemknn": "item-knn", "item-knn": "item-knn"}
 
 
 @dataclass
@@ -76,15 +77,6 @@ class Output:
     parquet: Path
     unknown_users: Path
     manifest: Path
-
-
-@dataclass
-class Ranker:
-    """One ranker of the fusion: a checkpoint folder, or a baseline when `checkpoint` is None."""
-
-    label: str
-    weight: float
-    checkpoint: Path | None = None
 
 
 def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = None, histories: str | None = None,
@@ -209,8 +201,8 @@ def resolve_rankers(cfg: ExperimentConfig, model: str | None, prepared: Prepared
     rankers = []
     for i, part in enumerate(parts):
         name = part.model.strip()
-        if name.lower() in BASELINES:
-            rankers.append(Ranker(BASELINES[name.lower()], part.weight))
+        if name.lower() in BASELINE_NAMES:
+            rankers.append(Ranker(BASELINE_NAMES[name.lower()], weight=part.weight))
             continue
         if name == "latest" and model:
             folder, where = Path(model), f"--model {model}"
@@ -229,7 +221,7 @@ def resolve_rankers(cfg: ExperimentConfig, model: str | None, prepared: Prepared
         if (folder.parent / "prepared").is_dir():
             check_same_prepared(folder.parent / "prepared", prepared, where, files=("items.parquet",),
                                 what_to_do="use a model trained on this run's catalogue")
-        rankers.append(Ranker(str(folder), part.weight, folder))
+        rankers.append(Ranker(str(folder), folder, part.weight))
     return rankers
 
 
@@ -239,10 +231,8 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
     rc = cfg.recommend
     histories = requests.histories + (requests.user_histories or [])
     item_text = _item_text(cfg, prepared, requests, rankers, device)
-    parts = [Part(make_scorer(r, prepared, domain, histories, item_text, device, rc.user_batch, requests), r.weight)
-             for r in rankers]
-    model_device = next((p.scorer.device for p in parts if p.scorer.device.type != "cpu"), torch.device("cpu"))
-    fused = WeightedSum(parts, domain.n_items, rc.item_chunk, model_device)
+    fused = make_scorer(Ranker(WeightedSum.name, parts=rankers),
+                        ranking_inputs(cfg, prepared, domain, histories, requests, item_text, device))
     n_rows = len(requests.histories)
     if requests.user_histories is not None:
         fused = _blend_with_user(fused, n_rows, rc.query_user_weight, domain.n_items, rc.item_chunk)
@@ -303,25 +293,33 @@ def _blend_with_user(fused: WeightedSum, n_rows: int, user_weight: float, n_item
     return WeightedSum(parts, n_items, item_chunk, fused.device)
 
 
-def make_scorer(ranker: Ranker, prepared: Prepared, domain: DomainRange, histories: list[np.ndarray],
-                item_text: np.ndarray, device: torch.device, user_batch: int, requests: Requests):
-    """A scorer over `histories`; baselines count every interaction of the domain, all splits. A model
-    fine-tuned with the source domains as context (finetune.history: all_domains, recorded in its
-    config.json) reads known users' histories with those domains interleaved, as it was trained."""
-    if ranker.checkpoint is None:
-        ds = domain_split(prepared, domain.name)
-        everything = to_local([np.concatenate([t, v, s]) for t, v, s in zip(ds.train, ds.valid, ds.test, strict=True)],
-                              domain)
-        if ranker.label == PopularityScorer.name:
-            return PopularityScorer(everything, domain.n_items)
-        return ItemKNNScorer(everything, to_local(histories, domain), domain.n_items)
-    model, info = load_fitting(ranker.checkpoint, prepared, device)
-    if info.history == "all_domains" and any(requests.read_from):
-        catalogue = Catalogue(prepared, domain)
-        context = [*prepared.source, domain.name]
-        histories = [h if user is None else catalogue.history(user, context)
-                     for h, user in zip(histories, requests.read_from, strict=True)]
-    return ModelScorer(model, histories, domain, item_text, device, name=ranker.label, user_batch=user_batch)
+def ranking_inputs(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, histories: list[np.ndarray],
+                   requests: Requests, item_text: np.ndarray, device: torch.device) -> RankingInputs:
+    """`histories` (one row per list) as recommend's scorers read them: the baselines count every
+    interaction of the domain; a model reads known users as it was trained (`model_histories`)."""
+    return RankingInputs(
+        prepared, domain, histories, counted=lambda: every_interaction(prepared, domain),
+        model_histories=lambda history: model_histories(prepared, domain, histories, requests, history),
+        item_text=item_text, device=device, user_batch=cfg.recommend.user_batch, item_chunk=cfg.recommend.item_chunk,
+    )
+
+
+def every_interaction(prepared: Prepared, domain: DomainRange) -> list[np.ndarray]:
+    """What the baselines count when recommending: every interaction of the domain, all splits."""
+    ds = domain_split(prepared, domain.name)
+    return to_local([np.concatenate([t, v, s]) for t, v, s in zip(ds.train, ds.valid, ds.test, strict=True)], domain)
+
+
+def model_histories(prepared: Prepared, domain: DomainRange, histories: list[np.ndarray], requests: Requests,
+                    history: str) -> list[np.ndarray]:
+    """The rows as a model fine-tuned with `finetune.history: all_domains` reads them: a known user's
+    history with the source domains interleaved, as it was trained (given histories stay as they are)."""
+    if not any(requests.read_from):
+        return histories
+    catalogue = Catalogue(prepared, domain)
+    context = [*prepared.source, domain.name] if history == "all_domains" else [domain.name]
+    return [h if user is None else catalogue.history(user, context)
+            for h, user in zip(histories, requests.read_from, strict=True)]
 
 
 def _item_text(cfg: ExperimentConfig, prepared: Prepared, requests: Requests, rankers: list[Ranker],

@@ -17,8 +17,9 @@ from trecsys.errors import DataError
 from trecsys.prepared.tables import DomainRange, Prepared
 from trecsys.rank import search as S
 from trecsys.rank import search_protocol as P
+from trecsys.rank.rankers import Ranker, make_scorer
 from trecsys.rank.requests import Catalogue, Requests, user_requests
-from trecsys.rank.rerank import Part, WeightedSum
+from trecsys.rank.rerank import WeightedSum
 
 
 @dataclass
@@ -81,13 +82,11 @@ def rank_queries(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange,
 def user_scores(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers: list, user: str,
                 device: torch.device) -> torch.Tensor:
     """(1, n_items) the user's scores from recommend's rankers (fused as for their own list)."""
-    from trecsys.stages.recommend import make_scorer
+    from trecsys.stages.recommend import ranking_inputs
 
-    rc = cfg.recommend
-    mine = user_requests(Catalogue(prepared, domain), [user], None, rc.exclude_seen)
-    parts = [Part(make_scorer(r, prepared, domain, mine.histories, prepared.embeddings, device, rc.user_batch, mine),
-                  r.weight) for r in rankers]
-    fused = WeightedSum(parts, domain.n_items, rc.item_chunk, torch.device("cpu"))
+    mine = user_requests(Catalogue(prepared, domain), [user], None, cfg.recommend.exclude_seen)
+    inputs = ranking_inputs(cfg, prepared, domain, mine.histories, mine, prepared.embeddings, device)
+    fused = make_scorer(Ranker(WeightedSum.name, parts=rankers), inputs)
     with torch.no_grad():
         return fused.score_chunk(torch.zeros(1, dtype=torch.long), 0, domain.n_items).float().cpu()
 
