@@ -45,6 +45,9 @@ class DomainConfig:
     # Optional user file; checked to exist, not read.
     users: str = ""
     columns: ColumnConfig = field(default_factory=ColumnConfig)
+    # This domain's item text template (fields in braces, as data.text_template); null = data.text_template.
+    # Every field must be a column of this domain's item file.
+    text_template: str | None = None
 
 
 @dataclass
@@ -74,7 +77,8 @@ class DataConfig:
     # Folder that relative input paths start from (relative to where you run `trec`).
     root: str = "."
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # Item text: fields in braces; a missing or empty field is dropped with its trailing punctuation.
+    # Item text of every domain without its own `text_template`: fields in braces; a field an item
+    # (or a whole domain) lacks is dropped with its trailing punctuation.
     text_template: str = "{title}"
     # Item texts are cut to this many characters, at a word boundary.
     max_text_chars: int = 400

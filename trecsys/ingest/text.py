@@ -1,4 +1,4 @@
-"""Item text: fill `data.text_template` from the item table's columns, one string per item.
+"""Item text: fill a text template (`data.domains.<name>.text_template`, else `data.text_template`) from the item table's columns, one string per item.
 
 This string is what the text encoder sees, so it is saved beside the items as their `text` column.
 """
@@ -33,12 +33,13 @@ class Template:
     parts: tuple[TemplatePart, ...]
 
 
-def parse_template(template: str) -> Template:
+def parse_template(template: str, key: str = TEMPLATE_KEY) -> Template:
+    """`key` is the config key errors name (a domain's own template has its own key)."""
     try:
         pieces = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ConfigError(
-            f"{TEMPLATE_KEY}: cannot read {template!r} ({exc}); write fields as {{title}}"
+            f"{key}: cannot read {template!r} ({exc}); write fields as {{title}}"
         ) from None
     prefix = ""
     fields: list[str] = []
@@ -52,21 +53,21 @@ def parse_template(template: str) -> Template:
             continue
         if not name.strip():
             raise ConfigError(
-                f"{TEMPLATE_KEY}: empty field '{{}}' in {template!r}; name a column, e.g. {{title}}"
+                f"{key}: empty field '{{}}' in {template!r}; name a column, e.g. {{title}}"
             )
         if spec or conversion:
             raise ConfigError(
-                f"{TEMPLATE_KEY}: field {{{name}}} has a format spec or conversion, which templates do not "
+                f"{key}: field {{{name}}} has a format spec or conversion, which templates do not "
                 "support; write plain {column} fields"
             )
         fields.append(name)
         separators.append("")
     if not fields:
-        raise ConfigError(f"{TEMPLATE_KEY}: {template!r} names no field; write e.g. '{{title}}. {{brand}}'")
+        raise ConfigError(f"{key}: {template!r} names no field; write e.g. '{{title}}. {{brand}}'")
     return Template(prefix, tuple(TemplatePart(f, s) for f, s in zip(fields, separators, strict=True)))
 
 
-def compose_text(items: pd.DataFrame, template: str, max_chars: int) -> pd.Series:
+def compose_text(items: pd.DataFrame, template: str, max_chars: int, key: str = TEMPLATE_KEY) -> pd.Series:
     """One text per row of `items`, in its index order.
 
     A missing, NaN or blank field is dropped together with the separator that follows it; after the
@@ -76,12 +77,12 @@ def compose_text(items: pd.DataFrame, template: str, max_chars: int) -> pd.Serie
     """
     if max_chars < 1:
         raise ConfigError(f"data.max_text_chars must be at least 1, got {max_chars}")
-    parsed = parse_template(template)
+    parsed = parse_template(template, key)
     missing = [part.field for part in parsed.parts if part.field not in items.columns]
     if missing:
         available = ", ".join(str(c) for c in items.columns)
         raise ConfigError(
-            f"{TEMPLATE_KEY}: field {{{missing[0]}}} is not a column of the item table; "
+            f"{key}: field {{{missing[0]}}} is not a column of the item table; "
             f"available columns: {available}"
         )
     ending = parsed.parts[-1].separator

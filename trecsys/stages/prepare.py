@@ -282,14 +282,26 @@ def item_table(ids: dict[str, np.ndarray], raw: dict[str, RawDomain]) -> pd.Data
 def item_texts(items: pd.DataFrame, data: DataConfig) -> pd.Series:
     """The text the encoder sees; an item without metadata gets "" (counted in the stats).
 
-    When no domain has any item metadata (interactions only) every text is "": there is nothing to
-    compose. Otherwise a template field that no domain has is a ConfigError (most likely a typo).
+    Each domain uses its own `data.domains.<name>.text_template`, else `data.text_template`. When no
+    domain has any item metadata (interactions only) every text is "": there is nothing to compose.
+    A field of `data.text_template` that no domain has, or of a domain's own template that its item
+    file lacks, is a ConfigError (most likely a typo).
     """
     fields = items.drop(columns=["item_idx", "item_id", "domain"])
     if fields.columns.empty:
         return pd.Series("", index=items.index, dtype=object)
-    texts = compose_text(fields, data.text_template, data.max_text_chars)
-    return pd.Series(texts.to_numpy(), index=items.index).fillna("").astype(str)
+    texts = pd.Series("", index=items.index, dtype=object)
+    shared = items["domain"].map(lambda name: data.domains[name].text_template is None).to_numpy(dtype=bool)
+    if shared.any():
+        texts[shared] = compose_text(fields[shared], data.text_template, data.max_text_chars).to_numpy()
+    for name, domain in data.domains.items():
+        rows = (items["domain"] == name).to_numpy()
+        if domain.text_template is None or not rows.any():
+            continue
+        own = fields[rows].dropna(axis=1, how="all")  # columns the domain's item file has
+        texts[rows] = compose_text(own, domain.text_template, data.max_text_chars,
+                                   key=f"data.domains.{name}.text_template").to_numpy()
+    return texts.fillna("").astype(str)
 
 
 def items_table(items: pd.DataFrame) -> pa.Table:
