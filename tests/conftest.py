@@ -106,7 +106,7 @@ def tiny_config(run_dir: Path, path: Path, sections: dict | None = None, **train
     return path
 
 
-def fake_embed_texts(texts, cfg, device="cpu", progress=True, cache=True):
+def fake_embed_texts(texts, cfg, device="cpu", progress=True, cache=True, stop=None):
     """A deterministic stand-in for the encoder: a hash-seeded unit vector per text."""
     rows = []
     for text in texts:

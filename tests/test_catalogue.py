@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -85,3 +87,18 @@ def test_a_domain_template_field_its_item_file_lacks_is_a_config_error(tmp_path,
     assert result.exit_code == 2
     assert "data.domains.Music.text_template: field {title} is not a column" in result.stderr
     assert not (tmp_path / "run" / "prepared").exists()
+
+
+def test_sigterm_stops_prepare_with_exit_130_and_writes_nothing(tmp_path, monkeypatch):
+    def embed_then_terminated(texts, cfg, device="cpu", progress=True, stop=None):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while embedding
+        assert stop is not None and stop()  # the embedder is asked to stop after its chunk
+        return fake_embed_texts(texts, cfg)
+
+    monkeypatch.setattr(prepare, "embed_texts", embed_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    result = runner.invoke(app, ["prepare", "-c", str(write_config(tmp_path))])
+    assert result.exit_code == 130, result.output
+    assert "stopped by SIGTERM after embedding" in result.stderr
+    assert not (tmp_path / "run" / "prepared").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler was put back

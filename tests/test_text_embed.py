@@ -12,7 +12,7 @@ import torch
 
 from trecsys.artifacts import parquet_metadata
 from trecsys.config import EmbeddingConfig
-from trecsys.errors import ConfigError
+from trecsys.errors import ConfigError, InterruptedRun
 from trecsys.ingest import embed
 from trecsys.ingest.embed import ENCODER_INFO_KEY, embed_texts, encode, load_encoder
 from trecsys.ingest.text import compose_text
@@ -156,9 +156,9 @@ def count_encoded(monkeypatch):
     calls: list[list[str]] = []
     real = embed.encode
 
-    def counting(enc, texts, batch_size, progress=True):
+    def counting(enc, texts, batch_size, progress=True, bar=None):
         calls.append(list(texts))
-        return real(enc, texts, batch_size, progress)
+        return real(enc, texts, batch_size, progress, bar)
 
     monkeypatch.setattr(embed, "encode", counting)
     return calls
@@ -272,6 +272,38 @@ def tiny_encoder(folder):
     source, _ = embed._resolve_encoder(embed.DEFAULT_ENCODER)
     AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(folder)
     return folder
+
+
+def test_a_killed_run_keeps_its_finished_chunks_and_the_next_continues(cfg, count_encoded, monkeypatch):
+    monkeypatch.setattr(embed, "CHUNK_TEXTS", 3)
+    real = embed.encode
+
+    def killed_on_the_third_chunk(enc, texts, batch_size, progress=True, bar=None):
+        if len(count_encoded) == 2:  # two chunks done
+            raise KeyboardInterrupt  # the process dies mid-chunk
+        return real(enc, texts, batch_size, progress, bar)
+
+    monkeypatch.setattr(embed, "encode", killed_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        embed_texts(TEXTS, cfg, progress=False)
+    assert len(list(Path(cfg.cache_dir).rglob("shard-*.parquet"))) == 2  # one shard per finished chunk
+    monkeypatch.setattr(embed, "encode", real)
+    count_encoded.clear()
+    vectors, _ = embed_texts(TEXTS, cfg, progress=False)
+    assert count_encoded == [TEXTS[6:]]  # only what the killed run had not finished
+    fresh = encode(embed.load_encoder(cfg.encoder, torch.device("cpu"), cfg.max_length), TEXTS, 4, progress=False)
+    np.testing.assert_allclose(vectors, fresh, atol=1e-5)
+
+
+def test_stop_request_ends_after_a_chunk_with_exit_130(cfg, count_encoded, monkeypatch):
+    monkeypatch.setattr(embed, "CHUNK_TEXTS", 2)
+    with pytest.raises(InterruptedRun, match="2 of 7 new item texts are cached") as caught:
+        embed_texts(TEXTS, cfg, progress=False, stop=lambda: True)
+    assert caught.value.exit_code == 130 and count_encoded == [TEXTS[:2]]
+    embed_texts(TEXTS, cfg, progress=False, stop=lambda: False)
+    assert count_encoded[1:] == [TEXTS[2:4], TEXTS[4:6], TEXTS[6:]]
+    # the finished run merged its own chunks: the first run's shard and one more
+    assert len(list(Path(cfg.cache_dir).rglob("shard-*.parquet"))) == 2
 
 
 def test_corrupt_cache_shard_is_ignored_and_recomputed(cfg, count_encoded):

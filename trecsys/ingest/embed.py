@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from trecsys.artifacts import read_parquet, sha256_file, write_parquet
 from trecsys.config import EmbeddingConfig
-from trecsys.errors import ArtifactError, ConfigError, TrecError
+from trecsys.errors import ArtifactError, ConfigError, InterruptedRun, TrecError
 from trecsys.runtime import resolve_device
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -39,6 +39,8 @@ ENCODER_INFO_KEY = "trecsys.encoder"  # the same key in prepared/ and in the cac
 # On CPU a batch is also capped at this many (padded) tokens, so batches of long texts stay small enough
 # for the CPU caches: on Amazon titles that was 10-25% more items per CPU-second than 128 items a batch.
 _CPU_BATCH_TOKENS = 2048
+# Texts embedded between two cache writes: what a killed run can lose (~10-30 s of CPU work on titles).
+CHUNK_TEXTS = 2048
 
 
 @dataclass
@@ -51,13 +53,18 @@ class Encoder:
 
 
 def embed_texts(
-    texts: list[str], cfg: EmbeddingConfig, device: str = "cpu", progress: bool = True, cache: bool = True
+    texts: list[str], cfg: EmbeddingConfig, device: str = "cpu", progress: bool = True, cache: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Embed `texts` in order: an (n, dim) float32 array of unit rows, and the encoder_info dict.
 
-    Texts found in the cache are read back; the others (each distinct text once) are embedded and
-    appended to the cache as a new shard. `cache=False` (search queries: short-lived, and a shard per
-    batch would make every later lookup scan them all) embeds every distinct text and stores nothing.
+    Texts found in the cache are read back; the others (each distinct text once) are embedded in
+    chunks of CHUNK_TEXTS, each appended to the cache as soon as it is done, so a run that is killed
+    keeps what it embedded and the next one continues there. `stop()` is asked after every chunk:
+    True raises InterruptedRun (SIGTERM in `trec prepare`). At the end this call's chunks are merged
+    into one shard, so the cache does not grow one small file per chunk. `cache=False` (search
+    queries: short-lived, and a shard per batch would make every later lookup scan them all) embeds
+    every distinct text and stores nothing.
     """
     if cfg.batch_size < 1:
         raise ConfigError(f"embedding.batch_size must be at least 1, got {cfg.batch_size}")
@@ -78,12 +85,38 @@ def embed_texts(
         if h in found:
             vectors[i] = found[h]
     if misses:
-        new = encode(encoder, [unique[i] for i in misses], cfg.batch_size, progress)
-        vectors[misses] = new
-        if cache:
-            _append_shard(folder, [hashes[i] for i in misses], new, info)
+        _embed_misses(encoder, unique, hashes, misses, vectors, cfg.batch_size, folder if cache else None,
+                      progress, stop, cached=len(unique) - len(misses))
     row_of = {text: i for i, text in enumerate(unique)}
     return vectors[[row_of[t] for t in texts]], info
+
+
+def _embed_misses(encoder: Encoder, unique: list[str], hashes: list[str], misses: list[int],
+                  vectors: np.ndarray, batch_size: int, cache: Path | None, progress: bool,
+                  stop: Callable[[], bool] | None, cached: int) -> None:
+    """Embed unique[i] for i in misses into vectors[i], a shard of the `cache` folder per chunk (see
+    embed_texts; None: stored nowhere)."""
+    bar = tqdm(total=len(misses), desc="embedding items", unit="items", file=sys.stderr,
+               disable=not progress, mininterval=0.5)
+    if cached and progress:
+        bar.write(f"embedding: {cached:,} texts from the cache, {len(misses):,} to embed", file=sys.stderr)
+    shards: list[Path] = []
+    with bar:
+        for start in range(0, len(misses), CHUNK_TEXTS):
+            chunk = misses[start:start + CHUNK_TEXTS]
+            vectors[chunk] = encode(encoder, [unique[i] for i in chunk], batch_size, bar=bar)
+            shard = None if cache is None else _append_shard(cache, [hashes[i] for i in chunk], vectors[chunk],
+                                                             encoder.info)
+            if shard is not None:
+                shards.append(shard)
+            if stop is not None and stop() and start + CHUNK_TEXTS < len(misses):
+                done = start + len(chunk)
+                raise InterruptedRun(
+                    f"stopped while embedding: {done:,} of {len(misses):,} new item texts are cached in "
+                    f"{cache}; run the same command again to continue from there"
+                )
+    if len(shards) > 1:
+        _merge_shards(cache, shards, [hashes[i] for i in misses], vectors[misses], encoder.info)
 
 
 def text_hash(text: str) -> str:
@@ -228,8 +261,10 @@ def _autocast_dtype() -> torch.dtype:
 # Encoding
 
 
-def encode(encoder: Encoder, texts: list[str], batch_size: int, progress: bool = True) -> np.ndarray:
-    """Embed every text (no cache): tokenise once, batch by length, mean-pool, L2-normalise."""
+def encode(encoder: Encoder, texts: list[str], batch_size: int, progress: bool = True,
+           bar: tqdm | None = None) -> np.ndarray:
+    """Embed every text (no cache): tokenise once, batch by length, mean-pool, L2-normalise.
+    `bar`: a progress bar to advance instead of drawing one."""
     dim = encoder.info["dim"]
     out = np.empty((len(texts), dim), dtype=np.float32)
     if not texts:
@@ -243,15 +278,11 @@ def encode(encoder: Encoder, texts: list[str], batch_size: int, progress: bool =
     pad_id = encoder.tokenizer.pad_token_id or 0
     on_cuda = encoder.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=_autocast_dtype()) if on_cuda else contextlib.nullcontext()
-    bar = tqdm(
-        total=len(texts),
-        desc="embedding items",
-        unit="items",
-        file=sys.stderr,
-        disable=not progress,
-        mininterval=0.5,
-    )
-    with bar, torch.inference_mode(), autocast:
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=len(texts), desc="embedding items", unit="items", file=sys.stderr,
+                   disable=not progress, mininterval=0.5)
+    with contextlib.closing(bar) if own_bar else contextlib.nullcontext(), torch.inference_mode(), autocast:
         for rows in _batches(order, lengths, batch_size, token_cap=None if on_cuda else _CPU_BATCH_TOKENS):
             width = int(lengths[rows[0]])
             input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -345,7 +376,8 @@ def _set_aside(shard: Path, reason: str) -> None:
         os.replace(shard, shard.with_name(shard.name + ".corrupt"))
 
 
-def _append_shard(folder: Path, hashes: list[str], vectors: np.ndarray, info: dict) -> None:
+def _append_shard(folder: Path, hashes: list[str], vectors: np.ndarray, info: dict) -> Path | None:
+    """Write one new shard; its path, or None when the cache cannot be written (a warning)."""
     dim = vectors.shape[1]
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim)
     table = pa.table({"text_hash": pa.array(hashes, type=pa.string()), "embedding": embedding})
@@ -356,3 +388,15 @@ def _append_shard(folder: Path, hashes: list[str], vectors: np.ndarray, info: di
     except (TrecError, OSError) as exc:
         # The cache only saves time: a read-only or full disk must not fail the run.
         warnings.warn(f"could not write the embedding cache in {folder}: {exc}", stacklevel=3)
+        return None
+    return folder / name
+
+
+def _merge_shards(folder: Path, shards: list[Path], hashes: list[str], vectors: np.ndarray, info: dict) -> None:
+    """One shard in place of `shards` (which hold exactly hashes/vectors): written first, so a
+    concurrent reader always finds every vector in one or the other."""
+    if _append_shard(folder, hashes, vectors, info) is None:
+        return
+    for shard in shards:
+        with contextlib.suppress(OSError):
+            shard.unlink()

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from trecsys.artifacts import describe_file, run_lock, stage_output, write_manifest, write_parquet, write_text
 from trecsys.config import DataConfig, ExperimentConfig, to_dict, to_yaml
-from trecsys.errors import ConfigError, DataError
+from trecsys.errors import ConfigError, DataError, InterruptedRun
 from trecsys.ingest.clean import clean_interactions
 from trecsys.ingest.embed import embed_texts, encoder_metadata
 from trecsys.ingest.raw import RawDomain
@@ -25,7 +25,7 @@ from trecsys.ingest.readers import read_domain
 from trecsys.ingest.split import SPLITS, assign_split
 from trecsys.ingest.synthetic import generate_domains
 from trecsys.ingest.text import compose_text
-from trecsys.runtime import resolve_device
+from trecsys.runtime import StopRequest, resolve_device
 
 # Item metadata columns copied to items.parquet (as str) when a domain has them.
 ITEM_FIELDS = ("brand", "category", "price")
@@ -37,20 +37,23 @@ def run(cfg: ExperimentConfig) -> None:
     roles = domain_roles(cfg.data)
     out = Path(cfg.run_dir).expanduser() / "prepared"
     started = time.perf_counter()
-    with run_lock(out):
+    with run_lock(out), StopRequest() as stop:
         timings: dict[str, tuple[float, float]] = {}
         _note(f"reading {len(roles)} domain(s): {', '.join(roles)}"
               + ("" if cfg.data.engine == "pandas" else f" (data.engine={cfg.data.engine})"))
         tables = pandas_tables if cfg.data.engine == "pandas" else columnar_tables
         items, interactions, raw, removed = tables(cfg, timings)
+        _stop_if_asked(stop, "after reading, cleaning and splitting the inputs")
 
         clock = _now()
         items["text"] = item_texts(items, cfg.data)
         _note(f"embedding {len(items):,} item texts with {cfg.embedding.encoder}")
-        embeddings, encoder = embed_texts(items["text"].tolist(), cfg.embedding, device=str(resolve_device(cfg.device)))
+        embeddings, encoder = embed_texts(items["text"].tolist(), cfg.embedding, device=str(resolve_device(cfg.device)),
+                                          stop=stop.requested)
         if embeddings.shape[0] != len(items):
             raise DataError(f"the encoder returned {embeddings.shape[0]} embeddings for {len(items)} items")
         timings["embed"] = _since(clock)
+        _stop_if_asked(stop, "after embedding (the embeddings are cached)")
 
         clock = _now()
         stats = domain_stats(items, interactions, roles, raw, removed)
@@ -209,6 +212,13 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
 def _note(message: str) -> None:
     """Progress for people, on stderr so stdout stays the summary."""
     print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+
+def _stop_if_asked(stop: StopRequest, where: str) -> None:
+    """SIGINT/SIGTERM stop prepare between its steps; nothing is written (the embedding cache keeps
+    every finished chunk, so the next run continues where this one stopped)."""
+    if stop.requested():
+        raise InterruptedRun(f"prepare stopped by {stop.name} {where}; nothing was written, run it again")
 
 
 def _filters(data: DataConfig) -> str:

@@ -14,9 +14,7 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,7 +31,7 @@ from trecsys.artifacts import atomic_path, open_append, stage_output
 from trecsys.config import TrainConfig
 from trecsys.errors import ArtifactError, ConfigError, DivergedError, InterruptedRun, OutOfMemoryError
 from trecsys.model.checkpoint import load_weights, save_weights
-from trecsys.runtime import resolve_device, seed_everything
+from trecsys.runtime import StopRequest, resolve_device, seed_everything
 
 STATE = "train_state.pt"  # optimizer, scaler, position in the data, RNG states, early-stopping state
 LAST, BEST, LOG = "last", "best", "train_log.jsonl"
@@ -269,33 +267,6 @@ def _check_resume_key(saved_json: str, current: dict, state_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Signals
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM ask the loop to finish its step and save; a second signal stops at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -479,7 +450,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
     stopped = "completed"
     window = _Window()
     model.train()
-    with _StopRequest() as stop_request:
+    with StopRequest() as stop_request:
         for epoch in range(progress.epoch, cfg.epochs):
             batches = epoch_batches(members, cfg.batch_size, seed, epoch, min_size)
             bar = tqdm(total=n_batches, initial=progress.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -550,7 +521,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
                     write_last()
                 if stop_now:
                     bar.close()
-                    name = signal.Signals(stop_request.signum).name if stop_request.signum else "a signal"
+                    name = stop_request.name
                     raise InterruptedRun(
                         f"stopped by {name} after step {progress.step}; the state is saved in {last_dir}: "
                         f"{resume_hint}"
