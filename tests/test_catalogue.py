@@ -99,6 +99,7 @@ def test_sigterm_stops_prepare_with_exit_130_and_writes_nothing(tmp_path, monkey
     before = signal.getsignal(signal.SIGTERM)
     result = runner.invoke(app, ["prepare", "-c", str(write_config(tmp_path))])
     assert result.exit_code == 130, result.output
-    assert "stopped by SIGTERM after embedding" in result.stderr
+    assert "prepare: stopped after embedding (the embeddings are cached)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
     assert not (tmp_path / "run" / "prepared").exists()
     assert signal.getsignal(signal.SIGTERM) == before  # the handler was put back

@@ -218,7 +218,9 @@ def _stop_if_asked(stop: StopRequest, where: str) -> None:
     """SIGINT/SIGTERM stop prepare between its steps; nothing is written (the embedding cache keeps
     every finished chunk, so the next run continues where this one stopped)."""
     if stop.requested():
-        raise InterruptedRun(f"prepare stopped by {stop.name} {where}; nothing was written, run it again")
+        _note(f"stopped {where}; run it again to continue")
+        raise InterruptedRun(f"stopped by {stop.name}; what this run was writing was discarded and earlier "
+                             "outputs are kept")
 
 
 def _filters(data: DataConfig) -> str:
