@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -26,31 +27,34 @@ def fake_encoder(monkeypatch):
 
 def write_domains(root: Path) -> None:
     """Two csv domains: Books items have `title`, Music items have `text`; each item file lists
-    items no one interacted with (b9, m8, m9)."""
+    items no one interacted with (b20, m18, m19); m17 has one interaction."""
     rows = []
-    for u in range(6):
-        rows += [(f"u{u}", f"b{(u + k) % 5}", 10 * k) for k in range(4)]
+    for u in range(8):
+        rows += [(f"u{u}", f"b{(u + k) % 12}", 10 * k) for k in range(6)]
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(root / "books.csv", index=False)
     rows = []
-    for u in range(6):
-        rows += [(f"u{u}", f"m{(2 * u + k) % 6}", 100 + 10 * k) for k in range(3)]
+    for u in range(8):
+        rows += [(f"u{u}", f"m{(2 * u + k) % 12}", 100 + 10 * k) for k in range(4)]
+    rows.append(("u0", "m17", 5))  # m17's only interaction: min_item_interactions=2 removes it
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(root / "music.csv", index=False)
-    pd.DataFrame({"item_id": [f"b{i}" for i in (0, 1, 2, 3, 4, 9)],
-                  "title": [f"Book {i}" for i in (0, 1, 2, 3, 4, 9)]}).to_csv(root / "books_items.csv", index=False)
-    pd.DataFrame({"item_id": [f"m{i}" for i in (0, 1, 2, 3, 4, 5, 8, 9)],
-                  "text": [f"Song {i}" for i in (0, 1, 2, 3, 4, 5, 8, 9)]}).to_csv(root / "music_items.csv", index=False)
+    books, music = [*range(12), 20], [*range(12), 17, 18, 19]
+    pd.DataFrame({"item_id": [f"b{i}" for i in books],
+                  "title": [f"Book {i}" for i in books]}).to_csv(root / "books_items.csv", index=False)
+    pd.DataFrame({"item_id": [f"m{i}" for i in music],
+                  "text": [f"Song {i}" for i in music]}).to_csv(root / "music_items.csv", index=False)
 
 
 def write_config(root: Path, **data) -> Path:
     write_domains(root)
     config = {
         "run_dir": str(root / "run"),
-        "embedding": {"cache_dir": str(root / "cache")},
+        "embedding": {"encoder": "fake", "cache_dir": str(root / "cache")},  # fake_embed_texts
         "data": {
             "root": str(root),
             "domains": {
                 "Books": {"format": "csv", "interactions": "books.csv", "items": "books_items.csv"},
-                "Music": {"format": "csv", "interactions": "music.csv", "items": "music_items.csv"},
+                "Music": {"format": "csv", "interactions": "music.csv", "items": "music_items.csv",
+                          "text_template": "{text}"},
             },
             "source": ["Books"],
             "target": "Music",
@@ -103,3 +107,52 @@ def test_sigterm_stops_prepare_with_exit_130_and_writes_nothing(tmp_path, monkey
     assert result.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
     assert not (tmp_path / "run" / "prepared").exists()
     assert signal.getsignal(signal.SIGTERM) == before  # the handler was put back
+
+
+def test_the_catalogue_holds_every_listed_item_and_prepare_counts_the_quiet_ones(tmp_path, fake_encoder):
+    path = write_config(tmp_path)
+    result = runner.invoke(app, ["prepare", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    items = prepared_items(tmp_path)
+    by_domain = items.groupby("domain")["item_id"].apply(set).to_dict()
+    assert by_domain["Books"] == {f"b{i}" for i in [*range(12), 20]}
+    assert by_domain["Music"] == {f"m{i}" for i in [*range(12), 17, 18, 19]}
+    assert items.set_index("item_id").loc["m19", "text"] == "Song 19"  # ranked by its text
+    assert "catalogue: 3 of 28 items have no interactions" in result.stdout
+    manifest = json.loads((tmp_path / "run" / "prepared" / "manifest.json").read_text())
+    assert manifest["domains"]["Music"]["items_without_interactions"] == 2
+    assert manifest["domains"]["Music"]["n_items"] == 15
+
+    # The cleaning filters remove an item with its interactions (m17), not the never-bought ones.
+    result = runner.invoke(app, ["prepare", "-c", str(path), "data.min_item_interactions=2"])
+    assert result.exit_code == 0, result.output
+    music = set(prepared_items(tmp_path).query("domain == 'Music'")["item_id"])
+    assert music == {f"m{i}" for i in [*range(12), 18, 19]}
+
+    # data.catalogue: interacted keeps the items with interactions only.
+    result = runner.invoke(app, ["prepare", "-c", str(path), "data.catalogue=interacted"])
+    assert result.exit_code == 0, result.output
+    music = set(prepared_items(tmp_path).query("domain == 'Music'")["item_id"])
+    assert music == {f"m{i}" for i in [*range(12), 17]}
+    assert "data.catalogue: interacted" in result.stdout
+
+
+def test_a_text_model_recommends_items_no_one_bought(tmp_path, fake_encoder):
+    path = write_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data.update({
+        "device": "cpu",
+        "model": {"d_model": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 4, "n_experts": 2},
+        "pretrain": {"train": {"epochs": 1, "batch_size": 8, "patience": 0}},
+        "finetune": {"strategy": "zero_shot"},
+        "recommend": {"k": 15, "exclude_seen": False},
+    })
+    path.write_text(yaml.safe_dump(data))
+    for stage in ("prepare", "pretrain-source", "finetune-target"):
+        result = runner.invoke(app, [stage, "-c", str(path)])
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "recs.parquet"
+    result = runner.invoke(app, ["recommend", "-c", str(path), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    recs = pq.read_table(out).to_pandas()
+    assert set(recs.loc[recs["user_id"] == "u0", "item_id"]) >= {"m18", "m19"}

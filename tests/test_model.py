@@ -126,13 +126,59 @@ def test_text_model_is_inductive_and_id_model_has_a_table():
     assert scores.shape == (1, 13) and torch.isfinite(scores).all() and scores.std() > 0
 
     with_ids = make_model(item_ids=True)
-    assert with_ids.item_id.weight.shape == (N_ITEMS, 16)
+    assert with_ids.item_id.weight.shape == (N_ITEMS + 1, 16)  # row 0: no ID
     with pytest.raises(ArtifactError, match="ID table"):
         with_ids.set_item_text(new_text)
     ids_only = SeqRecModel(small_config(item_text=False, item_ids=True), TEXT_DIM, N_ITEMS)
     assert ids_only.adaptor is None and ids_only.item_reps(0, N_ITEMS).shape == (N_ITEMS, 16)
     with pytest.raises(ArtifactError, match="encoder"):
         text_only.set_item_text(torch.randn(N_ITEMS, TEXT_DIM + 1))
+
+
+def test_the_id_table_covers_the_trained_items_and_the_others_get_their_text():
+    seen = [3, 4, 7]
+    torch.manual_seed(0)
+    model = SeqRecModel(small_config(item_ids=True), TEXT_DIM, N_ITEMS, id_items=seen).eval()
+    text = F.normalize(torch.randn(N_ITEMS, TEXT_DIM), dim=-1)
+    model.set_item_text(text)
+    assert model.item_id.weight.shape == (len(seen) + 1, 16)
+    assert model.id_items().tolist() == seen
+    with torch.no_grad():
+        model.item_id.weight[1:] = 1.0  # make the IDs matter
+        by_text = model.item_norm(model.adaptor(text))
+        reps = model.item_reps(0, N_ITEMS)
+    unseen = [i for i in range(N_ITEMS) if i not in seen]
+    assert torch.allclose(reps[unseen], by_text[unseen])  # their text representation, no ID
+    assert not torch.allclose(reps[seen], by_text[seen])
+    counts = model.parameter_counts()
+    assert counts["ids"] == (len(seen) + 1) * 16 and sum(counts.values()) == model.num_parameters()
+    assert counts["text"] == sum(p.numel() for p in model.adaptor.parameters())
+
+    ids_only = SeqRecModel(small_config(item_text=False, item_ids=True), TEXT_DIM, N_ITEMS, id_items=seen)
+    assert ids_only.items_without_representation(0, N_ITEMS) == N_ITEMS - len(seen)
+    assert ids_only.items_without_representation(3, 5) == 0 and model.items_without_representation(0, N_ITEMS) == 0
+
+
+def test_checkpoints_keep_the_id_rows_and_old_full_tables_still_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = SeqRecModel(small_config(item_ids=True), TEXT_DIM, N_ITEMS, id_items=[1, 5, 6])
+    save_checkpoint(model, tmp_path / "new", extra={})
+    loaded, info = load_checkpoint(tmp_path / "new")
+    assert info.n_id_items == 3 and loaded.id_items().tolist() == [1, 5, 6]
+    assert torch.equal(loaded.item_id.weight, model.item_id.weight)
+    # A checkpoint written before id_row: an ID row for every item, no zero row.
+    tensors = load_file(str(tmp_path / "new" / "model.safetensors"))
+    del tensors["id_row"]
+    tensors["item_id.weight"] = torch.randn(N_ITEMS, 16)
+    (tmp_path / "old").mkdir()
+    save_file(tensors, str(tmp_path / "old" / "model.safetensors"))
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    del config["n_id_items"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    old, _ = load_checkpoint(tmp_path / "old")
+    assert old.id_items().tolist() == list(range(N_ITEMS))
+    assert torch.equal(old.item_id.weight[old.id_row], tensors["item_id.weight"])
 
 
 def test_cosine_score_uses_temperature():

@@ -359,20 +359,21 @@ def test_csv_domains_users_matched_by_id_and_items_without_text(tmp_path, fake_e
     fake_encoder.run(cfg)
     folder = tmp_path / "run" / "prepared"
     items = pq.read_table(folder / "items.parquet").to_pandas()
-    # b9 has no interaction, so it is not in the catalogue; b3 has no metadata, so no text.
-    assert items["item_id"].tolist() == ["b1", "b2", "b3", "m1", "m2", "m3"]
-    assert items["text"].tolist() == ["The Hobbit", "Dune", "", "", "", ""]
+    # b9 has no interaction but the item file lists it: in the catalogue; b3 has no metadata, so no text.
+    assert items["item_id"].tolist() == ["b1", "b2", "b3", "b9", "m1", "m2", "m3"]
+    assert items["text"].tolist() == ["The Hobbit", "Dune", "", "Unsold", "", "", ""]
     inter = pq.read_table(folder / "interactions.parquet").to_pandas()
     u1 = inter[inter["user_id"] == "u1"]
     # Domains interleave by time; the tie at t=20 keeps the mapping order (Books first).
-    assert u1["item_idx"].tolist() == [0, 3, 1, 4] and u1["user_idx"].eq(0).all()
+    assert u1["item_idx"].tolist() == [0, 4, 1, 5] and u1["user_idx"].eq(0).all()
     assert u1["split"].tolist() == ["train", "train", "test", "test"]
     assert inter["rating"].isna().all()
     manifest = read_manifest(folder, "prepare")
     books, movies = manifest["domains"]["Books"], manifest["domains"]["Movies"]
     assert (books["n_overlap_users"], movies["n_overlap_users"]) == (1, 1)
     assert (books["items_without_text"], movies["items_without_text"]) == (1, 3)
-    assert (books["n_users"], books["n_items"], movies["n_users"], movies["n_items"]) == (3, 3, 2, 3)
+    assert (books["n_users"], books["n_items"], movies["n_users"], movies["n_items"]) == (3, 4, 2, 3)
+    assert (books["items_without_interactions"], movies["items_without_interactions"]) == (1, 0)
     assert manifest["n_users"] == 4
     assert [Path(entry["path"]).name for entry in manifest["inputs"]] == ["books.csv", "books_items.csv", "movies.csv"]
 

@@ -96,6 +96,12 @@ class DataConfig:
     # split: temporal — the latest `temporal_holdout` fraction of a domain's interactions (a global
     # time cut at that quantile of its timestamps) is held out: the earlier half valid, the later test.
     temporal_holdout: float = 0.1
+    # Each domain's ranked catalogue. items_file: every item its item file lists (or the synthetic
+    # shop sells), with or without interactions, plus items only the interactions name; items whose
+    # every interaction the cleaning filters removed leave with them. Amazon metadata dumps describe a
+    # whole category, so there the catalogue is the reviewed items. interacted: only items with
+    # interactions left after cleaning.
+    catalogue: Literal["items_file", "interacted"] = "items_file"
     # A malformed input row stops the run (error) or is counted, reported and left out (skip).
     on_bad_rows: Literal["error", "skip"] = "error"
     # What cleans, splits and indexes the interactions: pandas (in memory, row-wise), or polars

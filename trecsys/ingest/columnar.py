@@ -371,21 +371,23 @@ def assign_split(domain: ColumnarDomain, method: str, holdout: float, name: str)
 # Tables
 
 
-def build_tables(domains: dict[str, ColumnarDomain]) -> tuple[dict[str, np.ndarray], pl.DataFrame, np.ndarray]:
+def build_tables(domains: dict[str, ColumnarDomain], quiet: dict[str, np.ndarray] | None = None
+                 ) -> tuple[dict[str, np.ndarray], pl.DataFrame, np.ndarray]:
     """(sorted item ids per domain, interactions, sorted user ids) with prepare's dense ids and row
     order: items contiguous per domain in mapping order, users over the sorted ids of all domains,
     rows by (user_idx, timestamp), ties in domain mapping order, then each domain's cleaned order.
     `interactions` holds user_idx, item_idx, domain_pos (mapping order), timestamp, rating (float32)
-    and split (codes of SPLITS)."""
+    and split (codes of SPLITS). `quiet`: per domain, catalogue items no interaction names (prepare's
+    data.catalogue rule), placed among the others by id."""
     item_ids, start, remaps, user_sets = {}, 0, [], []
     for name, domain in domains.items():
         used = np.unique(domain.frame["item"].to_numpy())
         ids = domain.items[used].astype(str)
-        order = np.argsort(ids, kind="stable")
-        item_ids[name] = ids[order]
+        catalogue = np.union1d(ids, (quiet or {}).get(name, np.zeros(0, dtype=str)))
+        item_ids[name] = catalogue
         remap = np.full(len(domain.items), -1, dtype=np.int32)  # item code -> item_idx
-        remap[used[order]] = np.arange(start, start + len(used), dtype=np.int32)
-        start += len(used)
+        remap[used] = (start + np.searchsorted(catalogue, ids)).astype(np.int32)
+        start += len(catalogue)
         remaps.append(remap)
         user_sets.append(domain.users[np.unique(domain.frame["user"].to_numpy())].astype(str))
     all_users = np.unique(np.concatenate(user_sets))

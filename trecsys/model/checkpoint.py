@@ -41,6 +41,9 @@ class CheckpointInfo:
     n_items: int
     trecsys_version: str = __version__
     extra: dict = field(default_factory=dict)
+    # Rows of the ID table (the items it trained on; `id_row` in the weights maps items to them).
+    # None: a checkpoint from before, with a row for every item.
+    n_id_items: int | None = None
 
     @property
     def history(self) -> str:
@@ -53,14 +56,16 @@ class CheckpointInfo:
 
     def to_json(self) -> dict:
         return {"model": dataclasses.asdict(self.model), "text_dim": self.text_dim, "n_items": self.n_items,
-                "trecsys_version": self.trecsys_version, "extra": self.extra}
+                "n_id_items": self.n_id_items, "trecsys_version": self.trecsys_version, "extra": self.extra}
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> CheckpointInfo:
         try:
             model = build(ModelConfig, data["model"], where=f" in {path}", prefix="model.")
+            n_id_items = data.get("n_id_items")
             return cls(model, int(data["text_dim"]), int(data["n_items"]),
-                       str(data.get("trecsys_version", "")), dict(data.get("extra") or {}))
+                       str(data.get("trecsys_version", "")), dict(data.get("extra") or {}),
+                       None if n_id_items is None else int(n_id_items))
         except ConfigError as exc:
             raise ArtifactError(str(exc)) from None
         except (KeyError, TypeError, ValueError) as exc:
@@ -97,7 +102,9 @@ def save_checkpoint(model: SeqRecModel, folder: str | Path, extra: dict | None =
     """Write `model.safetensors` and `config.json` into `folder`, each atomically."""
     folder = Path(folder)
     save_weights(model, folder, metadata={"format": "pt", "trecsys_version": __version__})
-    write_json(folder / CONFIG, CheckpointInfo(model.config, model.text_dim, model.n_items, extra=extra or {}).to_json())
+    info = CheckpointInfo(model.config, model.text_dim, model.n_items, extra=extra or {},
+                          n_id_items=len(model.id_items()))
+    write_json(folder / CONFIG, info.to_json())
 
 
 def read_info(folder: str | Path) -> CheckpointInfo:
@@ -117,12 +124,15 @@ def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
     folder = Path(folder)
     info = read_info(folder)
     try:
-        model = SeqRecModel(info.model, info.text_dim, info.n_items)
+        # The table's size from config.json; which item has which row (id_row) from the weights.
+        n_id_items = info.n_items if info.n_id_items is None else info.n_id_items
+        model = SeqRecModel(info.model, info.text_dim, info.n_items, id_items=range(n_id_items))
     except ConfigError as exc:
         raise ArtifactError(str(exc)) from None
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     tensors = read_weights(weights_path)
     expected = model.state_dict()
+    _upgrade_id_table(tensors, expected)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -138,6 +148,14 @@ def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
             )
     model.load_state_dict(tensors)
     return model.to(map_location), info
+
+
+def _upgrade_id_table(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """A checkpoint from before `id_row` has an ID row for every item: prepend the zero row."""
+    if "id_row" in expected and "id_row" not in tensors and "item_id.weight" in tensors:
+        old = tensors["item_id.weight"]
+        tensors["item_id.weight"] = torch.cat([old.new_zeros(1, old.shape[1]), old])
+        tensors["id_row"] = torch.arange(1, old.shape[0] + 1)
 
 
 def checkpoint_files(folder: Path, prefix: str = "") -> dict[str, Path]:

@@ -8,6 +8,8 @@ score of a state and an item is a dot product or a scaled cosine. Sizes come fro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,17 +107,32 @@ class Block(nn.Module):
 
 
 class SeqRecModel(nn.Module):
-    """Item tower + causal sequence tower. `n_items` is the prepared catalogue size (all domains)."""
+    """Item tower + causal sequence tower. `n_items` is the prepared catalogue size (all domains).
 
-    def __init__(self, cfg: ModelConfig, text_dim: int, n_items: int):
+    With `model.item_ids` the ID table has a row only for `id_items` (the items the model trains on;
+    default every item) plus row 0, a fixed zero: `id_row` maps each item_idx to its row, 0 for none,
+    so an item never seen in training is represented by its text alone (and an ID-only model cannot
+    tell such items apart: `items_without_representation`).
+    """
+
+    def __init__(self, cfg: ModelConfig, text_dim: int, n_items: int, id_items: Sequence[int] | None = None):
         super().__init__()
         cfg.validate()
         self.config, self.text_dim, self.n_items = cfg, int(text_dim), int(n_items)
         d = cfg.d_model
         self.adaptor = make_adaptor(cfg.adaptor, text_dim, d, cfg.n_experts) if cfg.item_text else None
-        self.item_id = nn.Embedding(n_items, d) if cfg.item_ids else None
-        if self.item_id is not None:
+        self.item_id = None
+        if cfg.item_ids:
+            id_items = range(n_items) if id_items is None else id_items
+            id_items = (torch.arange(id_items.start, id_items.stop) if isinstance(id_items, range)
+                        else torch.as_tensor(id_items, dtype=torch.long))
+            self.item_id = nn.Embedding(len(id_items) + 1, d, padding_idx=0)
             nn.init.normal_(self.item_id.weight, std=0.02)
+            with torch.no_grad():
+                self.item_id.weight[0].zero_()
+            id_row = torch.zeros(n_items, dtype=torch.long)
+            id_row[id_items] = torch.arange(1, len(id_items) + 1)
+            self.register_buffer("id_row", id_row)
         self.item_norm = nn.LayerNorm(d)
         self.position = nn.Embedding(cfg.max_seq_len, d)
         nn.init.normal_(self.position.weight, std=0.02)
@@ -153,7 +170,7 @@ class SeqRecModel(nn.Module):
                 raise RuntimeError("call model.set_item_text(embeddings) before using a text item tower")
             x = self.adaptor(self.item_text[idx])
         if self.item_id is not None:
-            x = x + self.item_id(idx)
+            x = x + self.item_id(self.id_row[idx])
         return self.item_norm(x)
 
     def item_reps(self, start: int, stop: int) -> torch.Tensor:
@@ -203,3 +220,34 @@ class SeqRecModel(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def parameter_counts(self, trainable_only: bool = False) -> dict[str, int]:
+        """Parameters per part: the text tower (adaptor), the ID table, the rest (positions,
+        Transformer blocks, norms: the sequence tower)."""
+        parts = {"text": 0, "ids": 0, "sequence": 0}
+        for name, p in self.named_parameters():
+            if p.requires_grad or not trainable_only:
+                part = "text" if name.startswith("adaptor.") else "ids" if name.startswith("item_id.") else "sequence"
+                parts[part] += p.numel()
+        return parts
+
+    def id_items(self) -> torch.Tensor:
+        """The item_idx values that have an ID row (empty without an ID table)."""
+        if self.item_id is None:
+            return torch.zeros(0, dtype=torch.long)
+        rows = self.id_row.cpu()
+        items = torch.nonzero(rows).flatten()
+        return items[torch.argsort(rows[items])]  # in table order
+
+    def items_without_representation(self, start: int, stop: int) -> int:
+        """Items of [start, stop) an ID-only model has no embedding for (never in its training data):
+        they all get the same representation, so it cannot rank them against each other."""
+        if self.adaptor is not None or self.item_id is None:
+            return 0
+        return int((self.id_row[start:stop] == 0).sum())
+
+
+def describe_parameters(counts: dict[str, int]) -> str:
+    """`1,234 parameters (text tower 800, IDs 0, sequence tower 434)`."""
+    return (f"{sum(counts.values()):,} parameters (text tower {counts.get('text', 0):,}, IDs "
+            f"{counts.get('ids', 0):,}, sequence tower {counts.get('sequence', 0):,})")

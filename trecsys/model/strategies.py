@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -90,9 +90,11 @@ class Candidate:
 
 
 def build_candidate(name: str, init: SeqRecModel | None, base: ModelConfig, item_text: torch.Tensor,
-                    n_items: int, item_ids: bool, seed: int) -> Candidate:
+                    n_items: int, item_ids: bool, seed: int, id_items: Sequence[int] | None = None) -> Candidate:
     """The model strategy `name` starts from. `init` (the init_from model) is required by the
-    transferring strategies; `base` is the architecture (init's when there is one)."""
+    transferring strategies; `base` is the architecture (init's when there is one). An ID table has
+    rows for `id_items` only (the items the candidate trains on); rows of items init_from has an ID
+    for are copied from it, the others are new."""
     spec = STRATEGIES[name]
     if spec.transfers and init is None:
         raise ValueError(f"strategy {name!r} needs an init_from model")
@@ -101,19 +103,34 @@ def build_candidate(name: str, init: SeqRecModel | None, base: ModelConfig, item
         model.requires_grad_(False)
         return Candidate(spec, model, new_params=[])
     seed_everything(seed)  # the same random init for a strategy whatever ran before it
-    model = SeqRecModel(spec.architecture(base, item_ids), item_text.shape[1], n_items)
+    model = SeqRecModel(spec.architecture(base, item_ids), item_text.shape[1], n_items, id_items)
     model.set_item_text(item_text)
     if not spec.transfers:
         return Candidate(spec, model, new_params=[param for param, _ in model.named_parameters()])
-    loaded = init.state_dict()
+    loaded = {k: v for k, v in init.state_dict().items() if k not in ("item_id.weight", "id_row")}
     missing, unexpected = model.load_state_dict(loaded, strict=False)
-    if unexpected:  # only ever an ID table the init has and we add anyway; a mismatch is a bug
+    if unexpected:  # the architectures match but for the ID table; a mismatch is a bug
         raise RuntimeError(f"init_from tensors not in the {name} model: {unexpected}")
+    missing = [param for param in missing if param != "id_row"]  # a buffer, set from id_items
+    if copy_id_rows(init, model) and "item_id.weight" in missing:
+        missing.remove("item_id.weight")  # transferred (the rows init_from had)
+        loaded["item_id.weight"] = model.item_id.weight.detach().clone()
     if spec.freeze is not None:
         spec.freeze(model)
     anchors = {param: loaded[param].detach().clone() for param, p in model.named_parameters()
                if p.requires_grad and param not in missing}
     return Candidate(spec, model, new_params=list(missing), anchors=anchors)
+
+
+def copy_id_rows(init: SeqRecModel, model: SeqRecModel) -> bool:
+    """Copy the ID rows of the items both models have one for; True when every row of `model`'s
+    table came from `init` (the table is then transferred, not new)."""
+    if init.item_id is None or model.item_id is None:
+        return False
+    both = (init.id_row > 0) & (model.id_row > 0)
+    with torch.no_grad():
+        model.item_id.weight[model.id_row[both]] = init.item_id.weight[init.id_row[both]].to(model.item_id.weight)
+    return int(both.sum()) == int((model.id_row > 0).sum())
 
 
 def l2sp_penalty(model: nn.Module, anchors: dict[str, torch.Tensor], weight: float) -> torch.Tensor:

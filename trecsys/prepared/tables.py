@@ -163,6 +163,12 @@ class DomainSplit:
         return {"valid": self.valid, "test": self.test}[split]
 
 
+def seen_items(sequences) -> np.ndarray:
+    """The distinct item_idx of some training sequences: the items a model's ID table needs."""
+    parts = [np.asarray(seq, dtype=np.int64) for seq in sequences]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
 def domain_split(prepared: Prepared, name: str) -> DomainSplit:
     """Group a domain's interactions by user, keeping the prepared sequence order."""
     domain = prepared.domain(name)

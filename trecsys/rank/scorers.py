@@ -8,6 +8,7 @@ so `metrics.full_ranking_topk` (evaluate) and the recommend stage can rank with 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -105,6 +106,11 @@ class ModelScorer:
 
         self.name, self.device, self.model = name, torch.device(device), model.to(device).eval()
         model.set_item_text(torch.from_numpy(np.asarray(item_text, dtype=np.float32)))
+        blind = model.items_without_representation(domain.item_start, domain.item_stop)
+        if blind:
+            print(f"note: {name} is an ID-only model and has no embedding for {blind:,} of {domain.n_items:,} "
+                  f"{domain.name} items (not in its training data): it cannot rank them, they share one score",
+                  file=sys.stderr)
         with torch.no_grad(), self._autocast():
             self.reps = model.item_reps(domain.item_start, domain.item_stop).float()
             self.states = torch.zeros(len(histories), self.reps.shape[1], device=self.device)

@@ -33,9 +33,9 @@ from trecsys.model.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from trecsys.model.seqrec import SeqRecModel
+from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
-from trecsys.prepared.tables import domain_split, load_prepared
+from trecsys.prepared.tables import domain_split, load_prepared, seen_items
 from trecsys.runtime import seed_everything
 from trecsys.stages.common import (
     MONITOR,
@@ -136,7 +136,8 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
         rank = make_ranker(cases, prepared.embeddings, dc.train.eval_user_batch, dist.device, key="distill.data")
 
         seed_everything(cfg.seed)
-        student = SeqRecModel(dc.student, prepared.embeddings.shape[1], prepared.n_items)
+        student = SeqRecModel(dc.student, prepared.embeddings.shape[1], prepared.n_items,
+                              id_items=seen_items(seq for s in splits for seq in s.train))
         student.set_item_text(torch.from_numpy(prepared.embeddings))
         module = Distillation(student, teacher.config.d_model, dc.hidden_weight > 0)
         teacher.to(dist.device).eval().requires_grad_(False)
@@ -145,7 +146,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
                  PREPARED_KEY: prepared_sha}
         if dist.is_main:
             print(f"{STAGE}: teacher {teacher.num_parameters():,} parameters ({teacher_dir}) -> student "
-                  f"{student.num_parameters():,}; {sum(len(p.windows) for p in parts):,} windows from "
+                  f"{describe_parameters(student.parameter_counts())}; {sum(len(p.windows) for p in parts):,} windows from "
                   f"{', '.join(names)}; kd_ratio {dc.kd_ratio}, T {dc.temperature}")
         result = fit(
             module, window_train_data(parts), distill_loss_fn(parts, teacher, cfg), lambda m: rank(m.student),

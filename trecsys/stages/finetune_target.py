@@ -14,7 +14,7 @@ import contextlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +41,11 @@ from trecsys.model.checkpoint import (
     save_checkpoint,
     weights_sha256,
 )
-from trecsys.model.seqrec import SeqRecModel
+from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.model.strategies import Candidate, build_candidate, l2sp_penalty, transfers_any
 from trecsys.prepared.context import TargetSequences, target_sequences
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
-from trecsys.prepared.tables import Prepared, load_prepared
+from trecsys.prepared.tables import Prepared, load_prepared, seen_items
 from trecsys.stages.common import (
     MONITOR,
     EvalCase,
@@ -78,6 +78,8 @@ class CandidateResult:
     n_parameters: int
     n_trainable: int
     train_s: float
+    # Trainable parameters per part (text tower, ids, sequence tower).
+    trainable_by_part: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +100,8 @@ class FinetuneManifest:
     n_parameters: int
     n_trainable: int
     timings_s: dict[str, float]
+    # The chosen model's trainable parameters per part (text tower, ids, sequence tower).
+    n_trainable_by_part: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -140,10 +144,13 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
             print(f"{STAGE}: {', '.join(strategies)} on {domain.name} ({len(train_users):,} of "
                   f"{int((seqs.n_target_train > 0).sum()):,} training users, history {ft.history}), {source}")
         dist.barrier()
+        # An ID table only for the items in the training sequences (the target's, and with
+        # history all_domains the source items read as context): other items are ranked by text.
+        id_items = seen_items(seqs.train[u] for u in train_users)
         results = []
         for strategy in strategies:
             candidate = build_candidate(strategy, init, base, torch.from_numpy(prepared.embeddings),
-                                        prepared.n_items, ft.item_ids, cfg.seed)
+                                        prepared.n_items, ft.item_ids, cfg.seed, id_items)
             results.append(run_candidate(candidate, cfg, seqs, train_users, validate, work / strategy,
                                          {**context, "strategy": strategy}, init_dir, resume, dist))
         if dist.is_main:
@@ -152,7 +159,8 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
             if all(r.stopped != "max_steps" for r in results):
                 shutil.rmtree(work, ignore_errors=True)
             print(summary_table(results, chosen, domain.name))
-            print(f"{STAGE}: kept {chosen.strategy} (valid {metrics_line(chosen.valid)}); wrote {out}")
+            print(f"{STAGE}: kept {chosen.strategy} (valid {metrics_line(chosen.valid)}); trainable "
+                  f"{describe_parameters(chosen.trainable_by_part)}; wrote {out}")
         dist.barrier()
 
 
@@ -187,7 +195,7 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
                 save(model, folder)
             write_text(work / LOG, json.dumps({"step": 0, "valid": metrics, "best_step": 0}) + "\n")
         result = CandidateResult(spec.name, metrics or {}, 0, 0, NOT_TRAINED, model.num_parameters(), 0,
-                                 round(time.perf_counter() - t0, 3))
+                                 round(time.perf_counter() - t0, 3), model.parameter_counts(trainable_only=True))
     else:
         parts = [domain_windows(seqs.domain, [seqs.train[u] for u in train_users], model.config.max_seq_len,
                                 ft.train, dist.device)]
@@ -212,7 +220,7 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
                      lr_scales=candidate.lr_scales(ft.new_params_lr_scale))
         result = CandidateResult(spec.name, fitted.best_metrics or {}, fitted.best_step, fitted.steps,
                                  fitted.stopped, model.num_parameters(), candidate.n_trainable(),
-                                 round(fitted.elapsed_s, 3))
+                                 round(fitted.elapsed_s, 3), model.parameter_counts(trainable_only=True))
     if dist.is_main and result.stopped != "max_steps":  # one cut short by max_steps resumes from last/
         write_json(done, asdict(result))
     return result
@@ -245,6 +253,7 @@ def write_output(out: Path, work: Path, cfg: ExperimentConfig, prepared: Prepare
         init_from=str(init_dir) if init_dir else None, history=ft.history, train_fraction=ft.train_fraction,
         n_train_users=len(train_users), n_parameters=chosen.n_parameters, n_trainable=chosen.n_trainable,
         timings_s={"train": round(sum(r.train_s for r in results), 3)},
+        n_trainable_by_part=chosen.trainable_by_part,
     ).to_json())
 
 

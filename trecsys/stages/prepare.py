@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trecsys.artifacts import describe_file, run_lock, stage_output, write_manifest, write_parquet, write_text
-from trecsys.config import DataConfig, ExperimentConfig, to_dict, to_yaml
+from trecsys.config import DataConfig, DomainConfig, ExperimentConfig, to_dict, to_yaml
 from trecsys.errors import ConfigError, DataError, InterruptedRun
 from trecsys.ingest.clean import clean_interactions
 from trecsys.ingest.embed import embed_texts, encoder_metadata
@@ -81,6 +81,7 @@ def run(cfg: ExperimentConfig) -> None:
                 },
             )
     print(summary_table(stats))
+    print(catalogue_note(stats, cfg.data))
     for name, domain in raw.items():
         if domain.skipped_rows:
             examples = "; ".join(domain.skipped_examples[:3])
@@ -108,7 +109,7 @@ def pandas_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float]]
         frame["split"] = assign_split(frame, cfg.data.split, cfg.data.temporal_holdout, name,
                                       raw[name].order_only)
     _check_target(cfg.data.target, (cleaned[cfg.data.target]["split"] == "test").any())
-    items, interactions = build_tables(cleaned, raw)
+    items, interactions = build_tables(cleaned, raw, catalogue_ids(cfg.data, cleaned, raw))
     timings["split"] = _since(clock)
     return items, interactions_table(interactions), raw, removed
 
@@ -148,7 +149,8 @@ def columnar_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float
     _check_target(cfg.data.target, bool((target["split"] == columnar.SPLIT_CODES["test"]).any()))
     raw = {name: d.raw for name, d in domains.items()}
     removed = {name: d.removed for name, d in domains.items()}
-    item_ids, frame, users = columnar.build_tables(domains)
+    quiet = {name: quiet_items(cfg.data, name, d.raw, d.items) for name, d in domains.items()}
+    item_ids, frame, users = columnar.build_tables(domains, quiet)
     items = item_table(item_ids, raw)
     table = pa.table({
         "user_idx": pa.array(frame["user_idx"].to_numpy(), pa.int32()),
@@ -249,10 +251,41 @@ def _check_target(name: str, has_test: bool) -> None:
 # Tables
 
 
-def build_tables(cleaned: dict[str, pd.DataFrame], raw: dict[str, RawDomain]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Dense ids: items contiguous per domain (mapping order, sorted by item_id inside a domain),
-    users over the sorted original ids of all domains, so one person is one user everywhere."""
-    items = item_table({name: np.sort(frame["item_id"].astype(str).unique()) for name, frame in cleaned.items()}, raw)
+def catalogue_ids(data: DataConfig, cleaned: dict[str, pd.DataFrame],
+                  raw: dict[str, RawDomain]) -> dict[str, np.ndarray]:
+    """Each domain's catalogue (`data.catalogue`), sorted original item ids.
+
+    items_file: the items with interactions after cleaning, plus the items the domain's item list
+    names that had no interaction in the input at all (an item the cleaning removed stays removed).
+    """
+    return {name: np.union1d(frame["item_id"].astype(str).unique(),
+                             quiet_items(data, name, raw[name], raw[name].interactions["item_id"]))
+            for name, frame in cleaned.items()}
+
+
+def quiet_items(data: DataConfig, name: str, raw: RawDomain, interacted) -> np.ndarray:
+    """The listed items of a domain that no input interaction names (data.catalogue: items_file),
+    given the item ids of its input interactions; none for data.catalogue: interacted."""
+    if data.catalogue != "items_file" or not _lists_catalogue(data.domains[name]):
+        return np.zeros(0, dtype=str)
+    listed = raw.items["item_id"].astype(str).unique()
+    return np.setdiff1d(listed, np.asarray(interacted, dtype=str))
+
+
+def _lists_catalogue(domain: DomainConfig) -> bool:
+    """Whether the domain's item table is a catalogue list: an item file (not an Amazon metadata
+    dump of a whole category, which its reader already cuts to the reviewed items) or the shop."""
+    if domain.format == "synthetic":
+        return True
+    return bool(domain.items) and not domain.format.startswith("amazon")
+
+
+def build_tables(cleaned: dict[str, pd.DataFrame], raw: dict[str, RawDomain],
+                 catalogues: dict[str, np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Dense ids: items contiguous per domain (mapping order, sorted by item_id inside a domain: the
+    domain's catalogue), users over the sorted original ids of all domains, so one person is one
+    user everywhere."""
+    items = item_table(catalogues, raw)
     user_ids = np.sort(pd.unique(np.concatenate([f["user_id"].astype(str).to_numpy() for f in cleaned.values()])))
     users = pd.Index(user_ids)
     parts = []
@@ -395,6 +428,8 @@ def domain_stats(items: pd.DataFrame, interactions: pa.Table, roles: dict[str, s
             "cold_items_valid": len(np.setdiff1d(item_idx[in_split["valid"]], train_items)),
             "cold_items_test": len(np.setdiff1d(item_idx[in_split["test"]], train_items)),
             "items_without_text": int((domain_items["text"].str.strip() == "").sum()),
+            # Catalogue items no kept interaction names (data.catalogue: items_file); ranked by text.
+            "items_without_interactions": n_items - len(np.unique(item_idx[mask])),
             "skipped_rows": raw[name].skipped_rows,
             "removed_rows": removed[name],
             "splits": {s: int(m.sum()) for s, m in in_split.items()},
@@ -402,13 +437,23 @@ def domain_stats(items: pd.DataFrame, interactions: pa.Table, roles: dict[str, s
     return stats
 
 
+def catalogue_note(stats: dict[str, dict], data: DataConfig) -> str:
+    """One line on the items no interaction names: they are in the catalogue, ranked by text."""
+    quiet = sum(s["items_without_interactions"] for s in stats.values())
+    if data.catalogue == "interacted":
+        return "catalogue: items with interactions only (data.catalogue: interacted)"
+    total = sum(s["n_items"] for s in stats.values())
+    return (f"catalogue: {quiet:,} of {total:,} items have no interactions; they are ranked by their text "
+            "(data.catalogue: interacted leaves them out)")
+
+
 def summary_table(stats: dict[str, dict]) -> str:
     header = ("domain", "role", "users", "items", "interactions", "density", "overlap users",
-              "cold valid", "cold test", "no text")
+              "cold valid", "cold test", "no text", "no interactions")
     rows = [header] + [
         (name, s["role"], f"{s['n_users']:,}", f"{s['n_items']:,}", f"{s['n_interactions']:,}",
          f"{s['density']:.5f}", f"{s['n_overlap_users']:,}", f"{s['cold_items_valid']:,}",
-         f"{s['cold_items_test']:,}", f"{s['items_without_text']:,}")
+         f"{s['cold_items_test']:,}", f"{s['items_without_text']:,}", f"{s['items_without_interactions']:,}")
         for name, s in stats.items()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

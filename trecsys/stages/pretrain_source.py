@@ -20,9 +20,9 @@ from trecsys.artifacts import run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.errors import ConfigError
 from trecsys.model.checkpoint import PREPARED_KEY, checkpoint_files, save_checkpoint
-from trecsys.model.seqrec import SeqRecModel
+from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
-from trecsys.prepared.tables import DomainSplit, domain_split, load_prepared
+from trecsys.prepared.tables import DomainSplit, domain_split, load_prepared, seen_items
 from trecsys.runtime import seed_everything
 from trecsys.stages.common import (
     MONITOR,
@@ -62,13 +62,15 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
         validate = make_validate(splits, prepared.embeddings, cfg.pretrain.train.eval_user_batch, dist.device)
 
         seed_everything(cfg.seed)
-        model = SeqRecModel(cfg.model, prepared.embeddings.shape[1], prepared.n_items)
+        # IDs only for the source items it trains on: other items are ranked by their text.
+        model = SeqRecModel(cfg.model, prepared.embeddings.shape[1], prepared.n_items,
+                            id_items=seen_items(seq for s in splits.values() for seq in s.train))
         model.set_item_text(torch.from_numpy(prepared.embeddings))
         prepared_sha = prepared_fingerprint(prepared)
         extra = {"stage": STAGE, "source": sources, PREPARED_KEY: prepared_sha}
         if dist.is_main:
             print(f"{STAGE}: {data.n_examples:,} training windows from {', '.join(sources)}; "
-                  f"{model.num_parameters():,} parameters")
+                  f"{describe_parameters(model.parameter_counts())}")
         result = fit(
             model, data, loss_fn, validate, cfg.pretrain.train, work, seed=cfg.seed, dist=dist,
             save_model=lambda m, folder: save_checkpoint(m, folder, extra), monitor=MONITOR,
@@ -84,6 +86,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
                     "seed": cfg.seed, "source": sources, "metrics": result.best_metrics,
                     "best_step": result.best_step, "steps": result.steps,
                     "stopped": result.stopped, "n_parameters": model.num_parameters(),
+                    "n_parameters_by_part": model.parameter_counts(),
                     "precision": result.precision, "world_size": dist.world_size,
                     "timings_s": {"train": round(result.elapsed_s, 3)},
                 })
