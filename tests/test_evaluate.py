@@ -53,9 +53,12 @@ def expected_users(run_dir: Path) -> dict[str, int]:
     users = food.loc[food["split"] == "test", "user_idx"].unique()
     train = food[food["split"] == "train"].groupby("user_idx").size().reindex(users, fill_value=0)
     in_source = np.isin(users, rows.loc[rows["domain"] != "Food", "user_idx"].unique())
-    sizes = {"all": len(users), "history:0-3": int((train <= 3).sum()), "history:4-7": int(train.between(4, 7).sum()),
-             "history:8-15": int(train.between(8, 15).sum()), "source:shared": int(in_source.sum()),
-             "source:target-only": int((~in_source).sum())}
+    sizes = {"all": len(users), "source:shared": int(in_source.sum()), "source:target-only": int((~in_source).sum())}
+    for lo, hi in ((0, 3), (4, 7), (8, 15)):
+        member = train[train.between(lo, hi)]
+        if len(member):  # named by the counts the slice's users really have
+            low, high = member.min(), member.max()
+            sizes[f"train items:{low}" if low == high else f"train items:{low}-{high}"] = len(member)
     return {name: n for name, n in sizes.items() if n}
 
 
@@ -70,7 +73,8 @@ def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
     sizes = metrics.drop_duplicates("slice").set_index("slice")["n_users"]
     for name, n in expected_users(tiny_prepared).items():
         assert sizes[name] == n, name
-    assert "history:16+" not in sizes  # no user has 16 train items: empty slices are left out
+    assert not any(name.startswith("train items:") and int(name.split(":")[1].split("-")[0]) >= 16 for name in sizes.index)
+    # (no user has 16 train items: empty slices are left out)
     assert sizes["target:warm"] + sizes.get("target:cold(<5)", 0) == sizes["all"]  # one test item each
     assert set(metrics["metric"]) == {"recall", "hit", "ndcg", "mrr", "precision", "coverage", "diversity",
                                       "popularity"}
@@ -329,10 +333,13 @@ def test_slices_on_a_hand_example():
     slices = build_slices(targets, np.array([0, 4, 9, 20]), np.array([True, False, True, False]), counts,
                           [4, 8, 16], 5)
     users = {s.name: s.users.tolist() for s in slices}
-    assert users == {"all": [0, 1, 2, 3], "history:0-3": [0], "history:4-7": [1], "history:8-15": [2],
-                     "history:16+": [3], "source:shared": [0, 2], "source:target-only": [1, 3],
+    assert users == {"all": [0, 1, 2, 3], "train items:0": [0], "train items:4": [1], "train items:9": [2],
+                     "train items:20": [3], "source:shared": [0, 2], "source:target-only": [1, 3],
                      "target:unseen": [0, 2], "target:cold(<5)": [0, 1, 2], "target:warm": [2, 3]}
     by_name = {s.name: s for s in slices}
+    # Every user has at least 3 training items: the first slice says 3-5, not 0-3 ("the cold users").
+    names = [s.name for s in build_slices(targets, np.array([3, 5, 9, 20]), None, counts, [6, 16], 5)]
+    assert names[:3] == ["all", "train items:3-5", "train items:9"]
     assert [t.tolist() for t in by_name["target:unseen"].targets] == [[0], [0]]
     assert [t.tolist() for t in by_name["target:warm"].targets] == [[2], [3]]
     without_source = build_slices(targets, np.array([0, 4, 9, 20]), None, counts, [4, 8, 16], 5)

@@ -340,8 +340,8 @@ class EvaluateConfig:
     user_batch: int = 1024
     # Catalogue items per score block; results are identical for any value.
     item_chunk: int = 65536
-    # History-length slices by train interactions in the target: the first bucket (below the first
-    # edge) is the cold users, each edge starts a bucket: [4, 8, 16] gives 0-3, 4-7, 8-15, 16+.
+    # History-length slices by train interactions in the target: each edge starts a bucket, [4, 8, 16]
+    # gives 0-3, 4-7, 8-15, 16+; a slice is named by the counts its users really have (`train items:3-7`).
     history_buckets: list[int] = field(default_factory=lambda: [4, 8, 16])
     # Target items with fewer train interactions than this form the cold-item slice.
     cold_item_interactions: int = 5

@@ -27,24 +27,28 @@ class Slice:
     describes_lists: bool
 
 
-def history_labels(edges: Sequence[int]) -> list[str]:
-    bounds = [0, *edges]
-    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    return [*labels, f"{bounds[-1]}+"]
+def history_label(lengths: np.ndarray) -> str:
+    """A history slice's name: the smallest and largest number of target training items of its
+    users (`train items:4-7`, `train items:3` when they all have 3), what the slice really holds."""
+    lo, hi = int(lengths.min()), int(lengths.max())
+    return f"train items:{lo}" if lo == hi else f"train items:{lo}-{hi}"
 
 
 def build_slices(targets: list[np.ndarray], train_lengths: np.ndarray, in_source: np.ndarray | None,
                  item_train_counts: np.ndarray, history_edges: Sequence[int], cold_item_interactions: int
                  ) -> list[Slice]:
-    """all; history-length buckets (the first is the cold users); users also in a source domain or
-    not (when there are source domains: `in_source` not None); and target items that are cold
-    (< threshold train interactions), never seen in training, or warm."""
+    """all; users by number of target training items (buckets cut at `history_edges`, each named by
+    the range its users really have); users also in a source domain or not (when there are source
+    domains: `in_source` not None); and target items that are cold (< threshold train interactions),
+    never seen in training, or warm."""
     everyone = np.arange(len(targets))
     slices = [Slice("all", everyone, targets, True)]
     bucket = np.searchsorted(np.asarray(history_edges), train_lengths, side="right")
-    for b, label in enumerate(history_labels(history_edges)):
+    for b in range(len(history_edges) + 1):
         users = everyone[bucket == b]
-        slices.append(Slice(f"history:{label}", users, [targets[u] for u in users], True))
+        if len(users):
+            slices.append(Slice(history_label(np.asarray(train_lengths)[users]), users,
+                                [targets[u] for u in users], True))
     if in_source is not None:
         for label, mask in (("source:shared", in_source), ("source:target-only", ~in_source)):
             users = everyone[mask]

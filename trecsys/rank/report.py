@@ -105,7 +105,8 @@ def write_report(path: Path, metrics: pd.DataFrame, comparison: pd.DataFrame, co
                 "Difference of means with its 95% paired-bootstrap CI and two-sided p-value.", "",
                 _markdown_table(["run", "metric", "delta [95% CI]", "p"], table), ""]
     out += [f"## Slices (NDCG@{k} and Recall@{k})", "",
-            f"History buckets count train interactions in the target (the first bucket are the cold users); "
+            f"`train items:a-b` slices group users by their number of training interactions in the target, "
+            f"from a to b (the smallest and largest count among the slice's users); "
             f"`source:shared` users also have interactions in a source domain; target slices keep only the "
             f"held-out items that had no (`unseen`) or fewer than {context['cold_item_interactions']} (`cold`) "
             "training interactions.", ""]
