@@ -246,13 +246,16 @@ def recommend(
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 2) on unknown user ids instead of listing "
                                 "them beside the output."),
     show: int = typer.Option(None, "--show", min=0, help="Print the first N lists with item titles."),
+    as_of: str = typer.Option(None, "--as-of", help="valid or test: recommend as of that split, as `trec "
+                              "evaluate --split` ranks: histories up to and excluding it, baselines counted "
+                              "on the train split; for offline scoring of the lists."),
     print_config: bool = PrintConfigOption,
     debug: bool = DebugOption,
     verify: bool = VerifyOption,
 ) -> None:
     _run_stage("recommend", config, overrides, print_config, debug, model=model, users=users, histories=histories,
                query=query, queries=queries, user=user, output=output, wait=wait, strict=strict, show=show,
-               verify=verify)
+               as_of=as_of, verify=verify)
 
 
 @app.command("run", help=(

@@ -20,7 +20,7 @@ import pyarrow.types as pat
 
 from trecsys.artifacts import read_parquet
 from trecsys.errors import DataError
-from trecsys.prepared.tables import DomainRange, Prepared
+from trecsys.prepared.tables import DomainRange, Prepared, domain_split
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -55,6 +55,8 @@ class Requests:
     # (None: a --histories entry or a query), so a model that reads other domains as context can
     # have it re-read with them.
     read_from: list[str | None] = field(default_factory=list)
+    # --as-of: the split the histories stop before (valid: train; test: train and valid), or None.
+    as_of: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +212,20 @@ def _as_strings(column: pa.ChunkedArray) -> list[str | None]:
 
 
 class Catalogue:
-    """Known users and items of the prepared data, and each known user's history."""
+    """Known users and items of the prepared data, and each known user's history.
 
-    def __init__(self, prepared: Prepared, domain: DomainRange):
-        self.prepared, self.domain = prepared, domain
+    With `as_of` (valid or test) a user's history is what `trec evaluate --split as_of` reads: their
+    items of the domain from the splits before it (train; train and valid), with no fallback to
+    other domains (evaluate has none), so lists made as of a split can be scored against it.
+    """
+
+    def __init__(self, prepared: Prepared, domain: DomainRange, as_of: str | None = None):
+        self.prepared, self.domain, self.as_of = prepared, domain, as_of
+        self._as_of: dict[str, np.ndarray] = {}
+        if as_of is not None:
+            split = domain_split(prepared, domain.name)
+            names = prepared.interactions.drop_duplicates("user_idx").set_index("user_idx")["user_id"].astype(str)
+            self._as_of = dict(zip(names.loc[split.user_idx].tolist(), split.history(as_of), strict=True))
         inter = prepared.interactions
         user_idx = inter["user_idx"].to_numpy()
         order_ok = len(user_idx) < 2 or bool((np.diff(user_idx) >= 0).all())
@@ -226,6 +238,7 @@ class Catalogue:
         bounds = np.append(first, len(user_idx))
         ids = inter["user_id"].to_numpy()[first].astype(str)
         self._rows = {uid: (lo, hi) for uid, lo, hi in zip(ids, bounds[:-1], bounds[1:], strict=True)}
+        self._user_idx = dict(zip(ids, user_idx[first].tolist(), strict=True))
         self._items, self._in_domain = items, in_domain
         self._item_domain = inter["domain"].to_numpy()
         # The domain's users, in user_idx order: who gets a list when nobody is named.
@@ -243,9 +256,19 @@ class Catalogue:
     def knows(self, user_id: str) -> bool:
         return user_id in self._rows
 
+    def in_domain(self, user_id: str) -> bool:
+        """Whether the user has a history in the domain as of the split (always, without --as-of)."""
+        return self.as_of is None or user_id in self._as_of
+
+    def user_idx(self, user_ids: list[str]) -> np.ndarray:
+        """The prepared user_idx of known users."""
+        return np.array([self._user_idx[u] for u in user_ids], dtype=np.int64)
+
     def history(self, user_id: str, context: list[str] | None = None) -> np.ndarray:
         """The user's items in the domain (with `context`: in those domains, interleaved as they came),
         or all their items when they have none there."""
+        if self.as_of is not None and context is None:
+            return self._as_of.get(user_id, np.zeros(0, dtype=np.int64))
         lo, hi = self._rows[user_id]
         mine = self._in_domain[lo:hi] if context is None else np.isin(self._item_domain[lo:hi], context)
         return self._items[lo:hi][mine] if mine.any() else self._items[lo:hi]
@@ -290,6 +313,7 @@ def user_requests(catalogue: Catalogue, user_ids: list[str] | None, histories: l
         labels=rows, users=list(rows), histories=seqs, read_from=[None if u in given else u for u in rows],
         exclude=[_seen(catalogue, s, n_items, exclude_seen) for s in seqs],
         new_items=new_items, new_texts=[str(t) for t in new_texts], new_where=new_where, unknown=unknown,
+        as_of=catalogue.as_of,
     )
 
 

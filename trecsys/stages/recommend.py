@@ -43,6 +43,7 @@ from trecsys.model.checkpoint import (
     read_info,
     weights_sha256,
 )
+from trecsys.prepared.context import histories_for
 from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
 from trecsys.prepared.tables import DomainRange, Prepared, domain_split, load_prepared
 from trecsys.rank.metrics import full_ranking_topk
@@ -82,11 +83,14 @@ class Output:
 def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = None, histories: str | None = None,
         query: list[str] | None = None, queries: str | None = None, user: str | None = None,
         output: str | None = None, wait: float = 0.0, strict: bool = False, show: int | None = None,
-        verify: bool = False) -> Output:
+        as_of: str | None = None, verify: bool = False) -> Output:
     if is_sharded():  # under torchrun: each rank ranks a share of the users (recommend_shards.py)
+        if as_of:
+            raise ConfigError("option --as-of ranks on one process for offline scoring; run it without torchrun")
         return run_sharded(cfg, model, users, histories, output, wait, strict, verify, bool(query or queries))
     query_texts = _query_texts(query, queries)
     mode = "queries" if query_texts else "users"
+    _check_as_of(as_of, histories, query_texts)
     if query_texts and (users or histories):
         raise ConfigError("options --query/--queries rank items for a text, not for --users/--histories: give one or the other")
     if user is not None and not query_texts:
@@ -103,7 +107,10 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
         for ranker in rankers:
             if ranker.checkpoint is not None:
                 verify_stage_folder(ranker.checkpoint, full_hash=verify)
-        catalogue = Catalogue(prepared, domain)
+        if as_of and domain.name != prepared.target:
+            raise ConfigError(f"option --as-of ranks the target domain {prepared.target!r} as `trec evaluate` "
+                              f"does; recommend.domain is {domain.name!r}")
+        catalogue = Catalogue(prepared, domain, as_of)
         if query_texts:
             requests = query_requests(catalogue, query_texts, user, rc.exclude_seen)
         else:
@@ -148,6 +155,17 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
           f"{seconds:.1f} s ({rate:,.{0 if rate >= 100 else 1}f} {what}/s ranking), "
           f"{table.num_rows:,} rows → {out.parquet}")
     return out
+
+
+def _check_as_of(as_of: str | None, histories: str | None, query_texts: list[str]) -> None:
+    """--as-of replays the prepared users at a split; new users and queries have no split."""
+    if as_of is None:
+        return
+    if as_of not in ("valid", "test"):
+        raise ConfigError(f"option --as-of: {as_of!r} is not a held-out split; use valid or test")
+    if histories or query_texts:
+        raise ConfigError("option --as-of ranks the prepared users as of a split; it does not combine with "
+                          "--histories, --query or --queries")
 
 
 def _query_texts(query: list[str] | None, queries: str | None) -> list[str]:
@@ -296,9 +314,12 @@ def _blend_with_user(fused: WeightedSum, n_rows: int, user_weight: float, n_item
 def ranking_inputs(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, histories: list[np.ndarray],
                    requests: Requests, item_text: np.ndarray, device: torch.device) -> RankingInputs:
     """`histories` (one row per list) as recommend's scorers read them: the baselines count every
-    interaction of the domain; a model reads known users as it was trained (`model_histories`)."""
+    interaction of the domain (with --as-of: the train split, what every model was trained on, as
+    `trec evaluate` counts); a model reads known users as it was trained (`model_histories`)."""
+    counted = (lambda: train_interactions(prepared, domain)) if requests.as_of else (
+        lambda: every_interaction(prepared, domain))
     return RankingInputs(
-        prepared, domain, histories, counted=lambda: every_interaction(prepared, domain),
+        prepared, domain, histories, counted=counted,
         model_histories=lambda history: model_histories(prepared, domain, histories, requests, history),
         item_text=item_text, device=device, user_batch=cfg.recommend.user_batch, item_chunk=cfg.recommend.item_chunk,
     )
@@ -307,16 +328,31 @@ def ranking_inputs(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRang
 def every_interaction(prepared: Prepared, domain: DomainRange) -> list[np.ndarray]:
     """What the baselines count when recommending: every interaction of the domain, all splits."""
     ds = domain_split(prepared, domain.name)
-    return to_local([np.concatenate([t, v, s]) for t, v, s in zip(ds.train, ds.valid, ds.test, strict=True)], domain)
+    return to_local([np.concatenate([h, v, s]) for h, v, s in zip(ds.history("valid"), ds.valid, ds.test, strict=True)],
+                    domain)
+
+
+def train_interactions(prepared: Prepared, domain: DomainRange) -> list[np.ndarray]:
+    """What the baselines count with --as-of: the train split (evaluate's rule)."""
+    return to_local(domain_split(prepared, domain.name).train, domain)
 
 
 def model_histories(prepared: Prepared, domain: DomainRange, histories: list[np.ndarray], requests: Requests,
                     history: str) -> list[np.ndarray]:
     """The rows as a model fine-tuned with `finetune.history: all_domains` reads them: a known user's
-    history with the source domains interleaved, as it was trained (given histories stay as they are)."""
+    history with the source domains interleaved, as it was trained (given histories stay as they are);
+    with --as-of exactly as evaluate reads them before that split."""
     if not any(requests.read_from):
         return histories
-    catalogue = Catalogue(prepared, domain)
+    catalogue = Catalogue(prepared, domain, requests.as_of)
+    if requests.as_of:
+        known = [i for i, user in enumerate(requests.read_from) if user is not None and catalogue.in_domain(user)]
+        users = catalogue.user_idx([requests.read_from[i] for i in known])
+        context = histories_for(prepared, history, requests.as_of, users) if len(users) else []
+        out = list(histories)
+        for i, h in zip(known, context, strict=True):
+            out[i] = h
+        return out
     context = [*prepared.source, domain.name] if history == "all_domains" else [domain.name]
     return [h if user is None else catalogue.history(user, context)
             for h, user in zip(histories, requests.read_from, strict=True)]
@@ -380,6 +416,7 @@ def _context(cfg: ExperimentConfig, domain: DomainRange, rankers: list[Ranker], 
         "run_dir": str(cfg.run_dir),
         "mode": mode,
         "domain": domain.name,
+        "as_of": requests.as_of,
         "k": rc.k,
         "exclude_seen": rc.exclude_seen,
         "include_categories": rc.include_categories,
