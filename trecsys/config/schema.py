@@ -25,8 +25,11 @@ class ColumnConfig:
     time: str = "timestamp"
     # Rating column, if any (needed by data.rating_threshold).
     rating: str | None = None
-    # Pre-split inputs (split: given): a column of train / valid (or dev) / test.
+    # Pre-split inputs (split: given): a column of train / valid (or dev) / test / input; with
+    # split: users, each user's group: train / valid / test.
     split: str | None = None
+    # Item-file column that tells apart the domains of one shared file (data.domains.<name>.select).
+    domain: str | None = None
 
 
 @dataclass
@@ -45,6 +48,9 @@ class DomainConfig:
     # Optional user file; checked to exist, not read.
     users: str = ""
     columns: ColumnConfig = field(default_factory=ColumnConfig)
+    # With columns.domain: this domain keeps the items whose columns.domain value is this (null: the
+    # domain's name) and their interactions, so several domains can read one file.
+    select: str | None = None
     # This domain's item text template (fields in braces, as data.text_template); null = data.text_template.
     # Every field must be a column of this domain's item file.
     text_template: str | None = None
@@ -91,8 +97,13 @@ class DataConfig:
     # ... and items with fewer interactions, repeated until both hold.
     min_item_interactions: int = 1
     # leave_one_out: per user, last → test, second last → valid; temporal: a time cut (below);
-    # given: the input's own split column.
-    split: Literal["leave_one_out", "temporal", "given"] = "leave_one_out"
+    # given: the input's own split column (train, valid, test, or input: a held-out user's history,
+    # read at evaluation and never trained on); users: the split column holds each user's group, and
+    # a valid/test user's last `held_out_per_user` interactions per domain are held out, the earlier
+    # ones input (inductive users).
+    split: Literal["leave_one_out", "temporal", "given", "users"] = "leave_one_out"
+    # split: users — held-out interactions per valid or test user in each domain (each is scored).
+    held_out_per_user: int = 1
     # split: temporal — the latest `temporal_holdout` fraction of a domain's interactions (a global
     # time cut at that quantile of its timestamps) is held out: the earlier half valid, the later test.
     temporal_holdout: float = 0.1

@@ -74,7 +74,9 @@ class ColumnarDomain:
 def read_columnar(name: str, domain: DomainConfig, root: Path, on_bad_rows: str) -> ColumnarDomain:
     """A configured domain as columns; the fast readers first, the pandas reader when they cannot."""
     fast = None
-    if domain.format in amazon.LAYOUTS:
+    if domain.columns.domain is not None:  # one shared file: the pandas reader selects this domain's part
+        pass
+    elif domain.format in amazon.LAYOUTS:
         fast = _amazon_fast(name, domain, root)
     elif domain.format == "parquet":
         fast = _parquet_fast(name, domain, root)

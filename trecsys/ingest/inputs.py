@@ -27,7 +27,8 @@ READ_ERRORS = (EOFError, OSError, zlib.error, UnicodeDecodeError)
 # The largest timestamp accepted: far beyond any unix time in ms, and safely inside int64.
 MAX_TIMESTAMP = 2.0**62
 ENCODING = "utf-8-sig"
-SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
+SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test",
+               "input": "input"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ def finish_interactions(path: Path, raw: pd.DataFrame, lines: np.ndarray, source
         text = _as_str(raw["split"]).str.strip().str.lower()
         splits = text.map(SPLIT_NAMES)
         flag(splits.isna().to_numpy(), lambda i: f"column {source['split']!r}: {shown(raw['split'].iat[i])} "
-             "is not one of train, valid (dev), test")
+             "is not one of train, valid (dev), test, input")
 
     keep = pd.isna(reasons)
     bad.report_many(path, [(int(lines[i]), reasons[i]) for i in np.flatnonzero(~keep)], unit)

@@ -44,6 +44,7 @@ from trecsys.ingest.inputs import (
     read_error,
 )
 from trecsys.ingest.raw import RawDomain
+from trecsys.ingest.select import select_domain
 
 RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
 # Order columns a RecBole .inter may carry, best first; `position` is an order, not a time.
@@ -66,7 +67,7 @@ def read_domain(name: str, domain: DomainConfig, root: Path, on_bad_rows: str) -
     if domain.users:
         input_path(root, domain.users, name, "users", domain.format)
     bad = BadRows(on_bad_rows)
-    raw = reader(name, domain, Path(root), bad)
+    raw = select_domain(name, domain, reader(name, domain, Path(root), bad))
     bad.flush()
     raw.skipped_rows, raw.skipped_examples = bad.count, bad.examples
     if raw.interactions.empty:

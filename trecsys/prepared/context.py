@@ -90,7 +90,7 @@ def _history_before(seq: np.ndarray, target: np.ndarray, kind: np.ndarray, split
     items only from the splits that precede it (train; train and valid for test)."""
     held = np.flatnonzero(target & (kind == split))
     end = held[0] if len(held) else len(seq)
-    visible = ("train",) if split == "valid" else ("train", "valid")
+    visible = ("train", "input") if split == "valid" else ("train", "input", "valid")
     keep = ~target[:end] | np.isin(kind[:end], visible)
     return seq[:end][keep]
 

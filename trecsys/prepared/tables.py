@@ -2,8 +2,9 @@
 
 Artifact contract (written by trecsys/stages/prepare.py):
 - items.parquet: item_idx (int32, dense, contiguous per domain), item_id, domain, title, text, ...
-- interactions.parquet: user_idx, user_id, item_idx, domain, timestamp, rating, split; rows sorted by
-  (user_idx, timestamp), ties in input order, domains interleaved.
+- interactions.parquet: user_idx, user_id, item_idx, domain, timestamp, rating, split (train, valid,
+  test, or input: a held-out user's history); rows sorted by (user_idx, timestamp), ties in input
+  order, domains interleaved.
 - item_embeddings.parquet: item_idx, embedding (fixed-size list of float32); encoder info in metadata.
 - manifest.json: `domains` {name: {role, item_start, item_stop, ...}}, `source`, `target`, `encoder`.
 """
@@ -102,7 +103,8 @@ _SCHEMA = {
     "item_embeddings.parquet": {"item_idx": _INT, "embedding": lambda t: pa.types.is_fixed_size_list(t)
                                 and pa.types.is_floating(t.value_type)},
 }
-SPLITS = ("train", "valid", "test")
+# input: a held-out user's history (data.split: users), read before their held-out items, never trained on.
+SPLITS = ("train", "valid", "test", "input")
 
 
 def _checked(table: pa.Table, path: Path) -> pa.Table:
@@ -143,7 +145,8 @@ class DomainSplit:
     """One domain's users with their ordered train sequences and held-out targets (item_idx).
 
     `valid` and `test` hold each user's held-out items (usually one under leave-one-out; empty when
-    the user has none). Evaluating on valid uses `train` as history; on test, `train + valid`.
+    the user has none). Evaluating on valid uses `train` as history; on test, `train + valid`; a
+    held-out user's `input` items (data.split: users) come first in both, and are never trained on.
     """
 
     domain: DomainRange
@@ -151,12 +154,15 @@ class DomainSplit:
     train: list[np.ndarray]
     valid: list[np.ndarray]
     test: list[np.ndarray]
+    input: list[np.ndarray] | None = None
 
     def history(self, split: str) -> list[np.ndarray]:
+        before = self.train if self.input is None else [
+            np.concatenate([i, t]) for i, t in zip(self.input, self.train, strict=True)]
         if split == "valid":
-            return self.train
+            return before
         if split == "test":
-            return [np.concatenate([t, v]) for t, v in zip(self.train, self.valid, strict=True)]
+            return [np.concatenate([b, v]) for b, v in zip(before, self.valid, strict=True)]
         raise ValueError(f"unknown split {split!r}")
 
     def targets(self, split: str) -> list[np.ndarray]:
@@ -178,9 +184,10 @@ def domain_split(prepared: Prepared, name: str) -> DomainSplit:
     split = rows["split"].to_numpy()
     user_idx, starts = np.unique(users, return_index=True)  # rows are sorted by user_idx
     bounds = np.append(starts, len(users))
-    out: dict[str, list[np.ndarray]] = {"train": [], "valid": [], "test": []}
+    out: dict[str, list[np.ndarray]] = {name_: [] for name_ in SPLITS}
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         user_items, user_split = items[lo:hi], split[lo:hi]
         for name_ in out:
             out[name_].append(user_items[user_split == name_])
-    return DomainSplit(domain, user_idx.astype(np.int64), out["train"], out["valid"], out["test"])
+    return DomainSplit(domain, user_idx.astype(np.int64), out["train"], out["valid"], out["test"],
+                       out["input"] if any(len(i) for i in out["input"]) else None)

@@ -107,7 +107,7 @@ def pandas_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float]]
     clock = _now()
     for name, frame in cleaned.items():
         frame["split"] = assign_split(frame, cfg.data.split, cfg.data.temporal_holdout, name,
-                                      raw[name].order_only)
+                                      raw[name].order_only, cfg.data.held_out_per_user)
     _check_target(cfg.data.target, (cleaned[cfg.data.target]["split"] == "test").any())
     items, interactions = build_tables(cleaned, raw, catalogue_ids(cfg.data, cleaned, raw))
     timings["split"] = _since(clock)
@@ -123,6 +123,8 @@ def columnar_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float
         raise ConfigError("data.engine: polars needs the polars package: pip install 'trecsys[scale]' "
                           "(or polars), or set data.engine: pandas") from None
 
+    if cfg.data.split == "users":
+        raise ConfigError("data.split: users (inductive users) runs on data.engine: pandas; set it")
     clock = _now()
     synthetic = generate_domains(cfg)
     root = Path(cfg.data.root).expanduser()
@@ -412,7 +414,7 @@ def domain_stats(items: pd.DataFrame, interactions: pa.Table, roles: dict[str, s
         for other, users in present.items():
             if other != name:
                 others |= users
-        in_split = {s: mask & (split == s) for s in ("train", "valid", "test")}
+        in_split = {s: mask & (split == s) for s in ("train", "valid", "test", "input")}
         train_items = np.unique(item_idx[in_split["train"]])
         users_here, n_items, n_rows = int(present[name].sum()), len(domain_items), int(mask.sum())
         stats[name] = {
