@@ -74,11 +74,10 @@ class ColumnarDomain:
 def read_columnar(name: str, domain: DomainConfig, root: Path, on_bad_rows: str) -> ColumnarDomain:
     """A configured domain as columns; the fast readers first, the pandas reader when they cannot."""
     fast = None
-    if domain.columns.domain is not None:  # one shared file: the pandas reader selects this domain's part
-        pass
-    elif domain.format in amazon.LAYOUTS:
+    shared = domain.columns.domain is not None  # one file, several domains: the pandas reader selects
+    if domain.format in amazon.LAYOUTS and not shared:
         fast = _amazon_fast(name, domain, root)
-    elif domain.format == "parquet":
+    elif domain.format == "parquet" and not shared:
         fast = _parquet_fast(name, domain, root)
     if fast is not None:
         return fast
