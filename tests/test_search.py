@@ -210,6 +210,11 @@ def test_recommend_search_mode_ranks_matches_and_keeps_the_user(search_run, caps
     assert "queries/s" in printed and "p95" in printed
     manifest = read_json(out.manifest)
     assert manifest["context"]["query_mode"] == "search" and "latency_p50_s" in manifest["context"]
+    # Diversity re-ranks within the list: the same matches lead, in another order when λ = 1.
+    varied = pd.read_parquet(stage.run(_config(search_run, ["search.lexical_weight=1.0", "recommend.diversity=1.0"]),
+                                       query=["cheese"], user="u1", output=str(search_run / "v.parquet")).parquet)
+    plain = recs[recs["query"] == "cheese"].sort_values("rank")["item_id"].tolist()
+    assert varied["item_id"].iloc[0] == plain[0] and len(varied) == 5
 
 
 @pytest.mark.usefixtures("fake_encoder")

@@ -131,7 +131,8 @@ def search_report(metrics: pd.DataFrame, comparison: pd.DataFrame, context: dict
         f"Intervals: 95% bootstrap over queries ({context['bootstrap']} resamples, seed {context['seed']}).",
         "",
         f"Lexical index over item fields {context['fields']}; at most {context['max_candidates']} candidates per "
-        f"query. Mixes chosen on {context['n_valid_queries']} validation queries by NDCG@10:",
+        f"query. Mixes chosen on {context['n_valid_queries']} validation queries by NDCG@10"
+        f"{' (the evaluated split itself: optimistic)' if context['split'] == 'valid' else ''}:",
         "",
     ]
     out += [f"- `{run}`: {mix}" for run, mix in context["mixes"].items()]

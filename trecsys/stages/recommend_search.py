@@ -19,7 +19,7 @@ from trecsys.rank import search as S
 from trecsys.rank import search_protocol as P
 from trecsys.rank.rankers import Ranker, make_scorer
 from trecsys.rank.requests import Catalogue, Requests, user_requests
-from trecsys.rank.rerank import WeightedSum
+from trecsys.rank.rerank import WeightedSum, mmr_rerank
 
 
 @dataclass
@@ -58,6 +58,10 @@ def rank_queries(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange,
     personal = user_scores(cfg, prepared, domain, rankers, user, device) if user is not None else None
     run = SearchRun(*choose_mix(cfg, prepared, domain, index, rankers, personal is not None, device))
     known: dict[str, np.ndarray] = {}  # a query asked again in the same run is not encoded again
+    # recommend.diversity re-ranks the top of each result list by MMR, as it does users' lists.
+    depth = max(rc.k, rc.diversity_candidates) if rc.diversity > 0 else rc.k
+    unit = (torch.nn.functional.normalize(torch.from_numpy(prepared.embeddings[domain.item_start:domain.item_stop]),
+                                          dim=1) if rc.diversity > 0 else None)
     P.embed_queries(cfg, prepared, ["warm up"], device)  # loading the encoder is not a query's time
     run.setup_seconds = time.perf_counter() - setup
     values, top_index = [], []
@@ -69,9 +73,12 @@ def rank_queries(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange,
         mine = personal.expand(hi - lo, -1) if personal is not None else None
         exclude = requests.exclude[lo:hi]
         has_exclude = any(len(e) for e in exclude)
-        v, i = S.search_topk(lexical, semantic, mine, run.mix, sc.max_candidates, rc.k,
+        v, i = S.search_topk(lexical, semantic, mine, run.mix, sc.max_candidates, depth,
                              exclude if has_exclude else None, allowed)
-        values.append(_empty_masked(v, i, exclude, allowed))
+        v = _empty_masked(v, i, exclude, allowed)
+        if unit is not None:
+            v, i = mmr_rerank(v, i, unit, rc.k, rc.diversity)
+        values.append(v)
         top_index.append(i)
         seconds = time.perf_counter() - started
         run.seconds += seconds
