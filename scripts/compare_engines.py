@@ -1,5 +1,6 @@
 """DuckDB vs Polars on prepare's interaction work, on generated Amazon-2023-shaped reviews.
 
+    pip install duckdb polars      # duckdb is only needed here, not by trecsys
     python scripts/gen_amazon2023.py --out runs/bench_scale/data_1M --interactions 1e6
     python scripts/compare_engines.py runs/bench_scale/data_1M
 
