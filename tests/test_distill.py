@@ -54,7 +54,7 @@ def agreement(teacher: SeqRecModel, student: SeqRecModel, run_dir: Path) -> tupl
     for name in prepared.source:
         split = domain_split(prepared, name)
         d = split.domain
-        inputs, labels = window_tensors(training_windows(split.train, 6), d.item_start, d.item_stop)
+        inputs, labels = window_tensors(training_windows(split.train, 6)[0], d.item_start, d.item_stop)
         with torch.no_grad():
             logits = [m.eval().score(m.encode(inputs)[labels >= 0], m.item_reps(d.item_start, d.item_stop))
                       for m in (teacher, student)]

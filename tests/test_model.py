@@ -20,7 +20,7 @@ from trecsys.train.losses import (
     sampled_softmax_loss,
     softmax_over_candidates,
 )
-from trecsys.train.windows import history_batch, training_windows, window_tensors
+from trecsys.train.windows import history_batch, label_counts, training_windows, trim_left_padding, window_tensors
 
 TEXT_DIM, N_ITEMS, L = 24, 40, 8
 
@@ -273,7 +273,7 @@ def tiny_sequences(n_users: int = 60, seed: int = 0) -> list[np.ndarray]:
 @pytest.mark.parametrize("loss_name", ["full", "sampled"])
 def test_loss_decreases_on_tiny_data(loss_name):
     model = make_model(seed=2, dropout=0.1).train()
-    inputs, labels = window_tensors(training_windows(tiny_sequences(), L))
+    inputs, labels = window_tensors(training_windows(tiny_sequences(), L)[0])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     log_q, gen = proposal_log_q(np.zeros(N_ITEMS)), torch.Generator().manual_seed(0)
     losses = []
@@ -298,7 +298,8 @@ def test_loss_decreases_on_tiny_data(loss_name):
 def test_windows_keep_every_pair_once():
     max_len = 4
     sequences = [np.arange(100, 100 + n) for n in (0, 1, 2, 4, 5, 6, 9, 13)]
-    windows = training_windows(sequences, max_len)
+    windows, new = training_windows(sequences, max_len)
+    assert (new == max_len).sum() >= len(new) - 6  # non-overlapping: all labels new but each user's first window
     assert windows.shape[1] == max_len + 1 and windows.dtype == np.int64
     inputs, labels = (t.numpy() for t in window_tensors(windows))
     assert (labels[inputs < 0] == -1).all()  # a user's first item has no history: never a label
@@ -315,7 +316,38 @@ def test_windows_keep_every_pair_once():
     assert sorted(seen) == sorted(expected)  # each (history -> next) pair exactly once
     # The latest items of a user form a full window.
     assert (windows[np.flatnonzero(windows[:, -1] == 112)[0]] == np.arange(108, 113)).all()
-    assert training_windows([np.arange(1)], 4).shape == (0, 5)
+    assert training_windows([np.arange(1)], 4)[0].shape == (0, 5)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+def test_overlapping_windows_give_each_label_its_history_once(stride):
+    """Every (history -> next) pair is trained exactly once, and the label at sequence position p
+    reads min(p, max_seq_len - stride + 1) items of history at least: all of min(p, max_seq_len) at stride 1."""
+    max_len = 4
+    sequences = [np.arange(1000 * u, 1000 * u + n) for u, n in enumerate((0, 1, 2, 4, 5, 6, 9, 13))]
+    windows, new = training_windows(sequences, max_len, stride)
+    inputs, labels = (t.numpy() for t in window_tensors(windows, new=new))
+    assert (label_counts(windows, new=new) == (labels >= 0).sum(axis=1)).all()
+    histories = {}
+    for w_in, w_lab in zip(inputs, labels, strict=True):
+        for t in np.flatnonzero(w_lab >= 0):
+            history = w_in[: t + 1]
+            history = history[history >= 0]
+            assert history[-1] == w_lab[t] - 1
+            assert w_lab[t] not in histories  # each label once
+            histories[int(w_lab[t])] = len(history)
+    expected = {int(i): p for s in sequences if len(s) >= 2 for p, i in enumerate(s) if p >= 1}
+    assert set(histories) == set(expected)
+    for label, position in expected.items():
+        assert histories[label] >= min(position, max_len - stride + 1)
+        if stride == 1:
+            assert histories[label] == min(position, max_len)
+    # Left-trimming a batch (as training does) keeps the same labels.
+    trimmed = trim_left_padding(torch.from_numpy(windows[-3:]))
+    assert torch.equal(window_tensors(trimmed, new=new[-3:])[1][:, -trimmed.shape[1] + 1:],
+                       window_tensors(windows[-3:], new=new[-3:])[1][:, -trimmed.shape[1] + 1:])
+    with pytest.raises(ValueError):
+        training_windows(sequences, max_len, max_len + 1)
 
 
 def test_window_tensors_and_history_batch():
@@ -386,7 +418,7 @@ def test_bad_checkpoints_raise_artifact_errors(tmp_path):
 
 def test_sampled_loss_runs_the_item_tower_on_its_candidates_only():
     model = make_model(seed=3).eval()
-    inputs, labels = window_tensors(training_windows(tiny_sequences(), L))
+    inputs, labels = window_tensors(training_windows(tiny_sequences(), L)[0])
     states, reps = model.encode(inputs), model.item_reps(0, N_ITEMS)
     log_q = proposal_log_q(np.arange(N_ITEMS), power=0.75)
     asked = []

@@ -193,7 +193,7 @@ def test_all_domains_history_reads_source_items_but_predicts_only_target_items(t
     assert sum((~in_target(s)).sum() for s in mixed.train) > 0  # source items are there as context
     for u in range(len(mixed.user_idx)):  # the same target items in the same order
         assert np.array_equal(mixed.train[u][in_target(mixed.train[u])], target_only.train[u])
-    windows = training_windows(mixed.train, 6)
+    windows, _ = training_windows(mixed.train, 6)
     inputs, labels = window_tensors(windows, domain.item_start, domain.item_stop)
     kept = labels[labels >= 0] + domain.item_start
     assert len(kept) and in_target(kept.numpy()).all()

@@ -141,6 +141,12 @@ class TrainConfig:
 
     # Passes over the training windows (the lr schedule spans all of them).
     epochs: int = 20
+    # Training windows (model.max_seq_len + 1 items) start every this many items; only labels no later
+    # window holds carry the loss, so each label counts once and reads at least max_seq_len -
+    # window_stride + 1 items of history (all of it when shorter). 1 = every label sees its full
+    # history up to max_seq_len (the per-prefix task, one window per label); 0 = max_seq_len (fewest
+    # windows: histories cut at the window start).
+    window_stride: int = 0
     # Training windows per optimizer step, summed over all processes and accumulation steps.
     batch_size: int = 256
     # Micro-batches per optimizer step on each process (same result, less memory per micro-batch).
@@ -182,7 +188,7 @@ class TrainConfig:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every_steps", "patience", "checkpoint_every_steps", "max_steps", "weight_decay",
+        for name in ("window_stride", "eval_every_steps", "patience", "checkpoint_every_steps", "max_steps", "weight_decay",
                      "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 0, got {getattr(self, name)}")

@@ -70,30 +70,42 @@ class DomainWindows:
 
     domain: DomainRange
     windows: np.ndarray
+    new: np.ndarray  # labels per window that carry the loss, counted from its end (training_windows)
     log_q: torch.Tensor | None = None  # proposal of `loss: sampled`, over the domain's items
+
+    def label_counts(self) -> np.ndarray:
+        return label_counts(self.windows, self.domain.item_start, self.domain.item_stop, self.new)
+
+
+def window_stride(train: TrainConfig, max_seq_len: int) -> int:
+    """`train.window_stride` as the stride of training_windows (0 or above max_seq_len: max_seq_len)."""
+    return max_seq_len if train.window_stride in (0, None) else min(train.window_stride, max_seq_len)
 
 
 def domain_windows(domain: DomainRange, sequences: Sequence[np.ndarray], max_seq_len: int,
                    train: TrainConfig, device: torch.device) -> DomainWindows:
     """Windows of `sequences` that hold at least one label in `domain`."""
-    windows = training_windows(list(sequences), max_seq_len)
-    windows = windows[label_counts(windows, domain.item_start, domain.item_stop) > 0]
-    log_q = None
+    windows, new = training_windows(list(sequences), max_seq_len, window_stride(train, max_seq_len))
+    part = DomainWindows(domain, windows, new)
+    has_label = part.label_counts() > 0
+    part.windows, part.new = windows[has_label], new[has_label]
     if train.loss == "sampled":  # proposal from training popularity within the domain
         flat = np.concatenate(list(sequences)) if len(sequences) else np.zeros(0, dtype=np.int64)
         flat = flat[(flat >= domain.item_start) & (flat < domain.item_stop)] - domain.item_start
-        log_q = proposal_log_q(np.bincount(flat, minlength=domain.n_items)).to(device)
-    return DomainWindows(domain, windows, log_q)
+        part.log_q = proposal_log_q(np.bincount(flat, minlength=domain.n_items)).to(device)
+    return part
 
 
 def window_train_data(parts: list[DomainWindows]) -> TrainData:
     """Every part's windows; a batch holds one part's windows (so one catalogue per batch)."""
     windows = np.concatenate([p.windows for p in parts])
+    new = np.concatenate([p.new for p in parts])
     groups = np.repeat(np.arange(len(parts)), [len(p.windows) for p in parts])
-    n_terms = np.concatenate([label_counts(p.windows, p.domain.item_start, p.domain.item_stop) for p in parts])
+    n_terms = np.concatenate([p.label_counts() for p in parts])
 
     def make_batch(indices: np.ndarray) -> dict:
-        return {"windows": trim_left_padding(torch.from_numpy(windows[indices])), "group": int(groups[indices[0]])}
+        return {"windows": trim_left_padding(torch.from_numpy(windows[indices])),
+                "new": torch.from_numpy(new[indices]), "group": int(groups[indices[0]])}
 
     return TrainData(n_terms=n_terms, make_batch=make_batch, groups=groups)
 
@@ -101,7 +113,7 @@ def window_train_data(parts: list[DomainWindows]) -> TrainData:
 def batch_inputs(parts: list[DomainWindows], batch: dict) -> tuple[DomainWindows, torch.Tensor, torch.Tensor]:
     """(part, inputs, catalogue-local labels) of a batch made by `window_train_data`."""
     part = parts[batch["group"]]
-    inputs, labels = window_tensors(batch["windows"], part.domain.item_start, part.domain.item_stop)
+    inputs, labels = window_tensors(batch["windows"], part.domain.item_start, part.domain.item_stop, batch["new"])
     return part, inputs, labels
 
 

@@ -1,7 +1,8 @@
 """Item sequences as model input: training windows with a loss at every position, and scoring batches.
 
 One causal pass over a window of `max_seq_len + 1` items trains every (history -> next item) pair
-in it, instead of materialising each prefix as its own padded sequence (~40x fewer tokens).
+in it, instead of materialising each prefix as its own padded sequence (up to max_seq_len x fewer
+tokens). Overlapping windows (`stride` < max_seq_len) give labels longer histories at more tokens.
 All arrays hold global item_idx, left-padded with -1.
 """
 
@@ -13,60 +14,77 @@ import torch
 from trecsys.model.seqrec import PAD
 
 
-def training_windows(sequences: list[np.ndarray], max_seq_len: int) -> np.ndarray:
-    """Split each user's sequence into windows of `max_seq_len + 1` items: (n_windows, max_seq_len + 1).
+def training_windows(sequences: list[np.ndarray], max_seq_len: int, stride: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's sequence as windows of `max_seq_len + 1` items: (windows (n, max_seq_len + 1), new (n,)).
 
-    Windows are cut from the end backwards with stride `max_seq_len`, so the latest items form a
-    full window and consecutive windows share one item: every item but a user's first is a label
-    exactly once, with its history truncated at the window start. Sequences shorter than 2 are
-    dropped. Per user, the latest window comes first. Inputs are `w[:, :-1]`, labels `w[:, 1:]`
-    except where the input is padding (a user's first item has no history): see `window_tensors`.
+    Windows are cut from the end backwards every `stride` items (default `max_seq_len`: windows
+    share one item), so the latest items form a full window. Only a window's last `new[i]` labels
+    carry the loss (the earlier ones are another window's): every item but a user's first is a
+    label exactly once, and the label at sequence position p reads min(p, max_seq_len - stride + 1)
+    items of history at least. stride 1 gives every label its full history up to `max_seq_len`
+    (the per-prefix task, at one window per label); stride max_seq_len gives the fewest windows,
+    with histories cut at the window start. Sequences shorter than 2 are dropped. Per user, the
+    latest window comes first. Inputs are `w[:, :-1]`, labels `w[:, 1:]`: see `window_tensors`.
     """
     if max_seq_len < 1:
         raise ValueError("max_seq_len must be >= 1")
+    stride = max_seq_len if stride is None else stride
+    if not 1 <= stride <= max_seq_len:
+        raise ValueError(f"stride must be in [1, max_seq_len={max_seq_len}], got {stride}")
     width = max_seq_len + 1
     kept = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) >= 2]
     if not kept:
-        return np.full((0, width), PAD, dtype=np.int64)
+        return np.full((0, width), PAD, dtype=np.int64), np.zeros(0, dtype=np.int64)
     lengths = np.array([len(s) for s in kept], dtype=np.int64)
     flat = np.concatenate(kept)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    per_user = (lengths - 2) // max_seq_len + 1  # ceil((length - 1) / max_seq_len) labels per window
+    per_user = (lengths - 2) // stride + 1  # ceil((length - 1) / stride) windows
     user = np.repeat(np.arange(len(kept)), per_user)
     first_window = np.repeat(np.cumsum(per_user) - per_user, per_user)
     back = np.arange(len(user)) - first_window  # 0 = the user's latest window
-    stop = starts[user] + lengths[user] - back * max_seq_len  # exclusive end in `flat`
-    columns = stop[:, None] - width + np.arange(width)[None, :]
+    end = lengths[user] - back * stride  # exclusive end within the user's sequence
+    columns = (starts[user] + end)[:, None] - width + np.arange(width)[None, :]
     inside = columns >= starts[user][:, None]
-    return np.where(inside, flat[np.maximum(columns, 0)], PAD)
+    new = np.minimum(stride, end - 1)  # labels at sequence positions [max(1, end - stride), end)
+    return np.where(inside, flat[np.maximum(columns, 0)], PAD), new
 
 
-def window_tensors(windows: np.ndarray, item_start: int = 0, item_stop: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_mask(inputs, labels, new, item_start: int, item_stop: int | None):
+    """Label positions that carry the loss (works on numpy arrays and tensors alike)."""
+    keep = (inputs >= 0) & (labels >= 0)
+    if item_stop is not None:
+        keep &= (labels >= item_start) & (labels < item_stop)
+    if new is not None:
+        width = labels.shape[1]
+        column = np.arange(width)[None, :] if isinstance(labels, np.ndarray) else torch.arange(width, device=labels.device)[None, :]
+        keep &= column >= width - new[:, None]
+    return keep
+
+
+def window_tensors(windows: np.ndarray, item_start: int = 0, item_stop: int | None = None,
+                   new: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels) LongTensors (B, max_seq_len) from windows.
 
     Inputs keep global item_idx; labels become catalogue-local (`item_idx - item_start`, the index
     into `model.item_reps(start, stop)`), and -1 (ignored) wherever the input is padding — at the
     position before a user's first item, whose state is the empty history. With `item_stop`, labels
     outside [item_start, item_stop) are ignored too: items of other domains in an interleaved
-    sequence are read as context but never predicted.
+    sequence are read as context but never predicted. With `new` (from `training_windows`), only
+    each window's last `new[i]` labels are kept (left-trimming the windows does not change them).
     """
     windows = torch.as_tensor(windows, dtype=torch.long)
     inputs, labels = windows[:, :-1], windows[:, 1:]
-    keep = inputs >= 0
-    if item_stop is not None:
-        keep &= (labels >= item_start) & (labels < item_stop)
+    new = None if new is None else torch.as_tensor(new, dtype=torch.long, device=windows.device)
+    keep = _loss_mask(inputs, labels, new, item_start, item_stop)
     labels = torch.where(keep, labels - item_start, torch.full_like(labels, PAD))
     return inputs, labels
 
 
-def label_counts(windows: np.ndarray, item_start: int = 0, item_stop: int | None = None) -> np.ndarray:
+def label_counts(windows: np.ndarray, item_start: int = 0, item_stop: int | None = None,
+                 new: np.ndarray | None = None) -> np.ndarray:
     """Labels per window that `window_tensors` keeps: the loss terms each window contributes."""
-    inputs, labels = windows[:, :-1], windows[:, 1:]
-    keep = (inputs >= 0) & (labels >= 0)
-    if item_stop is not None:
-        keep &= (labels >= item_start) & (labels < item_stop)
-    return keep.sum(axis=1)
+    return _loss_mask(windows[:, :-1], windows[:, 1:], new, item_start, item_stop).sum(axis=1)
 
 
 def history_batch(histories: list[np.ndarray], max_seq_len: int) -> torch.Tensor:
