@@ -20,7 +20,13 @@ from trecsys.train.losses import (
     sampled_softmax_loss,
     softmax_over_candidates,
 )
-from trecsys.train.windows import history_batch, label_counts, training_windows, trim_left_padding, window_tensors
+from trecsys.train.windows import (
+    history_batch,
+    label_counts,
+    training_windows,
+    trim_left_padding,
+    window_tensors,
+)
 
 TEXT_DIM, N_ITEMS, L = 24, 40, 8
 
