@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.resources
 import signal
 import sys
 import threading
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import typer
 
+from trecsys import __version__
 from trecsys.config import ExperimentConfig, load_config, to_yaml
 from trecsys.errors import (
     EXIT_BUG,
     EXIT_CODES_HELP,
     EXIT_INTERRUPTED,
+    ConfigError,
     NotAvailableError,
     TrecError,
     environment_error,
@@ -31,7 +34,6 @@ app = typer.Typer(
     name="trec",
     help="Transfer learning for recommendation: prepare → pretrain-source → distill → finetune-target → "
     f"evaluate → recommend.\n\n{EXIT_CODES_HELP}",
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -52,6 +54,20 @@ _STAGE_ISSUE = {
     "evaluate": 5,
     "recommend": 6,
 }
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"trec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Transfer learning for recommendation."""
 
 
 def _resolve(config: Path, overrides: list[str] | None, print_config: bool) -> ExperimentConfig | None:
@@ -279,6 +295,58 @@ def run_pipeline(
         pipeline.run(cfg, stages=stages, force=force, show=show)
 
     _guarded(call, config, overrides, print_config, debug)
+
+
+def example_configs() -> dict[str, str]:
+    """The example configs shipped in the package (trecsys/configs links to configs/): name -> the
+    first sentence of the file's leading comment."""
+    folder = importlib.resources.files("trecsys") / "configs"
+    found = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            comment = []
+            for line in entry.read_text(encoding="utf-8").splitlines():
+                if not line.startswith("#") or not line.strip("# "):
+                    break
+                comment.append(line.strip("# "))
+            text = " ".join(comment)
+            found[entry.name[: -len(".yaml")]] = text.split(". ", 1)[0].removesuffix(".")
+    return found
+
+
+@app.command("configs")
+def list_configs() -> None:
+    """List the example configs that `trec init NAME DIR` copies out."""
+    for name, summary in example_configs().items():
+        typer.echo(f"{name:<18} {summary}")
+
+
+@app.command("init")
+def init_config(
+    name: str = typer.Argument(..., help="An example config, as `trec configs` lists it (e.g. demo)."),
+    directory: Path = typer.Argument(Path("."), help="Folder to copy NAME.yaml into (created if needed)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite DIR/NAME.yaml if it exists."),
+) -> None:
+    """Copy an example config into DIR, to edit and run: `trec init demo exp && trec run -c exp/demo.yaml`."""
+    try:
+        known = example_configs()
+        name = name.removesuffix(".yaml")
+        if name not in known:
+            raise ConfigError(f"no example config named {name!r}; `trec configs` lists: {', '.join(known)}")
+        target = directory / f"{name}.yaml"
+        if target.exists() and not force:
+            raise ConfigError(f"{target} exists; pass --force to overwrite it")
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"{directory} is a file, not a folder")
+        directory.mkdir(parents=True, exist_ok=True)
+        text = (importlib.resources.files("trecsys") / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
+        from trecsys.artifacts import write_text  # pyarrow: only when a file is written
+
+        write_text(target, text)
+    except TrecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    typer.echo(str(target))
 
 
 def main() -> None:
