@@ -103,3 +103,35 @@ def test_the_built_wheel_ships_the_configs_and_init_then_run_works_outside_the_c
     for stage in ("prepared", "pretrain", "distill", "finetune", "eval", "recommend"):
         assert (work / "run" / stage).is_dir(), stage
     assert "ndcg@10" in done.stdout
+
+
+def _declared(pyproject: str, section: str) -> set[str]:
+    """Distribution names in one dependency list of pyproject.toml, normalised (PEP 503)."""
+    body = re.search(rf"^{section} = \[(.*?)^\]", pyproject, re.M | re.S) or re.search(
+        rf"^{section} = \[(.*?)\]$", pyproject, re.M)
+    specs = re.findall(r'^\s*"([^"]+)"|"([^"]+)"', re.sub(r"#.*", "", body.group(1)), re.M)
+    return {re.split(r"[<>=!~\[; ]", a or b)[0].lower().replace("_", "-") for a, b in specs}
+
+
+def _imported(folder: Path) -> set[str]:
+    """Distributions providing the third-party modules that the .py files under `folder` import."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    modules = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    modules -= set(sys.stdlib_module_names) | {"trecsys", "__future__", "conftest", "toy_training", "test_bad_input"}
+    providers = packages_distributions()
+    return {providers[m][0].lower().replace("_", "-") for m in modules}
+
+
+def test_dependencies_are_declared_exactly_as_imported():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    runtime = _declared(pyproject, "dependencies")
+    assert _imported(REPO / "trecsys") == runtime
+    assert _imported(REPO / "tests") <= runtime | _declared(pyproject, "dev")

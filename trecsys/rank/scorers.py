@@ -15,7 +15,6 @@ from typing import Protocol
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.preprocessing import normalize
 
 from trecsys.prepared.tables import DomainRange
 
@@ -65,7 +64,9 @@ class ItemKNNScorer:
     def __init__(self, train_sequences: Sequence[np.ndarray], histories: Sequence[np.ndarray], n_items: int):
         self.device = torch.device("cpu")
         interactions = _binary_rows(train_sequences, n_items)
-        unit_columns = normalize(interactions, norm="l2", axis=0)
+        norms = np.sqrt(np.asarray(interactions.multiply(interactions).sum(axis=0)).ravel())
+        inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
+        unit_columns = interactions @ sp.diags(inverse)  # each item's user column scaled to length 1
         similarity = (unit_columns.T @ unit_columns).tocsc()
         similarity.setdiag(0.0)
         similarity.eliminate_zeros()
