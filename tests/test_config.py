@@ -127,3 +127,48 @@ def test_resolved_config_round_trips(base_file):
     rebuilt_path = base_file.with_name("resolved.yaml")
     rebuilt_path.write_text(to_yaml(cfg))
     assert load_config(rebuilt_path) == cfg
+
+
+def test_yaml_values_follow_the_core_schema(tmp_path):
+    """YAML 1.2 core schema: `3e-4` is a float, only true/false are booleans (a bool key still takes
+    yes/no/on/off), and a string that looks like another type in YAML 1.1 prints quoted."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  domains:\n    'NO': {format: synthetic}\n    yes: {format: synthetic}\n"
+                    "  target: NO\n  source: [yes]\npretrain:\n  train: {lr: 3e-4, weight_decay: 1E-2}\n"
+                    "evaluate: {exclude_seen: No}\nrecommend: {exclude_seen: ON}\nseed: 010\n")
+    cfg = load_config(path, ["finetune.train.lr=1e-3", "distill.kd_ratio=5e-1", "model.item_ids=yes"])
+    assert cfg.pretrain.train.lr == 3e-4 and cfg.pretrain.train.weight_decay == 0.01
+    assert cfg.finetune.train.lr == 1e-3 and cfg.distill.kd_ratio == 0.5
+    assert cfg.data.target == "NO" and cfg.data.source == ["yes"] and set(cfg.data.domains) == {"NO", "yes"}
+    assert cfg.evaluate.exclude_seen is False and cfg.recommend.exclude_seen is True and cfg.model.item_ids is True
+    assert cfg.seed == 10  # not YAML 1.1's octal 8
+    assert load_config(path, ["data.target=yes", "data.source=[NO]"]).data.target == "yes"
+    printed = to_yaml(cfg)
+    assert "target: 'NO'" in printed and yaml.safe_load(printed)["data"]["target"] == "NO"
+    again = tmp_path / "again.yaml"
+    again.write_text(printed)
+    assert load_config(again) == cfg
+    with pytest.raises(ConfigError, match=r"'evaluate.exclude_seen'.*expected bool, got str 'maybe'"):
+        load_config(path, ["evaluate.exclude_seen=maybe"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pretrain.train.lr=fast", "config key 'pretrain.train.lr' on the command line \\(pretrain.train.lr=fast\\): expected float"),
+        ("data.min_user_interaction=3", "unknown config key 'data.min_user_interaction' on the command line \\(data.min_user_interaction=3\\)"),
+        ("pretrain.train={lr: -1}", "config key 'pretrain.train.lr' on the command line \\(pretrain.train={lr: -1}\\): must be > 0"),
+        ("model.n_heads=3", "config key 'model.n_heads' on the command line \\(model.n_heads=3\\): 3 heads do not divide"),
+        ("data.source=[Kitchen, 3]", "config key 'data.source\\[1\\]' on the command line"),
+    ],
+)
+def test_errors_in_overrides_name_the_command_line_not_the_file(base_file, override, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(base_file, ["seed=1", override])
+    assert str(base_file) not in str(caught.value)
+
+
+def test_errors_in_the_file_still_name_the_file(base_file):
+    base_file.write_text(BASE + "pretrain: {train: {lr: fast}}\n")
+    with pytest.raises(ConfigError, match=f"'pretrain.train.lr' in {base_file}: expected float"):
+        load_config(base_file, ["pretrain.train.epochs=2"])

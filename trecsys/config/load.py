@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -39,6 +40,38 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+# YAML 1.2 core schema instead of PyYAML's YAML 1.1: `3e-4` is a float (1.1 wants `3.0e-4`), and only
+# true/false (any case) are booleans, so a domain called NO or a value `yes` stays a string (a bool
+# key still takes yes/no/on/off: see _coerce). No sexagesimal `1:30`, no implicit dates, `010` is ten.
+_CORE_SCHEMA = {
+    "tag:yaml.org,2002:bool": (r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    "tag:yaml.org,2002:int": (r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    "tag:yaml.org,2002:float": (r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789"),
+}
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in _CORE_SCHEMA and tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, (_pattern, _first) in _CORE_SCHEMA.items():  # int before float: "10" is an int
+    _UniqueKeyLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def _construct_core_int(loader: _UniqueKeyLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_core_int)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text with the core schema and duplicate keys refused (the one way trecsys reads YAML)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
 
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
@@ -51,7 +84,7 @@ def read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (safe subclass)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -97,7 +130,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -124,37 +157,63 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data = _load_with_inheritance(Path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     where = f" in {path}" if path is not None else ""
-    return build(ExperimentConfig, data, where=where)
+    # An error in a value typed on the command line names that override, not the file.
+    typed = {".".join(parse_override(text)[0]): text.strip() for text in overrides or []}
+    return build(ExperimentConfig, data, where=where, overrides=typed)
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation: dict -> dataclass tree, naming the dotted key on every error
+def _origin(key: str, where: str, overrides: dict[str, str] | None) -> str:
+    """Where the value of dotted `key` came from: an override that set it (or a section above it),
+    else `where` (the file)."""
+    for set_key, text in (overrides or {}).items():
+        if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")):
+            return f" on the command line ({text})"
+    return where
 
 
-def build(cls: type, data: Any, where: str = "", prefix: str = "") -> Any:
+def build(cls: type, data: Any, where: str = "", prefix: str = "", overrides: dict[str, str] | None = None) -> Any:
+    """`data` as the dataclass tree `cls`; errors name the dotted key and where its value came from:
+    `where` (the file), or the command line for keys in `overrides` (dotted key -> the override)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}{where}: expected a mapping, got {_describe(data)}")
+        raise ConfigError(f"{prefix or 'config'}{_origin(prefix.rstrip('.'), where, overrides)}: "
+                          f"expected a mapping, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
             full = f"{prefix}{key}"
-            raise ConfigError(f"unknown config key '{full}'{where}{_suggest(cls, prefix, str(key))}")
+            raise ConfigError(f"unknown config key '{full}'{_origin(full, where, overrides)}"
+                              f"{_suggest(cls, prefix, str(key))}")
     kwargs = {}
     for name, f in fields.items():
         full = f"{prefix}{name}"
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], full, where)
+            kwargs[name] = _coerce(data[name], hints[name], full, where, overrides)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config value '{full}'{where}")
     obj = cls(**kwargs)
-    # A section may check combinations of its keys in `validate(prefix, where)`.
+    # A section may check combinations of its keys in `validate(prefix, where)`; its messages read
+    # "config key '<key>'<where>: ...", so the key it names gets its own origin.
     if hasattr(obj, "validate"):
-        obj.validate(prefix, where)
+        section_where = _origin(prefix.rstrip("."), where, overrides)
+        try:
+            obj.validate(prefix, section_where)
+        except ConfigError as exc:
+            named = re.match(r"config key '([^']+)'", str(exc))
+            origin = _origin(named.group(1), section_where, overrides) if named else section_where
+            if origin == section_where:
+                raise
+            raise ConfigError(str(exc).replace(f"'{named.group(1)}'{section_where}", f"'{named.group(1)}'{origin}", 1),
+                              exc.exit_code) from None
     return obj
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+# What a bool key accepts beyond true/false: the YAML 1.1 spellings people write (any case).
+_BOOL_WORDS = {"yes": True, "no": False, "on": True, "off": False, "true": True, "false": False}
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str, overrides: dict[str, str] | None = None) -> Any:
+    where = _origin(key, where, overrides)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -165,7 +224,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key, where)
+                return _coerce(value, arg, key, where, overrides)
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]
@@ -175,20 +234,22 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         choices = ", ".join(repr(a) for a in args)
         raise ConfigError(f"config key '{key}'{where}: {value!r} is not one of {choices}")
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, where, prefix=f"{key}.")
+        return build(tp, value, where, prefix=f"{key}.", overrides=overrides)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}'{where}: expected a list, got {_describe(value)}")
-        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+        return [_coerce(v, args[0], f"{key}[{i}]", where, overrides) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}'{where}: expected a mapping, got {_describe(value)}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", where, overrides) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -246,8 +307,21 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Quotes a string that either YAML 1.1 or the core schema would read as something else ('NO',
+    '3e-4'), so the printed config reads back the same under both."""
+
+    def resolve(self, kind, value, implicit):
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0] and tag == "tag:yaml.org,2002:str":
+            for core_tag, (pattern, _) in _CORE_SCHEMA.items():
+                if re.match(pattern, value):
+                    return core_tag
+        return tag
+
+
 def to_yaml(config: Any) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+    return yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 def data_path(config: ExperimentConfig, relative: str) -> Path:
