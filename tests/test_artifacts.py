@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -141,3 +142,27 @@ def test_run_lock_excludes_a_second_holder(tmp_path):
         holder.join(10)
     with run_lock(target, wait_s=0):  # released when the holder exits
         pass
+
+
+def test_manifest_records_the_versions_device_and_commit_that_made_it(tmp_path):
+    import subprocess
+
+    import numpy
+    import torch
+    import transformers
+
+    from trecsys import __version__
+
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    manifest = write_manifest(folder, "prepare", {"device": "cpu"}, inputs=[], extra={})
+    env = manifest["environment"]
+    assert env["packages"] == {"trecsys": __version__, "torch": torch.__version__,
+                               "transformers": transformers.__version__, "numpy": numpy.__version__}
+    assert env["device"]["type"] == "cpu"
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / ".git").exists():  # run from a checkout: the commit the code came from
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert env["git_commit"] == head and isinstance(env["git_dirty"], bool)
+    assert read_manifest(folder)["environment"] == env

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import platform
 import re
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -304,9 +306,57 @@ def write_manifest(folder: Path, stage: str, config: dict, inputs: list[dict], e
         "inputs": inputs,
         "outputs": outputs,
         **extra,
+        "environment": environment_record(config.get("device", "auto")),
     }
     write_json(Path(folder) / name, manifest)
     return manifest
+
+
+def environment_record(device: str = "auto") -> dict[str, Any]:
+    """What else decides the numbers (the README: results change across torch versions): the versions
+    of the packages that compute them, the device, and the code's git commit when run from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {"trecsys": __version__}
+    for dist in ("torch", "transformers", "numpy"):
+        try:
+            packages[dist] = version(dist)
+        except PackageNotFoundError:
+            packages[dist] = None
+    return {"packages": packages, "device": _device_record(device), **_git_record()}
+
+
+def _device_record(name: str) -> dict[str, Any]:
+    import torch  # every stage that writes a manifest has loaded it already
+
+    from trecsys.runtime import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except TrecError:
+        return {"type": name}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return {"type": "cuda", "name": torch.cuda.get_device_name(index), "cuda": torch.version.cuda,
+                "count": torch.cuda.device_count()}
+    return {"type": device.type, "name": platform.processor() or platform.machine()}
+
+
+@functools.cache
+def _git_record() -> dict[str, Any]:
+    """The commit of the checkout trecsys runs from, and whether tracked files differ from it;
+    nothing for an installed package (no .git beside it) or without git."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return {}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": bool(changed)}
 
 
 def read_manifest(folder: Path, stage: str | None = None, name: str = MANIFEST) -> dict:
