@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -57,3 +58,23 @@ def test_help_lists_every_stage_and_exit_codes():
     for stage in ("prepare", "pretrain-source", "distill", "finetune-target", "evaluate", "recommend"):
         assert stage in result.stdout
     assert "Exit codes" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "device=gpu"], "config key 'device' on the command line (device=gpu): 'gpu' is not a device"),
+        (["prepare", "data.target=Books"], "config key 'data.target' on the command line (data.target=Books): 'Books' is not a domain of data.domains (Food)"),
+        (["recommend", "recommend.domain=Books"], "'recommend.domain' on the command line (recommend.domain=Books): 'Books' is not a domain"),
+        (["evaluate", "--split", "train"], "option --split: expected 'valid' or 'test', got 'train'"),
+    ],
+)
+def test_cross_field_mistakes_fail_at_config_time_before_torch_loads(tmp_path, args, message):
+    stage, *rest = args
+    code = ("import sys\nfrom trecsys.cli import main\n"
+            f"sys.argv = ['trec', {stage!r}, '-c', {str(_config(tmp_path))!r}, *{rest!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["2", "False"]
+    assert result.stderr.strip() == f"error: {message}" or message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -58,11 +58,11 @@ def test_inheritance_loop_is_an_error(tmp_path):
 
 def test_dotted_overrides_parse_yaml_values(base_file):
     cfg = load_config(base_file, ["data.min_user_interactions=5", "run_dir=runs/x",
-                                  "data.source=[Kitchen, Food]", "data.rating_threshold=null",
+                                  "data.source=[Kitchen]", "data.target=Food", "data.rating_threshold=null",
                                   "data.domains.Food.columns.time=position"])
     assert cfg.data.min_user_interactions == 5
     assert cfg.run_dir == "runs/x"
-    assert cfg.data.source == ["Kitchen", "Food"]
+    assert cfg.data.source == ["Kitchen"]
     assert cfg.data.rating_threshold is None
     assert cfg.data.domains["Food"].columns.time == "position"
 

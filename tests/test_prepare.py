@@ -296,12 +296,13 @@ def test_overlap_users_are_counted_across_domains(tmp_path, fake_encoder):
 
 
 def test_domain_config_is_checked(tmp_path, fake_encoder):
-    with pytest.raises(ConfigError, match=r"data\.target: 'Books' is not a domain"):
-        fake_encoder.run(synthetic_config(tmp_path, target="Books"))
-    with pytest.raises(ConfigError, match=r"data\.source\[0\]: 'Food' is the target"):
-        fake_encoder.run(synthetic_config(tmp_path, source=["Food"]))
-    with pytest.raises(ConfigError, match=r"data\.source\[1\]: 'Kitchen' is listed twice"):
-        fake_encoder.run(synthetic_config(tmp_path, source=["Kitchen", "Kitchen"]))
+    # Checked when the config is built, before any stage runs.
+    with pytest.raises(ConfigError, match=r"'data\.target': 'Books' is not a domain of data.domains \(Kitchen, Food\)"):
+        synthetic_config(tmp_path, target="Books")
+    with pytest.raises(ConfigError, match=r"'data\.source\[0\]': 'Food' is the target"):
+        synthetic_config(tmp_path, source=["Food"])
+    with pytest.raises(ConfigError, match=r"'data\.source\[1\]': 'Kitchen' is listed twice"):
+        synthetic_config(tmp_path, source=["Kitchen", "Kitchen"])
 
 
 def test_failed_rerun_keeps_the_previous_prepared_folder(tmp_path, fake_encoder, monkeypatch):

@@ -15,6 +15,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -83,6 +84,7 @@ def _run_stage(stage: str, config: Path, overrides: list[str] | None, print_conf
     """Resolve the config, run `trecsys.stages.<stage>.run(cfg, **options)`, map errors to exit codes."""
 
     def call(cfg: ExperimentConfig) -> None:
+        _check_machine(cfg)
         module_name = stage.replace("-", "_")
         try:
             module = importlib.import_module(f"trecsys.stages.{module_name}")
@@ -122,6 +124,20 @@ def _stop_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _check_machine(cfg: ExperimentConfig) -> None:
+    """An asked-for accelerator must be there: checked before a stage starts (the config's own
+    checks ran when it loaded; this one needs torch)."""
+    if cfg.device not in ("auto", "cpu"):
+        from trecsys.runtime import resolve_device
+
+        resolve_device(cfg.device)
+
+
+def _fail(exc: TrecError) -> NoReturn:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
 
 
 def _guarded(action, config: Path, overrides: list[str] | None, print_config: bool, debug: bool) -> None:
@@ -225,6 +241,8 @@ def evaluate(
     verify: bool = VerifyOption,
 ) -> None:
     """Full-ranking metrics, slices and confidence intervals: writes <run_dir>/eval/."""
+    if split not in ("valid", "test"):  # before the config, the data or torch are read
+        _fail(ConfigError(f"option --split: expected 'valid' or 'test', got {split!r}"))
     overrides = list(overrides or [])
     if compare:
         # `--compare runs/a runs/b`: paths after the option land among the overrides, which always
@@ -290,6 +308,7 @@ def run_pipeline(
     debug: bool = DebugOption,
 ) -> None:
     def call(cfg: ExperimentConfig) -> None:
+        _check_machine(cfg)
         from trecsys import pipeline
 
         pipeline.run(cfg, stages=stages, force=force, show=show)
@@ -344,8 +363,7 @@ def init_config(
 
         write_text(target, text)
     except TrecError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        _fail(exc)
     typer.echo(str(target))
 
 

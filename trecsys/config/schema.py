@@ -6,6 +6,7 @@ README's reference). Loading and checking live in `trecsys/config/load.py`.
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -119,6 +120,28 @@ class DataConfig:
     # (columns with integer ids, Amazon JSON read in chunks, Parquet files or folders of part
     # files scanned; the same prepared files, several times less memory: README "At scale").
     engine: Literal["pandas", "polars"] = "pandas"
+
+    def validate(self, prefix: str = "data.", where: str = "") -> None:
+        """The domain names the other keys refer to, checked when the config loads."""
+        names = list(self.domains)
+        known = ", ".join(names)
+        if not names:
+            raise ConfigError(f"config key '{prefix}domains'{where}: name at least one domain (see `trec init demo`)")
+        if self.target not in self.domains:
+            raise ConfigError(f"config key '{prefix}target'{where}: {self.target!r} is not a domain of "
+                              f"{prefix}domains ({known})")
+        for i, source in enumerate(self.source):
+            if source not in self.domains:
+                raise ConfigError(f"config key '{prefix}source[{i}]'{where}: {source!r} is not a domain of "
+                                  f"{prefix}domains ({known})")
+            if source == self.target:
+                raise ConfigError(f"config key '{prefix}source[{i}]'{where}: {source!r} is the target; "
+                                  "a domain cannot be both")
+            if source in self.source[:i]:
+                raise ConfigError(f"config key '{prefix}source[{i}]'{where}: {source!r} is listed twice")
+        for name in ("min_user_interactions", "min_item_interactions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -496,3 +519,14 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+
+    def validate(self, prefix: str = "", where: str = "") -> None:
+        """Keys that refer to other sections or to the machine, checked before any stage (or torch) loads;
+        whether an asked-for GPU is present is checked by the CLI just before the stage runs."""
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device):
+            raise ConfigError(f"config key '{prefix}device'{where}: {self.device!r} is not a device "
+                              "(use auto, cpu, cuda, cuda:1, mps)")
+        domain = self.recommend.domain
+        if domain is not None and domain not in self.data.domains:
+            raise ConfigError(f"config key '{prefix}recommend.domain'{where}: {domain!r} is not a domain of "
+                              f"data.domains ({', '.join(self.data.domains)})")

@@ -173,24 +173,9 @@ def columnar_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float
 
 
 def domain_roles(data: DataConfig) -> dict[str, str]:
-    """Check the domain names the config refers to; return each domain's role in mapping order."""
-    names = list(data.domains)
-    if not names:
-        raise ConfigError("data.domains is empty: name at least one domain (see configs/demo.yaml)")
-    if data.target not in data.domains:
-        raise ConfigError(f"data.target: {data.target!r} is not a domain of data.domains ({', '.join(names)})")
-    for i, source in enumerate(data.source):
-        if source not in data.domains:
-            raise ConfigError(f"data.source[{i}]: {source!r} is not a domain of data.domains ({', '.join(names)})")
-        if source == data.target:
-            raise ConfigError(f"data.source[{i}]: {source!r} is the target; a domain cannot be both")
-        if source in data.source[:i]:
-            raise ConfigError(f"data.source[{i}]: {source!r} is listed twice")
-    for key in ("min_user_interactions", "min_item_interactions"):
-        if getattr(data, key) < 1:
-            raise ConfigError(f"data.{key} must be at least 1, got {getattr(data, key)}")
+    """Each domain's role in mapping order (DataConfig.validate checked the names when the config loaded)."""
     return {name: "target" if name == data.target else "source" if name in data.source else "other"
-            for name in names}
+            for name in data.domains}
 
 
 def read_domains(cfg: ExperimentConfig) -> dict[str, RawDomain]:
