@@ -107,8 +107,8 @@ def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "evaluate" and {o["path"] for o in manifest["outputs"]} >= {"metrics.parquet", "report.md"}
 
-    printed = capsys.readouterr().out
-    assert "popularity" in printed and "ndcg@10" in printed and "wrote" in printed
+    printed = capsys.readouterr()  # the table is the result (stdout), "wrote" a log line (stderr)
+    assert "popularity" in printed.out and "ndcg@10" in printed.out and "wrote" in printed.err
 
 
 def test_same_seed_same_numbers_and_chunking_changes_nothing(tiny_prepared, tmp_path):

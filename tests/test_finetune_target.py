@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,10 @@ def test_auto_keeps_every_candidate_and_the_adaptor_leaves_the_sequence_tower_as
     result = trec("finetune-target", "-c", str(cfg))
     assert result.exit_code == 0, result.output
     assert "adaptor" in result.output and "zero_shot" in result.output and "test is never read" in result.output
+    # Every training line names its candidate (on stderr, with the progress bars).
+    steps = re.findall(r"(\S*) ?step \d+: train loss", result.stderr)
+    assert steps and set(steps) == {"adaptor:"}
+    assert re.search(r"adaptor: epoch 1/3", result.stderr)
     out = run_copy / "finetune"
     manifest = json.loads((out / "manifest.json").read_text())
     scores = {name: c["valid"]["ndcg@10"] for name, c in manifest["candidates"].items()}

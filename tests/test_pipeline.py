@@ -52,14 +52,20 @@ def test_up_to_date_stages_are_skipped_and_changes_rerun_what_depends_on_them(co
     first = run(config, show=1)
     assert {s: a for s, (a, _) in first.items()} == {"prepare": "ran", "evaluate": "ran", "recommend": "ran"}
     assert all(reason.startswith("no output yet") for _, reason in first.values())
-    printed = capsys.readouterr().out
-    # It ends with the evaluation table and one example list with item titles.
-    tail = printed.split("run: summary", 1)[1]
-    assert "evaluate: target 'Food'" in tail and "popularity" in tail and "ndcg@10" in tail
+    printed = capsys.readouterr()
+    # Results on stdout, progress on stderr; the evaluation table once (evaluate printed it), and the
+    # run ends with one example list with item titles.
+    assert printed.out.count("evaluate: target 'Food'") == 1 and "ndcg@10" in printed.out
+    assert "run: evaluate: running" in printed.err and "run: evaluate" not in printed.out
+    tail = printed.out.split("run: summary", 1)[1]
+    assert "evaluate: target 'Food'" not in tail
     assert "example recommendations" in tail and tail.count("user ") == 1
     assert re.search(r"\n +1\. \S.* \[FOO\d+\]  -?\d", tail)  # rank, title, [item id], score
 
-    assert run(config) == {s: ("skipped", "up to date") for s in first}
+    assert run(config, show=1) == {s: ("skipped", "up to date") for s in first}
+    # Nothing ran: the table comes from the evaluation on disk, once.
+    tail = capsys.readouterr().out.split("run: summary", 1)[1]
+    assert tail.count("evaluate: target 'Food'") == 1 and "popularity" in tail and "example recommendations" in tail
 
     again = run(config, "evaluate.ks=[5, 20]")
     assert again["prepare"] == again["recommend"] == ("skipped", "up to date")

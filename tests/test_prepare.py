@@ -281,8 +281,8 @@ def test_prepare_writes_the_artifact_contract(tmp_path, fake_encoder, capsys):
     assert food["n_interactions"] == (inter["domain"] == "Food").sum()
     assert food["cold_items_test"] > 0
     assert load_config(folder / "config.yaml").data.target == "Food"
-    out = capsys.readouterr().out
-    assert "Kitchen" in out and "overlap users" in out and str(folder) in out
+    printed = capsys.readouterr()
+    assert "Kitchen" in printed.out and "overlap users" in printed.out and str(folder) in printed.err
 
 
 def test_overlap_users_are_counted_across_domains(tmp_path, fake_encoder):
@@ -405,7 +405,7 @@ def test_demo_prepare_through_the_cli_with_the_real_encoder(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "Food" in result.stdout and str(run_dir / "prepared") in result.stdout
+    assert "Food" in result.stdout and str(run_dir / "prepared") in result.stderr
 
     folder = run_dir / "prepared"
     manifest = read_manifest(folder, "prepare")

@@ -118,7 +118,7 @@ def test_two_process_torchrun_gives_the_same_losses_as_one_process(tmp_path):
              "-c", str(cfg), "model.dropout=0.0"],
             env=env, timeout=240, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.count("wrote") == 1  # rank 0 alone reports and writes
+        assert done.stderr.count("wrote") == 1  # rank 0 alone reports and writes
         logs[n_proc] = list(read_log(run_dir / "pretrain" / LOG))
     assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[2]] == [8, 16]
     for a, b in zip(logs[1], logs[2], strict=True):

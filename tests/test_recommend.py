@@ -156,8 +156,8 @@ def test_lists_are_the_models_exact_ranking_with_seen_items_excluded(run_dir, ca
         assert mine["item_id"].tolist() == ranked(scores, K)
         assert np.allclose(mine["score"], [float(scores[idx(i) - TARGET[0]]) for i in mine["item_id"]], atol=1e-5)
 
-    printed = capsys.readouterr().out
-    assert "user u1:" in printed and "Food item" in printed and "users/s ranking" in printed
+    printed = capsys.readouterr()
+    assert "user u1:" in printed.out and "Food item" in printed.out and "users/s ranking" in printed.err
 
 
 def test_a_model_trained_with_source_context_reads_it(run_dir):

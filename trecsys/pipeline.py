@@ -16,7 +16,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from trecsys.artifacts import read_json, run_lock, sha256_file, verify_outputs, write_json
 from trecsys.config import ExperimentConfig, to_dict
+from trecsys.console import log
 from trecsys.errors import ArtifactError, ConfigError, TrecError
 
 STATE = "pipeline.json"
@@ -115,19 +115,20 @@ def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, s
             if reason is None:
                 outcomes.append(_note(Outcome(stage.name, "skipped", "up to date")))
                 continue
-            print(f"run: {stage.name}: running ({reason})", flush=True)
+            log(f"run: {stage.name}: running ({reason})")
             started = time.perf_counter()
             module = importlib.import_module(stage.module)
             try:
                 module.run(cfg)
             except (TrecError, KeyboardInterrupt):
-                print(f"run: {stage.name}: failed; later stages were not run", file=sys.stderr, flush=True)
+                log(f"run: {stage.name}: failed; later stages were not run")
                 raise
             outcomes.append(Outcome(stage.name, "ran", reason, time.perf_counter() - started))
             state["stages"][stage.name] = _record(stage, cfg)
             write_json(run_dir / STATE, state)
     print(summary(outcomes))
-    shown = results(cfg, selected, show)
+    ran = {o.stage for o in outcomes if o.action == "ran"}
+    shown = results(cfg, [s for s in selected if not (s.name == "evaluate" and "evaluate" in ran)], show)
     if shown:
         print(shown)
     return outcomes
@@ -145,13 +146,13 @@ def select(stages: str | None, order: tuple[Stage, ...] = STAGES) -> list[Stage]
 
 
 def _note(outcome: Outcome) -> Outcome:
-    print(f"run: {outcome.stage}: skipped ({outcome.reason})", flush=True)
+    log(f"run: {outcome.stage}: skipped ({outcome.reason})")
     return outcome
 
 
 def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
-    """What the run is for, whether its stages ran now or earlier: the evaluation table and a few
-    users' recommendations with item titles."""
+    """What the run is for, whether its stages ran now or earlier: the evaluation table (left out by
+    the caller when `trec evaluate` just printed it) and a few users' recommendations with item titles."""
     parts = []
     names = {s.name for s in selected}
     eval_dir = Path(cfg.run_dir).expanduser() / eval_folder(cfg)

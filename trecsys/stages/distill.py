@@ -22,6 +22,7 @@ from torch import nn
 
 from trecsys.artifacts import describe_file, manifest_fields, run_lock
 from trecsys.config import ExperimentConfig, to_dict
+from trecsys.console import log
 from trecsys.errors import ConfigError
 from trecsys.model.checkpoint import (
     PREPARED_KEY,
@@ -145,7 +146,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
         extra = {"stage": STAGE, "teacher": str(teacher_dir), "data": names, "source": sources,
                  PREPARED_KEY: prepared_sha}
         if dist.is_main:
-            print(f"{STAGE}: teacher {teacher.num_parameters():,} parameters ({teacher_dir}) -> student "
+            log(f"{STAGE}: teacher {teacher.num_parameters():,} parameters ({teacher_dir}) -> student "
                   f"{describe_parameters(student.parameter_counts())}; {sum(len(p.windows) for p in parts):,} windows from "
                   f"{', '.join(names)}; kd_ratio {dc.kd_ratio}, T {dc.temperature}")
         result = fit(
@@ -174,7 +175,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
             if result.stopped != "max_steps":
                 shutil.rmtree(work, ignore_errors=True)
             print(comparison_table(side, names))
-            print(f"{STAGE}: best valid {metrics_line(result.best_metrics)} at step {result.best_step} of "
+            log(f"{STAGE}: best valid {metrics_line(result.best_metrics)} at step {result.best_step} of "
                   f"{result.steps} ({result.stopped}); wrote {out}")
         dist.barrier()
 

@@ -26,6 +26,7 @@ from trecsys.artifacts import (
     write_parquet,
 )
 from trecsys.config import ExperimentConfig, to_dict
+from trecsys.console import log
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.model.checkpoint import (
     CHECKPOINT_STAGES,
@@ -246,7 +247,7 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], s
         inputs += [describe_file(s.checkpoint / WEIGHTS) for s in systems if s.checkpoint is not None]
         write_manifest(out, "evaluate", to_dict(cfg), inputs, {"context": context})
     print(report.terminal_table(metrics_df, context))
-    print(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots")
+    log(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots")
 
 
 def ranking_inputs(prepared: Prepared, users: EvalUsers, device: torch.device, user_batch: int,

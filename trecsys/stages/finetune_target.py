@@ -30,6 +30,7 @@ from trecsys.artifacts import (
     write_text,
 )
 from trecsys.config import ExperimentConfig, to_dict
+from trecsys.console import log
 from trecsys.errors import ConfigError
 from trecsys.model.checkpoint import (
     PREPARED_KEY,
@@ -141,7 +142,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
             if not resume and work.exists():
                 shutil.rmtree(work)
             source = f"from {init_dir}" if init_dir else f"architecture from config key 'model' ({ft.init_from!r} not found)"
-            print(f"{STAGE}: {', '.join(strategies)} on {domain.name} ({len(train_users):,} of "
+            log(f"{STAGE}: {', '.join(strategies)} on {domain.name} ({len(train_users):,} of "
                   f"{int((seqs.n_target_train > 0).sum()):,} training users, history {ft.history}), {source}")
         dist.barrier()
         # An ID table only for the items in the training sequences (the target's, and with
@@ -159,7 +160,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
             if all(r.stopped != "max_steps" for r in results):
                 shutil.rmtree(work, ignore_errors=True)
             print(summary_table(results, chosen, domain.name))
-            print(f"{STAGE}: kept {chosen.strategy} (valid {metrics_line(chosen.valid)}); trainable "
+            log(f"{STAGE}: kept {chosen.strategy} (valid {metrics_line(chosen.valid)}); trainable "
                   f"{describe_parameters(chosen.trainable_by_part)}; wrote {out}")
         dist.barrier()
 
@@ -217,7 +218,7 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
                      work, seed=cfg.seed, dist=dist, save_model=save, monitor=MONITOR, config_key=TRAIN_KEY,
                      fingerprint=fingerprint, resume=resume and (work / "last" / STATE).is_file(),
                      resume_hint=f"run `trec {STAGE}` again with --resume to continue",
-                     lr_scales=candidate.lr_scales(ft.new_params_lr_scale))
+                     lr_scales=candidate.lr_scales(ft.new_params_lr_scale), label=spec.name)
         result = CandidateResult(spec.name, fitted.best_metrics or {}, fitted.best_step, fitted.steps,
                                  fitted.stopped, model.num_parameters(), candidate.n_trainable(),
                                  round(fitted.elapsed_s, 3), model.parameter_counts(trainable_only=True))

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from trecsys.artifacts import describe_file, run_lock, stage_output, write_manifest, write_parquet, write_text
 from trecsys.config import DataConfig, DomainConfig, ExperimentConfig, to_dict, to_yaml
+from trecsys.console import log
 from trecsys.errors import ConfigError, DataError, InterruptedRun
 from trecsys.ingest.clean import clean_interactions
 from trecsys.ingest.embed import embed_texts, encoder_metadata
@@ -85,8 +86,8 @@ def run(cfg: ExperimentConfig) -> None:
     for name, domain in raw.items():
         if domain.skipped_rows:
             examples = "; ".join(domain.skipped_examples[:3])
-            print(f"{name}: skipped {domain.skipped_rows:,} bad input rows (data.on_bad_rows=skip), e.g. {examples}")
-    print(f"prepared: {out} ({time.perf_counter() - started:.1f} s)")
+            log(f"{name}: skipped {domain.skipped_rows:,} bad input rows (data.on_bad_rows=skip), e.g. {examples}")
+    log(f"prepared: {out} ({time.perf_counter() - started:.1f} s)")
 
 
 def pandas_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float]]

@@ -18,6 +18,7 @@ import torch
 
 from trecsys.artifacts import run_lock
 from trecsys.config import ExperimentConfig, to_dict
+from trecsys.console import log
 from trecsys.errors import ConfigError
 from trecsys.model.checkpoint import PREPARED_KEY, checkpoint_files, save_checkpoint
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
@@ -69,7 +70,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
         prepared_sha = prepared_fingerprint(prepared)
         extra = {"stage": STAGE, "source": sources, PREPARED_KEY: prepared_sha}
         if dist.is_main:
-            print(f"{STAGE}: {data.n_examples:,} training windows from {', '.join(sources)}; "
+            log(f"{STAGE}: {data.n_examples:,} training windows from {', '.join(sources)}; "
                   f"{describe_parameters(model.parameter_counts())}")
         result = fit(
             model, data, loss_fn, validate, cfg.pretrain.train, work, seed=cfg.seed, dist=dist,
@@ -93,7 +94,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
             # A run cut short by max_steps keeps its state so that --resume can finish it.
             if result.stopped != "max_steps":
                 shutil.rmtree(work, ignore_errors=True)
-            print(summary(result.best_metrics, result.best_step, result.steps, result.stopped,
+            log(summary(result.best_metrics, result.best_step, result.steps, result.stopped,
                           model.num_parameters(), out))
         dist.barrier()
 

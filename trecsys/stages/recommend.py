@@ -34,6 +34,7 @@ from trecsys.artifacts import (
     write_text,
 )
 from trecsys.config import ExperimentConfig, to_dict
+from trecsys.console import log
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.model.checkpoint import (
     CONFIG,
@@ -151,7 +152,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
     if search:
         print(searched.summary(cfg.search.query_batch))
     what, rate = ("queries" if query_texts else "users"), len(requests.labels) / max(rank_seconds, 1e-9)
-    print(f"recommend: {len(requests.labels):,} {what} × {domain.n_items:,} items of {domain.name} in "
+    log(f"recommend: {len(requests.labels):,} {what} × {domain.n_items:,} items of {domain.name} in "
           f"{seconds:.1f} s ({rate:,.{0 if rate >= 100 else 1}f} {what}/s ranking), "
           f"{table.num_rows:,} rows → {out.parquet}")
     return out

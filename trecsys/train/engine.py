@@ -336,7 +336,8 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
         save_model: Callable[[nn.Module, Path], None] = save_weights,
         load_model: Callable[[nn.Module, Path], None] = load_weights, monitor: str = "ndcg@10",
         config_key: str = "train", fingerprint: dict | None = None, resume: bool = False,
-        resume_hint: str = "re-run with --resume", lr_scales: dict[str, float] | None = None) -> FitResult:
+        resume_hint: str = "re-run with --resume", lr_scales: dict[str, float] | None = None,
+        label: str = "") -> FitResult:
     """Train `model` in place; `work_dir` receives `last/`, `best/` and `train_log.jsonl` (rank 0).
 
     The best model by `validate(model)[monitor]` (higher is better) is in `work_dir/best/`; the
@@ -344,7 +345,9 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
     for `resume=True` to continue from `work_dir/last/` (read back by `load_model`, the inverse of
     `save_model`). Only parameters with requires_grad train;
     `lr_scales` gives named parameters a multiple of the scheduled lr (see `make_optimizer`).
+    `label` (a fine-tuning candidate's name) starts every progress and log line on the terminal.
     """
+    shown_label = f"{label}: " if label else ""
     dist = dist or Dist()
     device = dist.device
     work_dir = Path(work_dir)
@@ -372,7 +375,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
     else:
         seed_everything(int(np.random.SeedSequence([seed, dist.rank]).generate_state(1)[0]))
         if dist.is_main:
-            _clear(work_dir)
+            _clear(work_dir, shown_label)
     dist.barrier()
 
     wrapped: nn.Module = _LossModule(model, loss_fn)
@@ -437,7 +440,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
                 "sequences_per_s": window.sequences / max(window.seconds, 1e-9),
                 "elapsed_s": round(progress.elapsed_s, 3),
             }
-            shown = f"step {progress.step}: train loss {train_loss:.4f}"
+            shown = f"{shown_label}step {progress.step}: train loss {train_loss:.4f}"
             if metrics is not None:
                 record.update(valid=metrics, best_step=progress.best_step)
                 shown += ", valid " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
@@ -453,7 +456,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
     with StopRequest() as stop_request:
         for epoch in range(progress.epoch, cfg.epochs):
             batches = epoch_batches(members, cfg.batch_size, seed, epoch, min_size)
-            bar = tqdm(total=n_batches, initial=progress.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            bar = tqdm(total=n_batches, initial=progress.batch_in_epoch, desc=f"{shown_label}epoch {epoch + 1}/{cfg.epochs}",
                        file=sys.stderr, disable=not dist.is_main, dynamic_ncols=True, mininterval=0.5,
                        leave=False)
             for b in range(progress.batch_in_epoch, n_batches):
@@ -595,9 +598,9 @@ def _load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, scale
     return _Progress(**{k: v for k, v in state.items() if k in names})
 
 
-def _clear(work_dir: Path) -> None:
+def _clear(work_dir: Path, shown_label: str = "") -> None:
     if (work_dir / LAST / STATE).is_file():
-        tqdm.write(f"note: starting over; the unfinished run in {work_dir / LAST} is discarded "
+        tqdm.write(f"{shown_label}note: starting over; the unfinished run in {work_dir / LAST} is discarded "
                    "(--resume would have continued it)", file=sys.stderr)
     for name in (LAST, BEST, LOG):
         path = work_dir / name
