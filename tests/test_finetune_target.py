@@ -199,8 +199,8 @@ def test_bad_input_is_one_line_naming_the_key(run_copy, tmp_path):
         (["finetune.train_fraction=0"], "'finetune.train_fraction'", "(0, 1]"),
         (["finetune.train_fraction=1.5"], "'finetune.train_fraction'", "(0, 1]"),
         (["finetune.candidates=[full, magic]"], "'finetune.candidates[1]'", "magic"),
-        (["data.target=Toys"], "'data.target'", "not in the prepared data"),
-        (["data.target=Books"], "'data.target'", "prepared with target domain 'Food'"),
+        (["data.target=Toys"], "'data.target' on the command line", "is not a domain of data.domains"),
+        (["data.target=Books", "data.source=[Games]"], "'data.target'", "prepared with target domain 'Food'"),
     ]
     for overrides, key, what in cases:
         result = trec("finetune-target", "-c", str(cfg), *overrides)
