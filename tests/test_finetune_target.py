@@ -200,7 +200,8 @@ def test_bad_input_is_one_line_naming_the_key(run_copy, tmp_path):
         (["finetune.train_fraction=1.5"], "'finetune.train_fraction'", "(0, 1]"),
         (["finetune.candidates=[full, magic]"], "'finetune.candidates[1]'", "magic"),
         (["data.target=Toys"], "'data.target' on the command line", "is not a domain of data.domains"),
-        (["data.target=Books", "data.source=[Games]"], "'data.target'", "prepared with target domain 'Food'"),
+        # Books cannot be the target while it is a source; once it is not, the prepared data disagrees.
+        (["data.target=Books", "data.source=[Games]"], "'data.source'", "re-run `trec prepare`"),
     ]
     for overrides, key, what in cases:
         result = trec("finetune-target", "-c", str(cfg), *overrides)
