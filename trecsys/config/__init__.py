@@ -39,5 +39,6 @@ from trecsys.config.schema import (  # noqa: F401
     RecommendConfig,
     SearchConfig,
     SyntheticConfig,
+    TrackConfig,
     TrainConfig,
 )

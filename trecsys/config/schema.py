@@ -501,6 +501,31 @@ class SearchConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Experiment tracking (trecsys/track.py), needs the extra: pip install 'transfer-recsys[tracking]'."""
+
+    # TensorBoard event files in <run_dir>/tensorboard/<stage>/: `tensorboard --logdir <run_dir>/tensorboard`.
+    tensorboard: bool = False
+    # One MLflow run per stage: the config as params, per-step training metrics, the evaluation, the
+    # stage's output files as artifacts.
+    mlflow: bool = False
+    # Where MLflow runs go; empty = a SQLite store in the run folder (<run_dir>/mlflow.db, files in
+    # <run_dir>/mlartifacts/). Any tracking URI works, e.g. http://mlflow.example:5000.
+    mlflow_tracking_uri: str = ""
+    # The MLflow experiment; empty = the run folder's name.
+    mlflow_experiment: str = ""
+
+    def validate(self, prefix: str = "track.", where: str = "") -> None:
+        """A switched-on tracker's package must be installed (checked without importing it)."""
+        import importlib.util
+
+        for key, module in (("tensorboard", "tensorboard"), ("mlflow", "mlflow")):
+            if getattr(self, key) and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"config key '{prefix}{key}'{where}: needs the {module} package; "
+                                  "install it with pip install 'transfer-recsys[tracking]'")
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: every stage reads this whole config and uses its own sections."""
 
@@ -519,6 +544,7 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def validate(self, prefix: str = "", where: str = "") -> None:
         """Keys that refer to other sections or to the machine, checked before any stage (or torch) loads;

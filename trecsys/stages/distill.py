@@ -52,6 +52,7 @@ from trecsys.stages.common import (
     window_train_data,
     write_stage_folder,
 )
+from trecsys.track import tracking
 from trecsys.train.engine import LOG, Dist, distributed, fit
 from trecsys.train.losses import chunked_kd_loss
 
@@ -119,7 +120,8 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
     run_dir = Path(cfg.run_dir)
     out, work = run_dir / OUTPUT, run_dir / WORK
     dc = cfg.distill
-    with run_lock(out) if dist.is_main else contextlib.nullcontext():
+    with run_lock(out) if dist.is_main else contextlib.nullcontext(), \
+            tracking(cfg, STAGE, dist.is_main, fresh=not resume) as tracker:
         prepared = load_prepared(run_dir, verify=verify)
         sources = check_prepared(prepared, cfg)
         target = check_target(prepared, cfg).name
@@ -157,6 +159,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
                          "kd_ratio": dc.kd_ratio, "temperature": dc.temperature,
                          "hidden_weight": dc.hidden_weight, "prepared": prepared_sha},
             resume=resume, resume_hint=f"run `trec {STAGE}` again with --resume to continue",
+            on_log=tracker.log_training,
         )
         if dist.is_main:
             best, _ = load_checkpoint(result.best_dir, map_location=dist.device)
@@ -172,6 +175,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
                     n_parameters=best.num_parameters(), comparison=side, precision=result.precision,
                     world_size=dist.world_size, timings_s={"train": round(result.elapsed_s, 3)},
                 ).to_json())
+            tracker.log_artifacts(out)
             if result.stopped != "max_steps":
                 shutil.rmtree(work, ignore_errors=True)
             print(comparison_table(side, names))

@@ -46,6 +46,7 @@ from trecsys.rank.scorers import item_counts, to_local
 from trecsys.runtime import resolve_device
 from trecsys.stages.distill import DistillManifest
 from trecsys.stages.finetune_target import FinetuneManifest
+from trecsys.track import tracking
 
 EVAL = "eval"
 
@@ -69,8 +70,10 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
         systems += candidate_systems(systems[0]) + student_systems(run_dir)
     for system in systems:
         verify_stage_folder(system.checkpoint, full_hash=verify)
-    with run_lock(run_dir / EVAL):
-        evaluate(cfg, prepared, systems, split)
+    with run_lock(run_dir / EVAL), tracking(cfg, "evaluate") as tracker:
+        metrics_df = evaluate(cfg, prepared, systems, split)
+        tracker.log_evaluation(metrics_df, split)
+        tracker.log_artifacts(run_dir / EVAL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
     )
 
 
-def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], split: str) -> None:
+def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], split: str) -> pd.DataFrame:
     ev = cfg.evaluate
     domain = prepared.domain(prepared.target, key="data.target")
     n_items = domain.n_items
@@ -248,6 +251,7 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], s
         write_manifest(out, "evaluate", to_dict(cfg), inputs, {"context": context})
     print(report.terminal_table(metrics_df, context))
     log(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots")
+    return metrics_df
 
 
 def ranking_inputs(prepared: Prepared, users: EvalUsers, device: torch.device, user_batch: int,

@@ -59,6 +59,7 @@ from trecsys.stages.common import (
     window_train_data,
     write_stage_folder,
 )
+from trecsys.track import tracking
 from trecsys.train.engine import LOG, STATE, Dist, distributed, fit
 
 STAGE = "finetune-target"
@@ -125,7 +126,8 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
     run_dir = Path(cfg.run_dir)
     out, work = run_dir / OUTPUT, run_dir / WORK
     ft = cfg.finetune
-    with run_lock(out) if dist.is_main else contextlib.nullcontext():
+    with run_lock(out) if dist.is_main else contextlib.nullcontext(), \
+            tracking(cfg, STAGE, dist.is_main, fresh=not resume) as tracker:
         prepared = load_prepared(run_dir, verify=verify)
         check_prepared(prepared, cfg)
         domain = check_target(prepared, cfg)
@@ -153,10 +155,12 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
             candidate = build_candidate(strategy, init, base, torch.from_numpy(prepared.embeddings),
                                         prepared.n_items, ft.item_ids, cfg.seed, id_items)
             results.append(run_candidate(candidate, cfg, seqs, train_users, validate, work / strategy,
-                                         {**context, "strategy": strategy}, init_dir, resume, dist))
+                                         {**context, "strategy": strategy}, init_dir, resume, dist,
+                                         on_log=lambda record, s=strategy: tracker.log_training(record, s)))
         if dist.is_main:
             chosen = choose(results)
             write_output(out, work, cfg, prepared, results, chosen, init_dir, seqs, train_users)
+            tracker.log_artifacts(out)
             if all(r.stopped != "max_steps" for r in results):
                 shutil.rmtree(work, ignore_errors=True)
             print(summary_table(results, chosen, domain.name))
@@ -177,7 +181,7 @@ def init_model(cfg: ExperimentConfig, prepared: Prepared, strategies: list[str],
 
 def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSequences, train_users: np.ndarray,
                   validate, work: Path, extra: dict, init_dir: Path | None, resume: bool,
-                  dist: Dist) -> CandidateResult:
+                  dist: Dist, on_log=None) -> CandidateResult:
     """Train (or, for a strategy that does not train, only validate) one candidate; its best model
     lands in `work/best/`."""
     ft, model, spec = cfg.finetune, candidate.model, candidate.strategy
@@ -218,7 +222,8 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
                      work, seed=cfg.seed, dist=dist, save_model=save, monitor=MONITOR, config_key=TRAIN_KEY,
                      fingerprint=fingerprint, resume=resume and (work / "last" / STATE).is_file(),
                      resume_hint=f"run `trec {STAGE}` again with --resume to continue",
-                     lr_scales=candidate.lr_scales(ft.new_params_lr_scale), label=spec.name)
+                     lr_scales=candidate.lr_scales(ft.new_params_lr_scale), label=spec.name,
+                     on_log=on_log)
         result = CandidateResult(spec.name, fitted.best_metrics or {}, fitted.best_step, fitted.steps,
                                  fitted.stopped, model.num_parameters(), candidate.n_trainable(),
                                  round(fitted.elapsed_s, 3), model.parameter_counts(trainable_only=True))

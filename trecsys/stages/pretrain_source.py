@@ -36,6 +36,7 @@ from trecsys.stages.common import (
     window_train_data,
     write_stage_folder,
 )
+from trecsys.track import tracking
 from trecsys.train.engine import LOG, Dist, distributed, fit
 
 STAGE = "pretrain-source"
@@ -53,7 +54,8 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
     run_dir = Path(cfg.run_dir)
     out, work = run_dir / OUTPUT, run_dir / WORK
     # Only rank 0 writes, so only rank 0 holds the lock against a second run on the same run_dir.
-    with run_lock(out) if dist.is_main else contextlib.nullcontext():
+    with run_lock(out) if dist.is_main else contextlib.nullcontext(), \
+            tracking(cfg, STAGE, dist.is_main, fresh=not resume) as tracker:
         prepared = load_prepared(run_dir, verify=verify)
         sources = check_prepared(prepared, cfg)
         if not sources:
@@ -78,6 +80,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
             config_key=TRAIN_KEY, fingerprint={"model": to_dict(cfg.model), "data.source": sources,
                                                "prepared": prepared_sha},
             resume=resume, resume_hint=f"run `trec {STAGE}` again with --resume to continue",
+            on_log=tracker.log_training,
         )
         if dist.is_main:
             write_stage_folder(
@@ -91,6 +94,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
                     "precision": result.precision, "world_size": dist.world_size,
                     "timings_s": {"train": round(result.elapsed_s, 3)},
                 })
+            tracker.log_artifacts(out)
             # A run cut short by max_steps keeps its state so that --resume can finish it.
             if result.stopped != "max_steps":
                 shutil.rmtree(work, ignore_errors=True)

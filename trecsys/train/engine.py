@@ -337,7 +337,7 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
         load_model: Callable[[nn.Module, Path], None] = load_weights, monitor: str = "ndcg@10",
         config_key: str = "train", fingerprint: dict | None = None, resume: bool = False,
         resume_hint: str = "re-run with --resume", lr_scales: dict[str, float] | None = None,
-        label: str = "") -> FitResult:
+        label: str = "", on_log: Callable[[dict], None] | None = None) -> FitResult:
     """Train `model` in place; `work_dir` receives `last/`, `best/` and `train_log.jsonl` (rank 0).
 
     The best model by `validate(model)[monitor]` (higher is better) is in `work_dir/best/`; the
@@ -345,7 +345,8 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
     for `resume=True` to continue from `work_dir/last/` (read back by `load_model`, the inverse of
     `save_model`). Only parameters with requires_grad train;
     `lr_scales` gives named parameters a multiple of the scheduled lr (see `make_optimizer`).
-    `label` (a fine-tuning candidate's name) starts every progress and log line on the terminal.
+    `label` (a fine-tuning candidate's name) starts every progress and log line on the terminal;
+    `on_log` receives each train_log.jsonl record as it is written (experiment tracking).
     """
     shown_label = f"{label}: " if label else ""
     dist = dist or Dist()
@@ -446,6 +447,8 @@ def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn
                 shown += ", valid " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
                 shown += " (best)" if progress.best_step == progress.step else ""
             _append_log(log_path, record)
+            if on_log is not None:
+                on_log(record)
             tqdm.write(shown, file=sys.stderr)
         window = _Window()
 
