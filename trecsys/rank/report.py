@@ -23,6 +23,8 @@ FEWSHOT_TABLE = Path("fewshot") / "results.parquet"
 # The x axis of a training log, in order of preference.
 LOG_X_KEYS = ("step", "epoch", "iteration")
 SKIPPED_LOG_KEYS = ("lr", "time", "seconds", "best_step")
+# Learning-curve panels at most: the loss and the first few overall validation metrics.
+MAX_CURVE_PANELS = 4
 
 
 def headline_k(ks: Sequence[int]) -> int:
@@ -138,6 +140,33 @@ def _pyplot():
     return plt
 
 
+# Series n gets colour n % 10 and line style n % 4 (and marker n % 5): the first 20 series differ in
+# their (colour, style) pair, so two candidates never look alike, in colour or in greyscale.
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf")  # matplotlib's tab10
+_LINE_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v")
+_HATCHES = ("", "//", "..", "xx")
+
+
+def series_style(n: int) -> dict:
+    return {"color": _COLOURS[n % len(_COLOURS)], "linestyle": _LINE_STYLES[n % len(_LINE_STYLES)],
+            "marker": _MARKERS[n % len(_MARKERS)]}
+
+
+def _legend_outside(fig, ax) -> None:
+    """One legend right of the plots, so it never covers a curve; saved with bbox_inches='tight'."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+
+
+def _save(fig, plt, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def write_plots(folder: Path, metrics: pd.DataFrame, run_dirs: Sequence[Path], ks: Sequence[int]) -> list[str]:
     """Write the PNGs that have data; returns their file names."""
     names = []
@@ -145,14 +174,33 @@ def write_plots(folder: Path, metrics: pd.DataFrame, run_dirs: Sequence[Path], k
         names.append("metrics_at_k.png")
     if plot_slices(metrics, folder / "slices.png", headline_k(ks)):
         names.append("slices.png")
-    logs = {f"{run_dir.name}/{stage}": run_dir / stage / "train_log.jsonl"
-            for run_dir in dict.fromkeys(run_dirs) for stage in LOG_STAGES}
-    if plot_learning_curves({k: p for k, p in logs.items() if p.is_file()}, folder / "learning_curves.png"):
+    if plot_learning_curves(training_logs(run_dirs), folder / "learning_curves.png"):
         names.append("learning_curves.png")
     tables = [d / FEWSHOT_TABLE for d in dict.fromkeys(run_dirs) if (d / FEWSHOT_TABLE).is_file()]
     if tables and plot_fewshot(pd.read_parquet(tables[0]), folder / "fewshot.png"):
         names.append("fewshot.png")
     return names
+
+
+def training_logs(run_dirs: Sequence[Path]) -> dict[str, Path]:
+    """Every training log of the runs, labelled `<run>/<stage>`; fine-tuning contributes each candidate
+    (`<run>/finetune/<strategy>`, the kept one marked), not only the kept copy."""
+    logs = {}
+    for run_dir in dict.fromkeys(run_dirs):
+        for stage in LOG_STAGES:
+            folder = run_dir / stage
+            candidates = sorted((folder / "candidates").glob("*/train_log.jsonl")) if stage == "finetune" else []
+            if candidates:
+                try:
+                    kept = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("chosen")
+                except (OSError, ValueError):
+                    kept = None
+                for log in candidates:
+                    strategy = log.parent.name
+                    logs[f"{run_dir.name}/{stage}/{strategy}{' (kept)' if strategy == kept else ''}"] = log
+            elif (folder / "train_log.jsonl").is_file():
+                logs[f"{run_dir.name}/{stage}"] = folder / "train_log.jsonl"
+    return logs
 
 
 def plot_metric_curves(metrics: pd.DataFrame, path: Path) -> bool:
@@ -161,22 +209,23 @@ def plot_metric_curves(metrics: pd.DataFrame, path: Path) -> bool:
         return False
     plt = _pyplot()
     shown = [m for m in CURVE_METRICS if m in set(rows["metric"])]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.4), squeeze=False)
+    runs = list(dict.fromkeys(rows["run"]))
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], shown, strict=True):
-        for run, group in rows[rows["metric"] == metric].groupby("run", sort=False):
-            group = group.sort_values("k")
-            ax.plot(group["k"], group["value"], marker="o", label=run)
-            ax.fill_between(group["k"], group["ci_low"], group["ci_high"], alpha=0.2)
+        for n, run in enumerate(runs):
+            group = rows[(rows["metric"] == metric) & (rows["run"] == run)].sort_values("k")
+            style = series_style(n)
+            ax.plot(group["k"], group["value"], label=run, markersize=4, **style)
+            ax.fill_between(group["k"], group["ci_low"], group["ci_high"], alpha=0.12, color=style["color"])
         ax.set_xscale("log")
         ax.set_xticks(sorted(set(rows["k"])), labels=[str(k) for k in sorted(set(rows["k"]))])
         ax.xaxis.set_minor_locator(plt.NullLocator())  # no "3×10¹" labels between the Ks
-        ax.set_xlabel("K")
-        ax.set_title(f"{metric}@K")
+        ax.set_xlabel("K (list length)")
+        ax.set_ylabel(f"{metric}@K")
+        ax.set_title(f"{metric}@K (95% CI shaded)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _legend_outside(fig, axes[0][0])
+    _save(fig, plt, path)
     return True
 
 
@@ -194,17 +243,17 @@ def plot_slices(metrics: pd.DataFrame, path: Path, k: int, metric: str = "ndcg")
         x = [s + (i - (len(runs) - 1) / 2) * width for s in range(len(slices))]
         err_low = (cells["value"] - cells["ci_low"]).clip(lower=0).fillna(0)
         err_high = (cells["ci_high"] - cells["value"]).clip(lower=0).fillna(0)
-        ax.bar(x, cells["value"], width, label=run, yerr=[err_low, err_high], capsize=2)
+        ax.bar(x, cells["value"], width, label=run, yerr=[err_low, err_high], capsize=2,
+               color=_COLOURS[i % len(_COLOURS)], hatch=_HATCHES[i % len(_HATCHES)], edgecolor="white")
     n_users = rows.drop_duplicates("slice").set_index("slice")["n_users"]
     ax.set_xticks(range(len(slices)), labels=[f"{s}\n(n={n_users[s]})" for s in slices], rotation=30,
                   ha="right", fontsize=8)
+    ax.set_xlabel("slice of the users (n = users in it)")
     ax.set_ylabel(f"{metric}@{k}")
     ax.set_title(f"{metric}@{k} by slice (95% CI)")
-    ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _legend_outside(fig, ax)
+    _save(fig, plt, path)
     return True
 
 
@@ -254,34 +303,33 @@ def _flatten(record: dict, prefix: str = "") -> dict:
 
 
 def plot_learning_curves(logs: dict[str, Path], path: Path) -> bool:
-    """Losses on the left, any other logged metric (validation NDCG, ...) on the right."""
+    """One panel per logged quantity (training loss first, then each overall validation metric; the
+    per-domain ones are left out), one line per stage or fine-tuning candidate in the same colour and
+    style on every panel, and one legend beside them."""
     records = {label: read_train_log(p) for label, p in logs.items()}
     series = {label: _curves(r) for label, r in records.items()}
     series = {label: c for label, c in series.items() if c}
     if not series:
         return False
     x_label = next((_x_key(records[label]) for label in series if _x_key(records[label])), None) or "log line"
+    keys = list(dict.fromkeys(k for curves in series.values() for k in curves if k.count("/") < 2))
+    keys = sorted(keys, key=lambda k: ("loss" not in k, keys.index(k)))[:MAX_CURVE_PANELS]
     plt = _pyplot()
-    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-    any_metric = False
-    for label, curves in series.items():
-        for key, (xs, ys) in curves.items():
-            is_loss = "loss" in key
-            ax = loss_ax if is_loss else metric_ax
-            any_metric |= not is_loss
-            ax.plot(xs, ys, label=f"{label}: {key}", marker="." if len(xs) < 30 else None)
-    loss_ax.set_title("training loss")
-    metric_ax.set_title("logged metrics")
-    for ax in (loss_ax, metric_ax):
-        ax.set_xlabel(x_label)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for n, (label, curves) in enumerate(series.items()):
+            if key in curves:
+                xs, ys = curves[key]
+                ax.plot(xs, ys, label=label, markersize=3, markevery=max(1, len(xs) // 12), **series_style(n))
+        ax.set_xlabel("optimizer step" if x_label == "step" else x_label)
+        name = "training loss" if key == "loss" else key.replace("valid/", "validation ")
+        ax.set_ylabel(name)
+        ax.set_title(name)
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    if not any_metric:
-        metric_ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    # Every label appears in the legend even when its log lacks the first panel's quantity.
+    handles = [plt.Line2D([], [], label=label, **series_style(n)) for n, label in enumerate(series)]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    _save(fig, plt, path)
     return True
 
 
@@ -294,15 +342,13 @@ def plot_fewshot(table: pd.DataFrame, path: Path, metric: str = "ndcg", k: int =
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for strategy, group in rows.groupby("strategy", sort=False):
+    for n, (strategy, group) in enumerate(rows.groupby("strategy", sort=False)):
         group = group.sort_values("train_fraction")
-        ax.plot(group["train_fraction"], group["value"], marker="o", label=str(strategy))
+        ax.plot(group["train_fraction"], group["value"], label=str(strategy), **series_style(n))
     ax.set_xlabel("fraction of target training data")
     ax.set_ylabel(f"{metric}@{k}")
     ax.set_title("few-shot: transfer vs target data")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _legend_outside(fig, ax)
+    _save(fig, plt, path)
     return True
