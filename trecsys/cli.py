@@ -15,7 +15,6 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 
@@ -135,11 +134,6 @@ def _check_machine(cfg: ExperimentConfig) -> None:
         resolve_device(cfg.device)
 
 
-def _fail(exc: TrecError) -> NoReturn:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
-
-
 def _guarded(action, config: Path, overrides: list[str] | None, print_config: bool, debug: bool) -> None:
     """Resolve the config and run `action(cfg)`, turning every failure into one line and an exit code."""
     try:
@@ -242,7 +236,7 @@ def evaluate(
 ) -> None:
     """Full-ranking metrics, slices and confidence intervals: writes <run_dir>/eval/."""
     if split not in ("valid", "test"):  # before the config, the data or torch are read
-        _fail(ConfigError(f"option --split: expected 'valid' or 'test', got {split!r}"))
+        _fail(ConfigError(f"option --split: expected 'valid' or 'test', got {split!r}"), 2, debug)
     overrides = list(overrides or [])
     if compare:
         # `--compare runs/a runs/b`: paths after the option land among the overrides, which always
@@ -363,7 +357,7 @@ def init_config(
 
         write_text(target, text)
     except TrecError as exc:
-        _fail(exc)
+        _fail(exc, exc.exit_code, False)
     typer.echo(str(target))
 
 
