@@ -71,7 +71,7 @@ TINY_DEMO = ["data.synthetic.n_users=120", "data.synthetic.n_items_per_domain=60
 
 
 @pytest.mark.slow
-def test_the_built_wheel_ships_the_configs_and_init_then_run_works_outside_the_checkout(tmp_path):
+def test_the_built_wheel_ships_the_configs_init_run_and_the_readme_api_work_outside_the_checkout(tmp_path):
     """Build the wheel, install it (without dependencies: they are this environment's) into a folder
     of its own, and run `trec init demo` + `trec run` from a folder that is not the checkout."""
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)]
@@ -96,13 +96,22 @@ def test_the_built_wheel_ships_the_configs_and_init_then_run_works_outside_the_c
     where = subprocess.run([sys.executable, "-c", "import trecsys; print(trecsys.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(site))  # the installed wheel, not the checkout
-    assert trec("init", "demo", "exp").returncode == 0
-    done = trec("run", "-c", "exp/demo.yaml", "run_dir=run", f"embedding.cache_dir={tmp_path / 'cache'}",
-                *TINY_DEMO, "--show", "1")
+    assert trec("init", "demo", "my-exp").returncode == 0
+    done = trec("run", "-c", "my-exp/demo.yaml", f"embedding.cache_dir={tmp_path / 'cache'}", *TINY_DEMO,
+                "--show", "1")
     assert done.returncode == 0, done.stderr[-2000:]
     for stage in ("prepared", "pretrain", "distill", "finetune", "eval", "recommend"):
-        assert (work / "run" / stage).is_dir(), stage
+        assert (work / "runs" / "demo" / stage).is_dir(), stage
     assert "ndcg@10" in done.stdout
+
+    # The README's Python API examples, in order, in one interpreter, against the installed wheel.
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3
+    script = work / "readme_examples.py"
+    script.write_text("\n".join(blocks))
+    ran = subprocess.run([sys.executable, str(script)], cwd=work, env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "finetune/" in ran.stdout and "'torch':" in ran.stdout
 
 
 def _declared(pyproject: str, section: str) -> set[str]:
