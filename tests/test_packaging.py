@@ -134,7 +134,8 @@ def _imported(folder: Path) -> set[str]:
                 modules |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 modules.add(node.module.split(".")[0])
-    modules -= set(sys.stdlib_module_names) | {"trecsys", "__future__", "conftest", "toy_training", "test_bad_input"}
+    local = {p.stem for p in folder.rglob("*.py")}  # the tests' own helpers (conftest, toy_training, ...)
+    modules -= set(sys.stdlib_module_names) | local | {"trecsys", "__future__"}
     providers = packages_distributions()
     return {providers[m][0].lower().replace("_", "-") for m in modules}
 
