@@ -142,8 +142,11 @@ def _imported(folder: Path) -> set[str]:
 
 def test_dependencies_are_declared_exactly_as_imported():
     pyproject = (REPO / "pyproject.toml").read_text()
-    runtime, tracking = _declared(pyproject, "dependencies"), _declared(pyproject, "tracking")
+    runtime = _declared(pyproject, "dependencies")
+    extras = re.findall(r"^(\w+) = \[", pyproject.split("[project.optional-dependencies]")[1].split("\n[")[0], re.M)
+    optional = set().union(*(_declared(pyproject, name) for name in extras if name != "dev"))
     imported = _imported(REPO / "trecsys")
-    # Every runtime dependency is imported, and the optional trackers are the only imports beyond them.
-    assert runtime <= imported <= runtime | tracking
-    assert _imported(REPO / "tests") <= runtime | tracking | _declared(pyproject, "dev")
+    # Every runtime dependency is imported, and only optional extras' packages (tracking, scale) beyond them.
+    assert runtime <= imported <= runtime | optional
+    assert {"mlflow-skinny", "tensorboard"} <= optional
+    assert _imported(REPO / "tests") <= runtime | optional | _declared(pyproject, "dev")

@@ -121,7 +121,7 @@ def columnar_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float
     try:
         from trecsys.ingest import columnar
     except ImportError:
-        raise ConfigError("data.engine: polars needs the polars package: pip install 'trecsys[scale]' "
+        raise ConfigError("data.engine: polars needs the polars package: pip install 'transfer-recsys[scale]' "
                           "(or polars), or set data.engine: pandas") from None
 
     if cfg.data.split == "users":
