@@ -295,10 +295,58 @@ CASES: list[Case] = [
     ("rec-unknown-domain", lambda c: _rec(c, "recommend.domain=Nope"), BAD, "Nope"),
     ("rec-missing-users-file", lambda c: _rec(c, "--users", str(c.tmp / "nobody.txt")), BAD, "nobody.txt"),
     ("rec-truncated-checkpoint", lambda c: _rec(c, "--model", _truncated_safetensors(c)[-1]), BAD, "model.safetensors"),
+    # --- config: limits and values no setting means (issue #14)
+    ("config-alias-bomb", lambda c: ["prepare", "-c", str(c.write("bomb.yaml", _ALIAS_BOMB))], BAD, "expands to more than"),
+    ("config-too-large", lambda c: ["prepare", "-c", str(c.write("big.yaml", "# x\n" * 300_000))], BAD, "not a config"),
+    ("config-nan", lambda c: _pretrain(c, "pretrain.train.lr=.nan"), BAD, "'pretrain.train.lr'"),
+    ("config-inf", lambda c: _pretrain(c, "pretrain.train.lr=.inf"), BAD, "finite"),
+    ("config-negative-seed", lambda c: _pretrain(c, "seed=-1"), BAD, "'seed'"),
+    ("config-huge-seed", lambda c: _pretrain(c, f"seed={10**23}"), BAD, "'seed'"),
+    ("config-empty-run-dir", lambda c: _pretrain(c, "run_dir="), BAD, "'run_dir'"),
+    ("config-blank-data-root", lambda c: _pretrain(c, "data.root= "), BAD, "'data.root'"),
+    ("csv-quoted-newline-line-number", lambda c: c.csv('user_id,item_id,timestamp\nu1,"i\n1",1\nu2,i3,x\n'),
+     BAD, "f.csv:4"),
+    # --- hand-edited manifests and records (issue #14)
+    ("manifest-outputs-not-a-list", lambda c: _edit_prepared_manifest(c, lambda m: m.update(outputs={"a": 1})),
+     BAD, "'outputs' must be a list"),
+    ("manifest-size-as-text", lambda c: _edit_prepared_manifest(
+        c, lambda m: m["outputs"][0].update(size=str(m["outputs"][0]["size"]))), BAD, "malformed outputs entry"),
+    ("manifest-output-outside", lambda c: _edit_prepared_manifest(
+        c, lambda m: m["outputs"][0].update(path="../../etc/passwd")), BAD, "outside its folder"),
+    ("manifest-inputs-not-a-list", lambda c: _edit_prepared_manifest(c, lambda m: m.update(inputs=7), "evaluate"),
+     BAD, "'inputs' must be a list"),
+    ("verify-unlisted-file", lambda c: _unlisted(c), BAD, "is not listed in"),
+    ("verify-entry-removed", lambda c: _entry_removed(c), BAD, "interactions.parquet is not listed"),
+    ("checkpoint-manifest-not-an-object", lambda c: ((c.run_dir / "pretrain" / "manifest.json").write_text("[]"),
+                                                     _eval(c))[1], BAD, "not a trecsys manifest"),
+    ("pipeline-json-hand-edited", lambda c: ((c.run_dir / "pipeline.json").write_text('{"stages": {"prepare": 1}}'),
+                                             ["run", "-c", str(c.config), "--stages", "evaluate"])[1],
+     BAD, "pipeline.json: malformed record"),
+    ("pipeline-json-not-an-object", lambda c: ((c.run_dir / "pipeline.json").write_text("[]"),
+                                               ["run", "-c", str(c.config), "--stages", "evaluate"])[1],
+     BAD, "pipeline.json: not a trecsys pipeline record"),
     ("rec-output-unwritable", lambda c: (c.write("a_file", "x"), _rec(c, "--output",
                                                                       str(c.tmp / "a_file" / "r.parquet")))[1],
      BAD, "a_file"),
 ]
+
+
+# Eleven levels of ten aliases each: 10^12 values from a few hundred bytes.
+_ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 12))
+
+
+def _unlisted(ctx: Ctx) -> list[str]:
+    (ctx.run_dir / "prepared" / "extra.parquet").write_bytes(b"PAR1")
+    return ["pretrain-source", "-c", str(ctx.config), "--verify"]
+
+
+def _entry_removed(ctx: Ctx) -> list[str]:
+    """Someone swaps a file and removes its entry, so that the size and sha256 checks never see it."""
+    def drop(manifest: dict) -> None:
+        manifest["outputs"] = [e for e in manifest["outputs"] if e["path"] != "interactions.parquet"]
+
+    return [*_edit_prepared_manifest(ctx, drop), "--verify"]
 
 
 def _rec(ctx: Ctx, *extra: str) -> list[str]:

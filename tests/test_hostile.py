@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -254,3 +255,18 @@ def test_a_stop_signal_during_prepare_exits_130_and_leaves_nothing(tmp_path, sig
     assert stderr.strip().splitlines()[-1] == (f"error: stopped by {signum.name}; what this run was writing was "
                                                "discarded and earlier outputs are kept")
     assert not (run_dir / "prepared").exists() and leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# --compare paths that contain "="
+
+
+def test_compare_paths_containing_an_equals_sign_are_runs_not_overrides(ctx):
+    import shutil
+
+    other = ctx.tmp / "runs" / "lr=0.1"
+    shutil.copytree(ctx.run_dir, other)
+    result = trec("evaluate", "-c", ctx.config, "--compare", ctx.run_dir, other, "evaluate.bootstrap=5")
+    assert result.exit_code == 0, result.output
+    runs = set(pd.read_parquet(ctx.run_dir / "eval" / "metrics.parquet")["run"])
+    assert any("lr=0.1" in run for run in runs), runs

@@ -365,10 +365,7 @@ def read_manifest(folder: Path, stage: str | None = None, name: str = MANIFEST) 
     if not path.is_file():
         what = f"the {stage} stage" if stage else "a trecsys stage"
         raise ArtifactError(f"{folder} has no {name}: run {what} first")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("outputs", []), list):
-        raise ArtifactError(f"{path}: not a trecsys manifest (a JSON object with an outputs list): "
-                            "re-run the stage that made it")
+    manifest = check_manifest(read_json(path), path)
     if stage is not None and manifest.get("stage") != stage:
         raise ArtifactError(f"{path}: made by stage {manifest.get('stage')!r}, expected {stage!r}")
     return manifest
@@ -383,17 +380,52 @@ def manifest_fields(cls: type, folder: Path, stage: str) -> dict:
     return {f.name: manifest[f.name] for f in dataclasses.fields(cls)}
 
 
-def verify_outputs(folder: Path, manifest: dict, full_hash: bool = False) -> None:
+# The keys every manifest has, and the keys of each outputs / inputs entry (inputs may lack digests).
+_MANIFEST_KEYS = {"stage": str, "outputs": list, "inputs": list, "config": dict}
+_ENTRY_KEYS = {"path": str, "size": int, "mtime_ns": int, "sha256": str}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_manifest(manifest: Any, path: Path) -> dict:
+    """The manifest at `path` if it has the shape trecsys writes; a hand-edited or foreign one is refused."""
+
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{path}: not a trecsys manifest ({what}): re-run the stage that made it")
+
+    if not isinstance(manifest, dict):
+        raise bad("a JSON object with an outputs list")
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise bad(f"'{key}' must be a {kind.__name__}, got {type(manifest.get(key)).__name__}")
+    for section in ("outputs", "inputs"):
+        for entry in manifest[section]:
+            shown = f"malformed {section} entry {str(entry)[:80]}"
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+                raise bad(shown)
+            required = _ENTRY_KEYS if section == "outputs" else {"path": str}
+            for key, kind in _ENTRY_KEYS.items():
+                if (key in required or key in entry) and not (isinstance(entry.get(key), kind)
+                                                            and not isinstance(entry.get(key), bool)):
+                    raise bad(shown)
+            if "sha256" in entry and not _SHA256.fullmatch(entry["sha256"]):
+                raise bad(shown)
+            if section == "outputs":
+                relative = Path(entry["path"])
+                if relative.is_absolute() or ".." in relative.parts:
+                    raise bad(f"output {entry['path']!r} is outside its folder")
+    return manifest
+
+
+def verify_outputs(folder: Path, manifest: dict, full_hash: bool = False, complete: bool = False) -> None:
     """Refuse a stage folder whose files changed since its manifest was written.
 
-    The fast path compares size and mtime; `full_hash` recomputes sha256 (`--verify`).
+    The fast path compares size and mtime; `full_hash` recomputes sha256 (`--verify`). `complete`:
+    the folder is the stage's alone, so a file the manifest does not list is refused too (an entry
+    removed by hand would otherwise hide a swapped file).
     """
     folder = Path(folder)
-    for entry in manifest.get("outputs", []):
-        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
-                and {"size", "mtime_ns", "sha256"} <= entry.keys()):
-            raise ArtifactError(f"{folder / MANIFEST}: malformed outputs entry {str(entry)[:80]}: "
-                                "re-run the stage that made it")
+    check_manifest(manifest, folder / MANIFEST)
+    for entry in manifest["outputs"]:
         path = folder / entry["path"]
         if not path.is_file():
             raise ArtifactError(f"{path} is listed in {folder / MANIFEST} but missing")
@@ -408,6 +440,12 @@ def verify_outputs(folder: Path, manifest: dict, full_hash: bool = False) -> Non
                 raise ArtifactError(
                     f"{path} does not match the sha256 in {folder / MANIFEST}: re-run the stage that made it"
                 )
+    if complete:
+        listed = {Path(entry["path"]).as_posix() for entry in manifest["outputs"]} | {MANIFEST}
+        for path in sorted(folder.rglob("*")):
+            if (path.is_file() or path.is_symlink()) and path.relative_to(folder).as_posix() not in listed:
+                raise ArtifactError(f"{path} is not listed in {folder / MANIFEST}: a stage folder holds only what "
+                                    "its stage wrote; remove the file or re-run the stage")
 
 
 def verify_stage_folder(folder: Path, full_hash: bool = False) -> None:
@@ -415,7 +453,7 @@ def verify_stage_folder(folder: Path, full_hash: bool = False) -> None:
     run's `best/`) has nothing to check against and passes."""
     folder = Path(folder)
     if (folder / MANIFEST).is_file():
-        verify_outputs(folder, read_manifest(folder), full_hash=full_hash)
+        verify_outputs(folder, read_manifest(folder), full_hash=full_hash, complete=full_hash)
 
 
 # ---------------------------------------------------------------------------------------------

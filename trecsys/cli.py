@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.resources
+import re
 import signal
 import sys
 import threading
@@ -239,12 +240,21 @@ def evaluate(
         _fail(ConfigError(f"option --split: expected 'valid' or 'test', got {split!r}"), 2, debug)
     overrides = list(overrides or [])
     if compare:
-        # `--compare runs/a runs/b`: paths after the option land among the overrides, which always
-        # contain "=", so a token without one can only be another run to compare.
-        compare = [*compare, *(o for o in overrides if "=" not in o)]
-        overrides = [o for o in overrides if "=" in o]
+        # `--compare runs/a runs/b`: paths after the option land among the overrides. An override is
+        # `dotted.key=value`; anything else (no "=", a "/" before it as in runs/lr=0.1, or an
+        # existing folder) is another run to compare.
+        paths = [o for o in overrides if not _is_override(o)]
+        compare = [*compare, *paths]
+        overrides = [o for o in overrides if o not in paths]
     _run_stage("evaluate", config, overrides, print_config, debug, model=model, split=split, compare=compare,
                verify=verify)
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_][\w\-]*(\.[A-Za-z_0-9][\w\-]*)*=")
+
+
+def _is_override(token: str) -> bool:
+    return bool(_OVERRIDE.match(token)) and not Path(token).is_dir()
 
 
 @app.command(help=(

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trecsys.artifacts import read_json, run_lock, sha256_file, verify_outputs, write_json
+from trecsys.artifacts import check_manifest, read_json, run_lock, sha256_file, verify_outputs, write_json
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.console import log
 from trecsys.errors import ArtifactError, ConfigError, TrecError
@@ -161,7 +161,8 @@ def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
 
         from trecsys.rank.report import terminal_table
 
-        context = read_json(eval_dir / "manifest.json").get("context", {})
+        manifest = eval_dir / "manifest.json"
+        context = check_manifest(read_json(manifest), manifest).get("context", {})
         parts.append(terminal_table(pd.read_parquet(eval_dir / "metrics.parquet"), context)
                      + f"\n(full report: {eval_dir / 'report.md'})")
     if "recommend" in names and show > 0 and importlib.util.find_spec(BY_NAME["recommend"].module):
@@ -253,7 +254,7 @@ def outputs_digest(manifest: dict) -> str:
 
 def _digest_of(stage: Stage, cfg: ExperimentConfig) -> str | None:
     path = stage.manifest(cfg)
-    return outputs_digest(read_json(path)) if path.is_file() else None
+    return outputs_digest(check_manifest(read_json(path), path)) if path.is_file() else None
 
 
 def _record(stage: Stage, cfg: ExperimentConfig) -> dict:
@@ -265,11 +266,19 @@ def _record(stage: Stage, cfg: ExperimentConfig) -> dict:
 
 
 def _read_state(run_dir: Path) -> dict:
+    """pipeline.json as `_record` writes it; a hand-edited or foreign one is refused with its path."""
     path = run_dir / STATE
     if not path.is_file():
         return {"stages": {}}
-    try:
-        state = read_json(path)
-    except ArtifactError:
-        return {"stages": {}}  # unreadable: everything re-runs, which is always safe
-    return state if isinstance(state, dict) and isinstance(state.get("stages"), dict) else {"stages": {}}
+    state = read_json(path)
+    stages = state.get("stages") if isinstance(state, dict) else None
+    if not isinstance(stages, dict):
+        raise ArtifactError(f"{path}: not a trecsys pipeline record (an object with a 'stages' object); delete "
+                            "it and every stage is checked again from its own manifest")
+    for name, record in stages.items():
+        if not (isinstance(record, dict) and isinstance(record.get("upstream"), dict)
+                and all(isinstance(v, str | None) for v in record["upstream"].values())
+                and isinstance(record.get("outputs"), str | None)):
+            raise ArtifactError(f"{path}: malformed record of stage {name!r}; delete the file and every stage "
+                                "is checked again from its own manifest")
+    return state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -73,10 +74,34 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+# A config is a few hundred values in a few KB. Far larger means a mistake (or an attack): YAML aliases
+# nested a few levels deep expand a 4 KB file into billions of values, which would hang the run.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+
+
+def check_expansion(data: Any, where: str) -> None:
+    """Refuse a value that expands (aliases followed) to more than MAX_CONFIG_VALUES values; stops counting there."""
+    stack, count = [data], 0
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases nested "
+                              "in aliases?); a config holds a few hundred")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}" if not path.is_dir() else
                           f"config file {path} is a folder: give the YAML file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is not a config (the limit is "
+                          f"{MAX_CONFIG_BYTES:,}): is it the right file?")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -94,6 +119,7 @@ def read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    check_expansion(data, str(path))
     return data
 
 
@@ -133,6 +159,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    check_expansion(value, f"override {key.strip()}")
     return parts, value
 
 
@@ -255,6 +282,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str, overrides: dict[str, str]
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .nan, .inf: no setting means that
+                raise ConfigError(f"config key '{key}'{where}: must be a finite number, got {value}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

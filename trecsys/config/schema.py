@@ -532,7 +532,7 @@ class ExperimentConfig:
     data: DataConfig
     # Every stage writes its folder under here (prepared/, pretrain/, ...).
     run_dir: str = "runs/default"
-    # Seeds data generation, sampling, initialisation and data order: CPU runs repeat exactly.
+    # Seeds data generation, sampling, initialisation and data order (an integer in [0, 2^32)).
     seed: int = 0
     # auto: cuda when available, else cpu.
     device: str = "auto"
@@ -556,3 +556,11 @@ class ExperimentConfig:
         if domain is not None and domain not in self.data.domains:
             raise ConfigError(f"config key '{prefix}recommend.domain'{where}: {domain!r} is not a domain of "
                               f"data.domains ({', '.join(self.data.domains)})")
+        # numpy's legacy seeding takes 32 bits; a wider or negative seed would be folded silently.
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"config key '{prefix}seed'{where}: must be an integer in [0, 2^32), got {self.seed}")
+        # An empty path would mean the current folder: never write there by accident.
+        for key, value in (("run_dir", self.run_dir), ("data.root", self.data.root),
+                           ("embedding.cache_dir", self.embedding.cache_dir)):
+            if not value.strip():
+                raise ConfigError(f"config key '{prefix}{key}'{where}: is empty; give a folder")

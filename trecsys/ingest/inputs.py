@@ -4,6 +4,7 @@ bookkeeping under `on_bad_rows`, and turning raw columns into the RawDomain colu
 
 from __future__ import annotations
 
+import csv
 import gzip
 import math
 import re
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from trecsys.errors import ConfigError, DataError
+from trecsys.errors import ConfigError, DataError, TrecError, environment_error
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_SKIPPED_EXAMPLES = 5
@@ -88,9 +89,13 @@ def shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_error(path: Path, exc: BaseException, line: int | None = None) -> DataError:
-    """A one-line DataError for a file that cannot be read to the end."""
+def read_error(path: Path, exc: BaseException, line: int | None = None) -> TrecError:
+    """A one-line DataError for a file that cannot be read to the end (or the environment's error:
+    permission denied, I/O error)."""
     where = f"{path}:{line}" if line else str(path)
+    environment = environment_error(exc, where)
+    if environment is not None:
+        return environment
     if isinstance(exc, UnicodeDecodeError):
         return DataError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}): re-save the file as UTF-8")
     if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
@@ -146,16 +151,49 @@ def read_delimited(path: Path, sep: str, quoting: int, bad: BadRows, names: list
         for line, detail in re.findall(r"Skipping line (\d+): ([^\n]+)", str(warning.message)):
             skipped.append((int(line), detail))
     skipped.sort()
-    # Line of each row: every line pandas dropped shifts the rows after it.
+    # Record of each row (pandas counts records, the header being record 1): every record pandas
+    # dropped shifts the rows after it.
     lines = np.arange(len(frame), dtype=np.int64) + first_row_line
     for line, _ in skipped:
         lines[lines >= line] += 1
+    # A quoted field may hold line breaks, so that records and file lines part: map records to the
+    # line each starts on (only then, as it takes another pass over the file).
+    n_records = first_row_line - 1 + len(frame) + len(skipped)
+    if quoting != csv.QUOTE_NONE and len(frame) and _count_lines(path) != n_records:
+        starts = _record_starts(path, sep, quoting)
+        if len(starts) >= max(int(lines.max()), max((line for line, _ in skipped), default=0)):
+            lines = starts[lines - 1]
+            skipped = [(int(starts[line - 1]), detail) for line, detail in skipped]
     # Reported with the caller's checks of the same file, so that `error` names the earliest line.
     bad.defer(path, [(line, f"{detail} (a field holds the separator?)") for line, detail in skipped])
     blank = frame.isna().all(axis=1).to_numpy()
     if blank.any():
         frame, lines = frame.loc[~blank].reset_index(drop=True), lines[~blank]
     return frame, lines
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open_text(path) as handle:
+            return sum(1 for _ in handle)
+    except READ_ERRORS as exc:
+        raise read_error(path, exc) from None
+
+
+def _record_starts(path: Path, sep: str, quoting: int) -> np.ndarray:
+    """The file line on which each CSV record starts (record 1 is the first line)."""
+    starts = []
+    try:
+        with open_text(path) as handle:
+            reader = csv.reader(handle, delimiter=sep, quoting=quoting)
+            while True:
+                start = reader.line_num + 1
+                if next(reader, None) is None:
+                    break
+                starts.append(start)
+    except (*READ_ERRORS, csv.Error):
+        return np.zeros(0, dtype=np.int64)  # pandas read it: keep its numbering
+    return np.asarray(starts, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def load_prepared(run_dir: str | Path, verify: bool = False) -> Prepared:
     """Load and check `<run_dir>/prepared/`; `verify` recomputes every file's sha256."""
     folder = prepared_dir(run_dir)
     manifest = read_manifest(folder, stage="prepare")
-    verify_outputs(folder, manifest, full_hash=verify)
+    verify_outputs(folder, manifest, full_hash=verify, complete=verify)
     items = _checked(read_parquet(folder / "items.parquet"), folder / "items.parquet").to_pandas()
     interactions = _checked(read_parquet(folder / "interactions.parquet"), folder / "interactions.parquet")
     interactions = interactions.to_pandas()

@@ -31,7 +31,7 @@ from trecsys.artifacts import (
 )
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.console import log
-from trecsys.errors import ConfigError
+from trecsys.errors import ArtifactError, ConfigError
 from trecsys.model.checkpoint import (
     PREPARED_KEY,
     WEIGHTS,
@@ -187,7 +187,11 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
     ft, model, spec = cfg.finetune, candidate.model, candidate.strategy
     done = work / RESULT
     if resume and done.is_file():
-        return CandidateResult(**read_json(done))
+        try:
+            return CandidateResult(**read_json(done))
+        except TypeError:
+            raise ArtifactError(f"{done}: not a finished candidate's record; run without --resume to start "
+                                "over") from None
     save = lambda m, folder: save_checkpoint(m, folder, extra)  # noqa: E731
     if not spec.trains:
         t0 = time.perf_counter()
