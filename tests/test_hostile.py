@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import tiny_config, write_tiny_prepared
 from test_bad_input import ctx, hash_tree, leftovers  # noqa: F401  (ctx: the bad-input corpus fixture)
 from test_reliability import ENV, REPO, SLOW_PREPARE, wait_for
 from typer.testing import CliRunner
@@ -270,3 +271,141 @@ def test_compare_paths_containing_an_equals_sign_are_runs_not_overrides(ctx):
     assert result.exit_code == 0, result.output
     runs = set(pd.read_parquet(ctx.run_dir / "eval" / "metrics.parquet")["run"])
     assert any("lr=0.1" in run for run in runs), runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Catalogue identity: a model's item indices must mean the same items where it is used
+
+
+SMALL_EVAL = {"evaluate": {"bootstrap": 10, "ks": [1, 5, 10]}}
+
+
+def _trained_run(tmp: Path, name: str) -> tuple[Path, Path]:
+    run_dir = tmp / name
+    write_tiny_prepared(run_dir)
+    config = tiny_config(run_dir, tmp / f"{name}.yaml", sections=SMALL_EVAL, epochs=1)
+    result = trec("pretrain-source", "-c", config)
+    assert result.exit_code == 0, result.output
+    return run_dir, config
+
+
+def _rename_item(run_dir: Path, index: int, new_id: str) -> None:
+    """Re-prepare a catalogue of the same size with one item renamed (manifest re-written to match)."""
+    import json
+
+    import pyarrow as pa
+
+    from trecsys.artifacts import write_manifest, write_parquet
+
+    folder = run_dir / "prepared"
+    items = pq.read_table(folder / "items.parquet")
+    ids = items.column("item_id").to_pylist()
+    ids[index] = new_id
+    write_parquet(items.set_column(items.column_names.index("item_id"), "item_id", pa.array(ids)),
+                  folder / "items.parquet")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    generated = {"trecsys_version", "stage", "created_at", "host", "config", "inputs", "outputs"}
+    write_manifest(folder, "prepare", manifest["config"], manifest["inputs"],
+                   {k: v for k, v in manifest.items() if k not in generated})
+
+
+def test_a_model_is_refused_on_a_same_size_catalogue_with_other_items(tmp_path):
+    run_dir, config = _trained_run(tmp_path, "run")
+    _rename_item(run_dir, 40, "B-renamed")
+    for args in (["evaluate", "-c", config], ["recommend", "-c", config, "--output", tmp_path / "r.parquet"],
+                 ["finetune-target", "-c", config, "finetune.strategy=full"]):
+        result = trec(*args)
+        assert result.exit_code == EXIT_BAD_INPUT, result.output
+        message = last_error(result)
+        assert "trained on another catalogue" in message or "other prepared data" in message, message
+        assert str(run_dir / "prepared") in message or str((run_dir / "prepared").resolve()) in message, message
+    assert not (tmp_path / "r.parquet").exists() and not (run_dir / "eval").exists()
+
+
+def test_a_model_copied_to_another_run_with_the_same_catalogue_is_accepted_and_a_renamed_one_refused(tmp_path):
+    import shutil
+
+    run_dir, _ = _trained_run(tmp_path, "run")
+    model = tmp_path / "model"
+    shutil.copytree(run_dir / "pretrain", model)
+    other = tmp_path / "other"
+    write_tiny_prepared(other)  # the same catalogue, prepared again
+    config = tiny_config(other, tmp_path / "o.yaml", sections=SMALL_EVAL)
+    result = trec("evaluate", "-c", config, "--model", model)
+    assert result.exit_code == 0, result.output
+    _rename_item(other, 3, "B-renamed")
+    result = trec("evaluate", "-c", config, "--model", model)
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    message = last_error(result)
+    assert "trained on another catalogue" in message and str((run_dir / "prepared").resolve()) in message
+    assert str(other / "prepared") in message, message
+
+
+# ---------------------------------------------------------------------------------------------
+# Input fidelity: what prepare reads is what the models see
+
+
+def _prepare(tmp: Path, monkeypatch, interactions: str, items: str | None = None, **data):
+    from conftest import fake_embed_texts
+
+    from trecsys.stages import prepare
+
+    monkeypatch.setattr(prepare, "embed_texts", fake_embed_texts)
+    (tmp / "f.csv").write_text(interactions, encoding="utf-8")
+    domain = {"format": "csv", "interactions": "f.csv"}
+    if items is not None:
+        (tmp / "items.csv").write_text(items, encoding="utf-8")
+        domain["items"] = "items.csv"
+    config = tmp / "prepare.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp / "run"), "device": "cpu",
+                                      "data": {"root": str(tmp), "target": "Food", "domains": {"Food": domain},
+                                               **data}}))
+    return trec("prepare", "-c", config)
+
+
+def test_fractions_of_a_second_order_events(tmp_path, monkeypatch):
+    # u1 bought b at 5.2 s and a at 5.7 s, listed the other way round: a is the last, held-out item.
+    result = _prepare(tmp_path, monkeypatch, "user_id,item_id,timestamp\nu1,a,5.7\nu1,b,5.2\nu1,c,1\n"
+                      "u2,a,1\nu2,b,2\nu2,c,3\n")
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "run" / "prepared" / "interactions.parquet").to_pandas()
+    items = pq.read_table(tmp_path / "run" / "prepared" / "items.parquet").to_pandas()
+    u1 = rows[rows["user_id"] == "u1"].merge(items[["item_idx", "item_id"]], on="item_idx")
+    assert u1["item_id"].tolist() == ["c", "b", "a"]
+    assert u1["split"].tolist() == ["train", "valid", "test"]
+    assert u1["timestamp"].tolist() == [1, 5, 5]  # stored in whole seconds, in full-precision order
+
+
+@pytest.mark.parametrize("column", ["user_id", "item_id"])
+def test_control_characters_in_ids_are_refused_with_file_and_line(tmp_path, monkeypatch, column):
+    bad = "u\x002,b,2" if column == "user_id" else "u2,b\x00,2"
+    result = _prepare(tmp_path, monkeypatch, f"user_id,item_id,timestamp\nu1,a,1\n{bad}\n")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    message = last_error(result)
+    assert f"{tmp_path / 'f.csv'}:3: column '{column}'" in message and "control character" in message, message
+    assert not (tmp_path / "run" / "prepared").exists()
+
+
+def test_ids_written_differently_in_the_two_files_are_reported_with_counts(tmp_path, monkeypatch):
+    result = _prepare(tmp_path, monkeypatch,
+                      "user_id,item_id,timestamp\n" + "".join(f"u{u},{i},{t}\n" for u in range(3)
+                                                            for t, i in enumerate(["007", "8", "9", "10", "11"])),
+                      "item_id,title\n7,Seven\n8,Eight\n9,Nine\n10,Ten\n11,Eleven\n")
+    assert result.exit_code == 0, result.output
+    assert ("warning: 1 of 5 item ids of domain 'Food' match items.csv only when written alike (e.g. '007' in "
+            "the interactions, '7' in items.csv), so they get no text") in result.stderr
+    assert "warning: domain 'Food': 1 of 5 items" not in result.stderr  # 20%: not a large share
+
+
+def test_a_large_share_of_items_without_text_is_a_warning_and_none_an_error(tmp_path, monkeypatch):
+    rows = "user_id,item_id,timestamp\n" + "".join(f"u{u},i{i},{i}\n" for u in range(3) for i in range(4))
+    result = _prepare(tmp_path, monkeypatch, rows, "item_id,title\ni0,Zero\ni1,One\n")
+    assert result.exit_code == 0, result.output
+    assert "warning: domain 'Food': 2 of 4 items (50%) have no text in items.csv" in result.stderr
+    result = _prepare(tmp_path, monkeypatch, rows, "item_id,title\ni0,\ni1,\ni2,\ni3,\n")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert last_error(result).startswith("error: domain 'Food': none of its 4 items has any text from items.csv")
+    padded = "user_id,item_id,timestamp\n" + "".join(f"u{u},00{i},{i}\n" for u in range(3) for i in range(4))
+    result = _prepare(tmp_path, monkeypatch, padded, "item_id,title\n0,Zero\n1,One\n2,Two\n3,X\n")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "write the ids the same way in both files" in last_error(result)

@@ -28,6 +28,9 @@ READ_ERRORS = (EOFError, OSError, zlib.error, UnicodeDecodeError)
 # The largest timestamp accepted: far beyond any unix time in ms, and safely inside int64.
 MAX_TIMESTAMP = 2.0**62
 ENCODING = "utf-8-sig"
+# Ids never hold control characters (NUL, tab, line breaks, ...): such an id is a damaged row, and
+# would print as something else than it is.
+CONTROL_CHARACTERS = r"[\x00-\x1f\x7f]"
 SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test",
                "input": "input"}
 
@@ -261,6 +264,8 @@ def finish_interactions(path: Path, raw: pd.DataFrame, lines: np.ndarray, source
     items = _as_str(raw["item_id"])
     for column, values in (("user_id", users), ("item_id", items)):
         flag(values.isna().to_numpy(), lambda i, c=column: f"missing value in column {source[c]!r}")
+        flag(_has_control(values), lambda i, c=column, v=values: f"column {source[c]!r}: {shown(v.iat[i])} holds "
+             "a control character (NUL, tab, line break...)")
 
     times, time_text = _as_time(raw["timestamp"])
     time_column = source["timestamp"]
@@ -298,8 +303,8 @@ def finish_interactions(path: Path, raw: pd.DataFrame, lines: np.ndarray, source
     out = pd.DataFrame({
         "user_id": kept(users),
         "item_id": kept(items),
-        # Fractions of a second (or of a position) are dropped: the contract's unit is whole seconds.
-        "timestamp": np.floor(times[keep]).astype(np.int64),
+        # Full precision: fractions of a second order events (prepare stores whole seconds, in this order).
+        "timestamp": times[keep],
         "rating": ratings[keep],
     })
     if splits is not None:
@@ -311,9 +316,12 @@ def finish_items(path: Path, raw: pd.DataFrame, lines: np.ndarray, id_column: st
                  unit: str = "line") -> pd.DataFrame:
     """item_id first, every other column as a text field ('' when empty); the first row of an id wins."""
     ids = _as_str(raw[id_column])
-    missing = ids.isna().to_numpy()
-    bad.report_many(path, [(int(lines[i]), f"missing value in column {id_column!r}")
-                           for i in np.flatnonzero(missing)], unit)
+    control = _has_control(ids)
+    problems = [(int(lines[i]), f"missing value in column {id_column!r}") for i in np.flatnonzero(ids.isna())]
+    problems += [(int(lines[i]), f"column {id_column!r}: {shown(ids.iat[i])} holds a control character (NUL, "
+                  "tab, line break...)") for i in np.flatnonzero(control)]
+    bad.report_many(path, problems, unit)
+    missing = ids.isna().to_numpy() | control
     out = pd.DataFrame({"item_id": ids[~missing].astype(str).to_numpy()})
     for column in raw.columns:
         if column == id_column or column == "item_id":
@@ -327,6 +335,10 @@ def finish_items(path: Path, raw: pd.DataFrame, lines: np.ndarray, id_column: st
 def items_from_interactions(interactions: pd.DataFrame) -> pd.DataFrame:
     """The item table when no item file is configured: ids only, in order of first interaction."""
     return pd.DataFrame({"item_id": pd.unique(interactions["item_id"])}).astype({"item_id": str})
+
+
+def _has_control(ids: pd.Series) -> np.ndarray:
+    return ids.str.contains(CONTROL_CHARACTERS, regex=True, na=False).to_numpy(dtype=bool)
 
 
 def _as_str(series: pd.Series) -> pd.Series:

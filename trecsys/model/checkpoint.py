@@ -20,15 +20,22 @@ from trecsys.artifacts import atomic_path, read_json, sha256_file, verify_stage_
 from trecsys.config import ModelConfig, build
 from trecsys.errors import ArtifactError, ConfigError
 from trecsys.model.seqrec import SeqRecModel
-from trecsys.prepared.identity import prepared_fingerprint
+from trecsys.prepared.identity import catalogue_identity, prepared_fingerprint
 from trecsys.prepared.tables import Prepared
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # Run folders that hold a checkpoint, latest pipeline stage first, and the command that writes each.
 CHECKPOINT_STAGES = {"finetune": "finetune-target", "distill": "distill", "pretrain": "pretrain-source"}
-# Where config.json's `extra` records the prepared data the model was trained on.
+# Where config.json's `extra` records the prepared data the model was trained on, and the catalogue
+# (ordered item ids and text encoder) its item indices refer to.
 PREPARED_KEY = "prepared_manifest_sha256"
+CATALOGUE_KEY = "catalogue"
+
+
+def trained_on(prepared: Prepared) -> dict:
+    """What every training stage records in a checkpoint's `extra` about the data it was trained on."""
+    return {PREPARED_KEY: prepared_fingerprint(prepared), CATALOGUE_KEY: catalogue_identity(prepared)}
 
 
 @dataclass
@@ -229,6 +236,30 @@ def check_fits(info: CheckpointInfo, folder: Path, prepared: Prepared, where: st
         raise ArtifactError(
             f"{where}{config_path}: the model expects text_dim={info.text_dim} but the prepared item "
             f"embeddings have {text_dim} dimensions: use the same embedding.encoder"
+        )
+    check_catalogue(info, folder, prepared, where)
+
+
+def check_catalogue(info: CheckpointInfo, folder: Path, prepared: Prepared, where: str = "") -> None:
+    """Refuse a checkpoint whose item indices mean other items (same size, other ids or order) or whose
+    item text came from another encoder. A checkpoint made before catalogues were recorded is checked
+    by size only."""
+    recorded = info.extra.get(CATALOGUE_KEY)
+    if not isinstance(recorded, dict):
+        return
+    ours = catalogue_identity(prepared)
+    theirs = recorded.get("prepared", "its training run")
+    if recorded.get("items_sha256") != ours["items_sha256"]:
+        raise ArtifactError(
+            f"{where}{folder / CONFIG}: the model was trained on another catalogue: item ids sha256 "
+            f"{str(recorded.get('items_sha256'))[:12]}… (in {theirs} when it was trained), but {prepared.folder} "
+            f"lists sha256 {ours['items_sha256'][:12]}… now, though both have {prepared.n_items} items: its item indices would "
+            "name the wrong items; retrain it on this run's prepared data or use it with its own run"
+        )
+    if recorded.get("encoder") != ours["encoder"]:
+        raise ArtifactError(
+            f"{where}{folder / CONFIG}: the model was trained on item text embedded by {recorded.get('encoder')} "
+            f"({theirs}), but {prepared.folder} was embedded by {ours['encoder']}: use the same embedding.encoder"
         )
 
 

@@ -4,6 +4,8 @@ whether another run's prepared folder holds the same users, targets and catalogu
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from trecsys.artifacts import MANIFEST, describe_file, read_manifest, sha256_file
@@ -17,6 +19,19 @@ COMPARABLE_FILES = ("items.parquet", "interactions.parquet")
 def prepared_fingerprint(prepared: Prepared) -> str:
     """sha256 of the prepared manifest: it changes whenever `trec prepare` runs again."""
     return sha256_file(prepared.folder / MANIFEST)
+
+
+def catalogue_identity(prepared: Prepared) -> dict:
+    """What a model's item indices mean: sha256 of the ordered (domain, item id) list, and the text
+    encoder that made the item embeddings. Two catalogues of the same size with one item renamed
+    differ here, which n_items alone cannot tell."""
+    items = prepared.items.sort_values("item_idx")
+    listed = json.dumps([items["domain"].astype(str).tolist(), items["item_id"].astype(str).tolist()])
+    encoder = prepared.manifest.get("encoder")
+    if isinstance(encoder, dict):
+        encoder = f"{encoder.get('name')}@{encoder.get('revision')}"
+    return {"items_sha256": hashlib.sha256(listed.encode()).hexdigest(), "n_items": int(len(items)),
+            "encoder": str(encoder), "prepared": str(prepared.folder.resolve())}
 
 
 def prepared_input(prepared: Prepared, run_dir: Path) -> dict:

@@ -25,7 +25,6 @@ from trecsys.config import ExperimentConfig, to_dict
 from trecsys.console import log
 from trecsys.errors import ConfigError
 from trecsys.model.checkpoint import (
-    PREPARED_KEY,
     WEIGHTS,
     checkpoint_files,
     load_checkpoint,
@@ -33,6 +32,7 @@ from trecsys.model.checkpoint import (
     load_weights,
     save_checkpoint,
     save_weights,
+    trained_on,
 )
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
@@ -146,7 +146,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
         teacher.to(dist.device).eval().requires_grad_(False)
         prepared_sha = prepared_fingerprint(prepared)
         extra = {"stage": STAGE, "teacher": str(teacher_dir), "data": names, "source": sources,
-                 PREPARED_KEY: prepared_sha}
+                 **trained_on(prepared)}
         if dist.is_main:
             log(f"{STAGE}: teacher {teacher.num_parameters():,} parameters ({teacher_dir}) -> student "
                   f"{describe_parameters(student.parameter_counts())}; {sum(len(p.windows) for p in parts):,} windows from "

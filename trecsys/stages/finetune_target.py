@@ -40,12 +40,13 @@ from trecsys.model.checkpoint import (
     is_checkpoint,
     load_named,
     save_checkpoint,
+    trained_on,
     weights_sha256,
 )
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.model.strategies import Candidate, build_candidate, l2sp_penalty, transfers_any
 from trecsys.prepared.context import TargetSequences, target_sequences
-from trecsys.prepared.identity import prepared_fingerprint, prepared_input
+from trecsys.prepared.identity import prepared_input
 from trecsys.prepared.tables import Prepared, load_prepared, seen_items
 from trecsys.stages.common import (
     MONITOR,
@@ -139,7 +140,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
         validate = make_ranker([EvalCase(domain.name, domain, seqs.histories["valid"], seqs.targets["valid"])],
                                prepared.embeddings, ft.train.eval_user_batch, dist.device, key="data.target")
         context = {"stage": STAGE, "target": domain.name, "history": ft.history,
-                   PREPARED_KEY: prepared_fingerprint(prepared), "init_from": str(init_dir) if init_dir else None}
+                   **trained_on(prepared), "init_from": str(init_dir) if init_dir else None}
         if dist.is_main:
             if not resume and work.exists():
                 shutil.rmtree(work)

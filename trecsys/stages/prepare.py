@@ -48,6 +48,8 @@ def run(cfg: ExperimentConfig) -> None:
 
         clock = _now()
         items["text"] = item_texts(items, cfg.data)
+        for warning in check_item_text(items, raw, cfg.data):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         _note(f"embedding {len(items):,} item texts with {cfg.embedding.encoder}")
         embeddings, encoder = embed_texts(items["text"].tolist(), cfg.embedding, device=str(resolve_device(cfg.device)),
                                           stop=stop.requested)
@@ -285,7 +287,7 @@ def build_tables(cleaned: dict[str, pd.DataFrame], raw: dict[str, RawDomain],
             "user_id": frame["user_id"].astype(str).to_numpy(),
             "item_idx": block["item_idx"].to_numpy()[item_index.get_indexer(frame["item_id"].astype(str))],
             "domain": name,
-            "timestamp": frame["timestamp"].to_numpy(dtype=np.int64),
+            "timestamp": frame["timestamp"].to_numpy(dtype=np.float64),  # fractions order events
             "rating": (frame["rating"].to_numpy(dtype=np.float32) if "rating" in frame.columns
                        else np.full(len(frame), np.nan, dtype=np.float32)),
             "split": frame["split"].to_numpy(),
@@ -337,6 +339,50 @@ def item_texts(items: pd.DataFrame, data: DataConfig) -> pd.Series:
     return texts.fillna("").astype(str)
 
 
+# Above this share of a domain's items without text, prepare warns: those items share one embedding.
+MISSING_TEXT_WARNING = 0.2
+
+
+def check_item_text(items: pd.DataFrame, raw: dict[str, RawDomain], data: DataConfig) -> list[str]:
+    """Warnings about item text, for each domain that has item metadata: ids written differently in
+    the interactions and the items file (`007` vs `7`, `b01` vs `B01`), and a large share of items
+    without text. A domain with item metadata where no item gets any text is an error: every one of
+    its items would get the same embedding."""
+    warnings = []
+    for name, domain in raw.items():
+        if len(domain.items.columns) <= 1:  # no items file: ids only, by design
+            continue
+        block = items[items["domain"] == name]
+        n, empty = len(block), int((block["text"].str.strip() == "").sum())
+        known = domain.items["item_id"].astype(str)
+        alike = {_normal_id(k): k for k in known}
+        unmatched = block.loc[~block["item_id"].isin(set(known)), "item_id"].astype(str)
+        near = [(i, alike[_normal_id(i)]) for i in unmatched if _normal_id(i) in alike]
+        source = data.domains[name].items or "its items"
+        if near:
+            example = f"e.g. {near[0][0]!r} in the interactions, {near[0][1]!r} in {source}"
+            near_note = (f"{len(near):,} of {n:,} item ids of domain {name!r} match {source} only when written "
+                         f"alike ({example}), so they get no text")
+        if empty == n:
+            raise DataError(
+                f"domain {name!r}: none of its {n:,} items has any text from {source} (data.text_template "
+                f"{data.text_template!r})" + (f"; {near_note}: write the ids the same way in both files"
+                                               if near else ": check the id column and the text fields")
+            )
+        if near:
+            warnings.append(f"{near_note}: write the ids the same way in both files")
+        if empty > MISSING_TEXT_WARNING * n:
+            warnings.append(f"domain {name!r}: {empty:,} of {n:,} items ({empty / n:.0%}) have no text in {source}; "
+                            "they share one text embedding and are told apart by their id alone")
+    return warnings
+
+
+def _normal_id(item_id: str) -> str:
+    """An id as it may be written differently: case, surrounding spaces, leading zeros."""
+    text = item_id.strip().casefold()
+    return text.lstrip("0") or text
+
+
 def items_table(items: pd.DataFrame) -> pa.Table:
     columns = {
         "item_idx": pa.array(items["item_idx"].to_numpy(dtype=np.int32), pa.int32()),
@@ -364,7 +410,9 @@ def interactions_table(interactions: pd.DataFrame) -> pa.Table:
         "user_id": pa.array(interactions["user_id"].tolist(), pa.string()),
         "item_idx": pa.array(interactions["item_idx"].to_numpy(dtype=np.int32), pa.int32()),
         "domain": pa.array(interactions["domain"].tolist(), pa.string()),
-        "timestamp": pa.array(interactions["timestamp"].to_numpy(dtype=np.int64), pa.int64()),
+        # Whole seconds (the contract); the rows are already in full-precision order.
+        "timestamp": pa.array(np.floor(interactions["timestamp"].to_numpy(dtype=np.float64)).astype(np.int64),
+                              pa.int64()),
         "rating": pa.array(interactions["rating"].to_numpy(dtype=np.float32), pa.float32()),
         "split": pa.array(interactions["split"].tolist(), pa.string()),
     })

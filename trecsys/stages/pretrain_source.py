@@ -20,7 +20,7 @@ from trecsys.artifacts import run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.console import log
 from trecsys.errors import ConfigError
-from trecsys.model.checkpoint import PREPARED_KEY, checkpoint_files, save_checkpoint
+from trecsys.model.checkpoint import checkpoint_files, save_checkpoint, trained_on
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import DomainSplit, domain_split, load_prepared, seen_items
@@ -70,7 +70,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
                             id_items=seen_items(seq for s in splits.values() for seq in s.train))
         model.set_item_text(torch.from_numpy(prepared.embeddings))
         prepared_sha = prepared_fingerprint(prepared)
-        extra = {"stage": STAGE, "source": sources, PREPARED_KEY: prepared_sha}
+        extra = {"stage": STAGE, "source": sources, **trained_on(prepared)}
         if dist.is_main:
             log(f"{STAGE}: {data.n_examples:,} training windows from {', '.join(sources)}; "
                   f"{describe_parameters(model.parameter_counts())}")
