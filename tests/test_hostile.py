@@ -363,10 +363,11 @@ def _prepare(tmp: Path, monkeypatch, interactions: str, items: str | None = None
     return trec("prepare", "-c", config)
 
 
-def test_fractions_of_a_second_order_events(tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["pandas", "polars"])
+def test_fractions_of_a_second_order_events(tmp_path, monkeypatch, engine):
     # u1 bought b at 5.2 s and a at 5.7 s, listed the other way round: a is the last, held-out item.
     result = _prepare(tmp_path, monkeypatch, "user_id,item_id,timestamp\nu1,a,5.7\nu1,b,5.2\nu1,c,1\n"
-                      "u2,a,1\nu2,b,2\nu2,c,3\n")
+                      "u2,a,1\nu2,b,2\nu2,c,3\n", engine=engine)
     assert result.exit_code == 0, result.output
     rows = pq.read_table(tmp_path / "run" / "prepared" / "interactions.parquet").to_pandas()
     items = pq.read_table(tmp_path / "run" / "prepared" / "items.parquet").to_pandas()
@@ -376,10 +377,11 @@ def test_fractions_of_a_second_order_events(tmp_path, monkeypatch):
     assert u1["timestamp"].tolist() == [1, 5, 5]  # stored in whole seconds, in full-precision order
 
 
+@pytest.mark.parametrize("engine", ["pandas", "polars"])
 @pytest.mark.parametrize("column", ["user_id", "item_id"])
-def test_control_characters_in_ids_are_refused_with_file_and_line(tmp_path, monkeypatch, column):
+def test_control_characters_in_ids_are_refused_with_file_and_line(tmp_path, monkeypatch, column, engine):
     bad = "u\x002,b,2" if column == "user_id" else "u2,b\x00,2"
-    result = _prepare(tmp_path, monkeypatch, f"user_id,item_id,timestamp\nu1,a,1\n{bad}\n")
+    result = _prepare(tmp_path, monkeypatch, f"user_id,item_id,timestamp\nu1,a,1\n{bad}\n", engine=engine)
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     message = last_error(result)
     assert f"{tmp_path / 'f.csv'}:3: column '{column}'" in message and "control character" in message, message

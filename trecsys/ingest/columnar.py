@@ -34,6 +34,7 @@ from trecsys.config import DataConfig, DomainConfig
 from trecsys.errors import ConfigError, DataError
 from trecsys.ingest import amazon
 from trecsys.ingest.inputs import (
+    CONTROL_CHARACTERS,
     MAX_TIMESTAMP,
     SPLIT_NAMES,
     BadRows,
@@ -56,7 +57,8 @@ SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 @dataclass
 class ColumnarDomain:
     """One domain's interactions as columns: user/item codes into `users`/`items` (id strings),
-    `timestamp` (int64 s), `rating` (float64, NaN when absent), `pos` (input order), `split` codes."""
+    `timestamp` (float64 s at full precision: fractions order events), `rating` (float64, NaN when absent),
+    `pos` (input order), `split` codes."""
 
     frame: pl.DataFrame
     users: np.ndarray  # code -> user id (str)
@@ -92,7 +94,7 @@ def from_raw(raw: RawDomain) -> ColumnarDomain:
     has_split = "split" in inter.columns and inter["split"].notna().any()
     columns = {
         "user": user_codes, "item": item_codes,
-        "timestamp": inter["timestamp"].to_numpy(dtype=np.int64),
+        "timestamp": inter["timestamp"].to_numpy(dtype=np.float64),
         "rating": (inter["rating"].to_numpy(dtype=np.float64) if "rating" in inter.columns
                    else np.full(len(inter), np.nan)),
         "pos": np.arange(len(inter), dtype=np.int64),
@@ -181,12 +183,13 @@ def _amazon_fast(name: str, domain: DomainConfig, root: Path) -> ColumnarDomain 
             rating = table[layout.rating]
             bad = (user.is_null() | item.is_null() | (user == "") | (item == "") | time.is_null()
                    | time.is_nan() | time.is_infinite() | (time < 0) | (time >= MAX_TIMESTAMP)
-                   | rating.is_nan() | rating.is_infinite())
+                   | rating.is_nan() | rating.is_infinite()
+                   | user.str.contains(CONTROL_CHARACTERS) | item.str.contains(CONTROL_CHARACTERS))
             if bad.any():
                 return None
             parts.append(pl.DataFrame({
                 "user": users.encode(user), "item": items.encode(item),
-                "timestamp": time.floor().cast(pl.Int64), "rating": rating.fill_null(float("nan")),
+                "timestamp": time.cast(pl.Float64), "rating": rating.fill_null(float("nan")),
                 "pos": pl.int_range(start, start + len(table), dtype=pl.Int64, eager=True),
             }))
             start += len(table)
@@ -221,7 +224,7 @@ def _empty_interactions():
     import pandas as pd
 
     return pd.DataFrame({"user_id": pd.Series([], dtype=str), "item_id": pd.Series([], dtype=str),
-                         "timestamp": np.zeros(0, dtype=np.int64), "rating": np.zeros(0)})
+                         "timestamp": np.zeros(0, dtype=np.float64), "rating": np.zeros(0)})
 
 
 def _parquet_fast(name: str, domain: DomainConfig, root: Path) -> ColumnarDomain | None:
@@ -266,14 +269,15 @@ def _parquet_fast(name: str, domain: DomainConfig, root: Path) -> ColumnarDomain
         return None
     t = table["t"]
     bad = (table["user_id"].is_null() | table["item_id"].is_null() | t.is_null() | t.is_nan() | t.is_infinite()
-           | (t < 0) | (t >= MAX_TIMESTAMP) | table["rating"].is_infinite())
+           | (t < 0) | (t >= MAX_TIMESTAMP) | table["rating"].is_infinite()
+           | table["user_id"].str.contains(CONTROL_CHARACTERS) | table["item_id"].str.contains(CONTROL_CHARACTERS))
     if cols.split:
         bad = bad | table["split"].is_null()
     if bad.any():
         return None
     users, items = _Dictionary(), _Dictionary()
     columns = {"user": users.encode(table["user_id"]), "item": items.encode(table["item_id"]),
-               "timestamp": t.floor().cast(pl.Int64), "rating": table["rating"].fill_null(float("nan")),
+               "timestamp": t.cast(pl.Float64), "rating": table["rating"].fill_null(float("nan")),
                "pos": pl.int_range(table.height, dtype=pl.Int64, eager=True)}
     if cols.split:
         columns["split"] = table["split"].replace_strict(SPLIT_CODES, return_dtype=pl.Int8)

@@ -13,8 +13,8 @@ import pandas as pd
 # interactions columns:
 #   user_id   str     original user id (users are matched across domains by this)
 #   item_id   str     original item id
-#   timestamp float64 unix seconds at full precision (fractions order events), or any sortable order
-#                     such as a 0-based `position`
+#   timestamp float64 unix seconds at full precision (fractions order events), or int64 for whole
+#                     numbers such as a 0-based `position`
 #   rating    float64 optional (NaN when the format has none)
 #   split     str     optional: 'train' | 'valid' | 'test' when the input is pre-split (split: given)
 # Row order is the input order; sorting by (user_id, timestamp) must be stable on it.

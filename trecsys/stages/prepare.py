@@ -163,7 +163,8 @@ def columnar_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float
         "item_idx": pa.array(frame["item_idx"].to_numpy(), pa.int32()),
         "domain": pa.array(np.asarray(list(domains), dtype=object)[frame["domain_pos"].to_numpy()].tolist(),
                            pa.string()),
-        "timestamp": pa.array(frame["timestamp"].to_numpy(), pa.int64()),
+        # Whole seconds (the contract); the rows are already in full-precision order.
+        "timestamp": pa.array(np.floor(frame["timestamp"].to_numpy()).astype(np.int64), pa.int64()),
         "rating": pa.array(frame["rating"].to_numpy(), pa.float32()),
         "split": pa.array(np.asarray(SPLITS, dtype=object)[frame["split"].to_numpy()].tolist(), pa.string()),
     })
