@@ -304,7 +304,7 @@ CASES: list[Case] = [
     ("config-huge-seed", lambda c: _pretrain(c, f"seed={10**23}"), BAD, "'seed'"),
     ("config-empty-run-dir", lambda c: _pretrain(c, "run_dir="), BAD, "'run_dir'"),
     ("config-blank-data-root", lambda c: _pretrain(c, "data.root= "), BAD, "'data.root'"),
-    ("csv-quoted-newline-line-number", lambda c: c.csv('user_id,item_id,timestamp\nu1,"i\n1",1\nu2,i3,x\n'),
+    ("csv-quoted-newline-line-number", lambda c: c.csv('user_id,item_id,timestamp,note\nu1,i1,1,"a\nb"\nu2,i3,x,c\n'),
      BAD, "f.csv:4"),
     # --- hand-edited manifests and records (issue #14)
     ("manifest-outputs-not-a-list", lambda c: _edit_prepared_manifest(c, lambda m: m.update(outputs={"a": 1})),

@@ -411,3 +411,63 @@ def test_a_large_share_of_items_without_text_is_a_warning_and_none_an_error(tmp_
     result = _prepare(tmp_path, monkeypatch, padded, "item_id,title\n0,Zero\n1,One\n2,Two\n3,X\n")
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "write the ids the same way in both files" in last_error(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism on several threads: the same command, seed and thread count give the same weights
+
+
+def test_item_tower_gradients_repeat_exactly_on_two_threads():
+    """The gather of item features per position used advanced indexing, whose CPU backward adds a
+    repeated item's gradients with atomic adds across threads: two runs differed by ~1e-4 in the demo."""
+    import torch
+
+    from trecsys.config import ModelConfig, build
+    from trecsys.model.seqrec import SeqRecModel
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = build(ModelConfig, {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 20, "n_experts": 4,
+                                  "dropout": 0.0}, prefix="model.")
+        torch.manual_seed(0)
+        model = SeqRecModel(cfg, 64, 300)
+        model.set_item_text(torch.randn(300, 64))
+        inputs = torch.randint(0, 300, (128, 20))
+
+        def grads() -> dict:
+            model.zero_grad()
+            model.encode(inputs).square().sum().backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        first = grads()
+        for _ in range(10):
+            again = grads()
+            assert all(torch.equal(first[n], again[n]) for n in first), \
+                [n for n in first if not torch.equal(first[n], again[n])]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_trainings_on_two_threads_give_bit_identical_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    weights = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        write_tiny_prepared(run_dir, n_users=200)
+        config = tiny_config(run_dir, tmp_path / f"{name}.yaml", epochs=1, batch_size=128, lr=0.003)
+        data = yaml.safe_load(config.read_text())
+        data["model"].update(d_model=32, max_seq_len=20, n_experts=4)
+        config.write_text(yaml.safe_dump(data))
+        proc = subprocess.run([sys.executable, "-m", "trecsys", "pretrain-source", "-c", str(config)],
+                              env={**ENV, "OMP_NUM_THREADS": "2"}, cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        weights.append(load_file(str(run_dir / "pretrain" / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch_equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all()) and a.shape == b.shape

@@ -193,7 +193,10 @@ class SeqRecModel(nn.Module):
         valid = seq != PAD
         # The tower runs once per distinct item in the batch, not once per position (~10x less work).
         unique, inverse = torch.unique(seq.clamp(min=0), return_inverse=True)
-        x = self.drop(self._item_features(unique)[inverse])
+        # index_select, not `[inverse]`: the backward of advanced indexing adds a repeated item's
+        # gradients with atomic adds on several CPU threads, in an order that changes from run to run.
+        features = self._item_features(unique)
+        x = self.drop(features.index_select(0, inverse.flatten()).view(B, L, -1))
         positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
         x = x + self.position(positions)
         # Causal, and never a padded key — except a padded query's own key, so no softmax row is empty.

@@ -126,7 +126,10 @@ def next_item_loss(model: SeqRecModel, states: torch.Tensor, labels: torch.Tenso
     if train.loss == "full":
         reps = item_reps if item_reps is not None else model.item_reps(start, stop)
         return chunked_cross_entropy(states, labels, reps, model.score, train.loss_chunk_size)
-    reps_of = item_reps.__getitem__ if item_reps is not None else (lambda items: model.item_reps_at(items + start))
+    if item_reps is not None:
+        reps_of = lambda items: item_reps.index_select(0, items)  # noqa: E731 (deterministic backward)
+    else:
+        reps_of = lambda items: model.item_reps_at(items + start)  # noqa: E731
     return sampled_softmax_loss(states, labels, reps_of, model.score, train.n_negatives, part.log_q)
 
 

@@ -120,8 +120,10 @@ def softmax_over_candidates(states: torch.Tensor, targets: torch.Tensor, item_re
     states, targets = _labelled(states, targets)
     if len(targets) == 0:
         return states.sum() * 0.0
-    positive = pair_scores(states, item_reps[targets], score_fn).float()
-    negative = score_fn(states, item_reps[negatives]).float() - log_expected_count[None, :]
+    # index_select, not `item_reps[targets]`: the backward of advanced indexing adds repeated rows'
+    # gradients with atomic adds on several CPU threads, in an order that changes from run to run.
+    positive = pair_scores(states, item_reps.index_select(0, targets), score_fn).float()
+    negative = score_fn(states, item_reps.index_select(0, negatives)).float() - log_expected_count[None, :]
     negative = negative.masked_fill(negatives[None, :] == targets[:, None], -torch.inf)
     logits = torch.cat([positive[:, None], negative], dim=1)
     return (torch.logsumexp(logits, dim=1) - positive).mean()
