@@ -407,7 +407,7 @@ def test_a_large_share_of_items_without_text_is_a_warning_and_none_an_error(tmp_
     assert "warning: domain 'Food': 2 of 4 items (50%) have no text in items.csv" in result.stderr
     result = _prepare(tmp_path, monkeypatch, rows, "item_id,title\ni0,\ni1,\ni2,\ni3,\n")
     assert result.exit_code == EXIT_BAD_INPUT, result.output
-    assert last_error(result).startswith("error: domain 'Food': none of its 4 items has any text from items.csv")
+    assert last_error(result).startswith("error: domain 'Food': none of its 4 interacted items has any text from items.csv")
     padded = "user_id,item_id,timestamp\n" + "".join(f"u{u},00{i},{i}\n" for u in range(3) for i in range(4))
     result = _prepare(tmp_path, monkeypatch, padded, "item_id,title\n0,Zero\n1,One\n2,Two\n3,X\n")
     assert result.exit_code == EXIT_BAD_INPUT, result.output

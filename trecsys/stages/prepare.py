@@ -347,14 +347,18 @@ MISSING_TEXT_WARNING = 0.2
 def check_item_text(items: pd.DataFrame, raw: dict[str, RawDomain], data: DataConfig) -> list[str]:
     """Warnings about item text, for each domain that has item metadata: ids written differently in
     the interactions and the items file (`007` vs `7`, `b01` vs `B01`), and a large share of items
-    without text. A domain with item metadata where no item gets any text is an error: every one of
-    its items would get the same embedding."""
+    without text. A domain with item metadata where no interacted item gets any text is an error:
+    every item the model trains on would get the same embedding (items the file lists without
+    interactions do not rescue it)."""
     warnings = []
     for name, domain in raw.items():
         if len(domain.items.columns) <= 1:  # no items file: ids only, by design
             continue
         block = items[items["domain"] == name]
         n, empty = len(block), int((block["text"].str.strip() == "").sum())
+        interacted = block["item_id"].isin(set(domain.interactions["item_id"].astype(str)))
+        n_interacted = int(interacted.sum())
+        empty_interacted = int(((block["text"].str.strip() == "") & interacted).sum())
         known = domain.items["item_id"].astype(str)
         alike = {_normal_id(k): k for k in known}
         unmatched = block.loc[~block["item_id"].isin(set(known)), "item_id"].astype(str)
@@ -364,9 +368,9 @@ def check_item_text(items: pd.DataFrame, raw: dict[str, RawDomain], data: DataCo
             example = f"e.g. {near[0][0]!r} in the interactions, {near[0][1]!r} in {source}"
             near_note = (f"{len(near):,} of {n:,} item ids of domain {name!r} match {source} only when written "
                          f"alike ({example}), so they get no text")
-        if empty == n:
+        if n_interacted and empty_interacted == n_interacted:
             raise DataError(
-                f"domain {name!r}: none of its {n:,} items has any text from {source} (data.text_template "
+                f"domain {name!r}: none of its {n_interacted:,} interacted items has any text from {source} (data.text_template "
                 f"{data.text_template!r})" + (f"; {near_note}: write the ids the same way in both files"
                                                if near else ": check the id column and the text fields")
             )
