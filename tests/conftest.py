@@ -8,6 +8,7 @@ after `prepare` can be tested without running it.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Stages size their thread pools from runtime.threads / TRECSYS_THREADS (trecsys/runtime.py). The
+# tests' tensors are tiny: one thread is fastest, and on shared cores more threads wait on each other.
+os.environ.setdefault("TRECSYS_THREADS", "1")
 
 from trecsys.artifacts import stage_output, write_manifest, write_parquet  # noqa: E402
 from trecsys.config import EmbeddingConfig  # noqa: E402

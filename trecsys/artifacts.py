@@ -38,6 +38,7 @@ from trecsys.errors import (
     TrecError,
     environment_error,
 )
+from trecsys.runtime import thread_record
 
 PARQUET_COMPRESSION = "zstd"
 MANIFEST = "manifest.json"
@@ -302,6 +303,7 @@ def write_manifest(folder: Path, stage: str, config: dict, inputs: list[dict], e
         "stage": stage,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": {"python": platform.python_version(), "platform": platform.platform()},
+        "runtime": thread_record(),
         "config": config,
         "inputs": inputs,
         "outputs": outputs,

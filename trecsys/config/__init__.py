@@ -37,6 +37,7 @@ from trecsys.config.schema import (  # noqa: F401
     ModelConfig,
     PretrainConfig,
     RecommendConfig,
+    RuntimeConfig,
     SearchConfig,
     SyntheticConfig,
     TrackConfig,

@@ -526,6 +526,21 @@ class TrackConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How the process runs (trecsys/runtime.py); never part of what makes a stage's outputs stale."""
+
+    # CPU threads of each process (torch intra- and inter-op, BLAS/OpenMP pools), set before any work.
+    # 0: the TRECSYS_THREADS environment variable if set, else the cores this process may use divided
+    # by the processes of the run on this machine (torchrun's LOCAL_WORLD_SIZE), so no core is shared.
+    # On a machine busy with other work, fewer threads than cores is usually faster in wall time.
+    threads: int = 0
+
+    def validate(self, prefix: str = "runtime.", where: str = "") -> None:
+        if self.threads < 0:
+            raise ConfigError(f"config key '{prefix}threads'{where}: must be >= 0 (0 = automatic), got {self.threads}")
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: every stage reads this whole config and uses its own sections."""
 
@@ -545,6 +560,7 @@ class ExperimentConfig:
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self, prefix: str = "", where: str = "") -> None:
         """Keys that refer to other sections or to the machine, checked before any stage (or torch) loads;

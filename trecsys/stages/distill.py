@@ -37,7 +37,7 @@ from trecsys.model.checkpoint import (
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import domain_split, load_prepared, seen_items
-from trecsys.runtime import seed_everything
+from trecsys.runtime import Threads, apply_threads, seed_everything
 from trecsys.stages.common import (
     MONITOR,
     EvalCase,
@@ -112,11 +112,12 @@ class DistillManifest:
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
+    threads = apply_threads(cfg.runtime.threads)
     with distributed(cfg.device) as dist:
-        _run(cfg, resume, dist, verify)
+        _run(cfg, resume, dist, verify, threads)
 
 
-def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
+def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads: Threads) -> None:
     run_dir = Path(cfg.run_dir)
     out, work = run_dir / OUTPUT, run_dir / WORK
     dc = cfg.distill
@@ -150,7 +151,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
         if dist.is_main:
             log(f"{STAGE}: teacher {teacher.num_parameters():,} parameters ({teacher_dir}) -> student "
                   f"{describe_parameters(student.parameter_counts())}; {sum(len(p.windows) for p in parts):,} windows from "
-                  f"{', '.join(names)}; kd_ratio {dc.kd_ratio}, T {dc.temperature}")
+                  f"{', '.join(names)}; kd_ratio {dc.kd_ratio}, T {dc.temperature}; {threads.line()}")
         result = fit(
             module, window_train_data(parts), distill_loss_fn(parts, teacher, cfg), lambda m: rank(m.student),
             dc.train, work, seed=cfg.seed, dist=dist, save_model=lambda m, folder: save_distillation(m, folder, extra),

@@ -43,7 +43,7 @@ from trecsys.rank import metrics as M
 from trecsys.rank import report
 from trecsys.rank.rankers import BASELINES, Ranker, RankingInputs, make_scorer
 from trecsys.rank.scorers import item_counts, to_local
-from trecsys.runtime import resolve_device
+from trecsys.runtime import Threads, apply_threads, resolve_device
 from trecsys.stages.distill import DistillManifest
 from trecsys.stages.finetune_target import FinetuneManifest
 from trecsys.track import tracking
@@ -55,6 +55,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
         compare: list[str] | None = None, verify: bool = False) -> None:
     if split not in ("valid", "test"):
         raise ConfigError(f"option --split: expected 'valid' or 'test', got {split!r}")
+    threads = apply_threads(cfg.runtime.threads)
     run_dir = Path(cfg.run_dir)
     prepared = load_prepared(run_dir, verify=verify)
     systems = model_systems(run_dir, prepared, model, compare)
@@ -71,7 +72,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
     for system in systems:
         verify_stage_folder(system.checkpoint, full_hash=verify)
     with run_lock(run_dir / EVAL), tracking(cfg, "evaluate") as tracker:
-        metrics_df = evaluate(cfg, prepared, systems, split)
+        metrics_df = evaluate(cfg, prepared, systems, split, threads)
         tracker.log_evaluation(metrics_df, split)
         tracker.log_artifacts(run_dir / EVAL)
 
@@ -202,7 +203,8 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
     )
 
 
-def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], split: str) -> pd.DataFrame:
+def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], split: str,
+             threads: Threads) -> pd.DataFrame:
     ev = cfg.evaluate
     domain = prepared.domain(prepared.target, key="data.target")
     n_items = domain.n_items
@@ -250,7 +252,7 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], s
         inputs += [describe_file(s.checkpoint / WEIGHTS) for s in systems if s.checkpoint is not None]
         write_manifest(out, "evaluate", to_dict(cfg), inputs, {"context": context})
     print(report.terminal_table(metrics_df, context))
-    log(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots")
+    log(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots; {threads.line()}")
     return metrics_df
 
 

@@ -48,6 +48,7 @@ from trecsys.model.strategies import Candidate, build_candidate, l2sp_penalty, t
 from trecsys.prepared.context import TargetSequences, target_sequences
 from trecsys.prepared.identity import prepared_input
 from trecsys.prepared.tables import Prepared, load_prepared, seen_items
+from trecsys.runtime import Threads, apply_threads
 from trecsys.stages.common import (
     MONITOR,
     EvalCase,
@@ -119,11 +120,12 @@ class FinetuneManifest:
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
+    threads = apply_threads(cfg.runtime.threads)
     with distributed(cfg.device) as dist:
-        _run(cfg, resume, dist, verify)
+        _run(cfg, resume, dist, verify, threads)
 
 
-def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
+def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads: Threads) -> None:
     run_dir = Path(cfg.run_dir)
     out, work = run_dir / OUTPUT, run_dir / WORK
     ft = cfg.finetune
@@ -146,7 +148,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool) -> None:
                 shutil.rmtree(work)
             source = f"from {init_dir}" if init_dir else f"architecture from config key 'model' ({ft.init_from!r} not found)"
             log(f"{STAGE}: {', '.join(strategies)} on {domain.name} ({len(train_users):,} of "
-                  f"{int((seqs.n_target_train > 0).sum()):,} training users, history {ft.history}), {source}")
+                  f"{int((seqs.n_target_train > 0).sum()):,} training users, history {ft.history}), {source}; {threads.line()}")
         dist.barrier()
         # An ID table only for the items in the training sequences (the target's, and with
         # history all_domains the source items read as context): other items are ranked by text.

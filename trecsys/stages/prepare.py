@@ -26,7 +26,7 @@ from trecsys.ingest.readers import read_domain
 from trecsys.ingest.split import SPLITS, assign_split
 from trecsys.ingest.synthetic import generate_domains
 from trecsys.ingest.text import compose_text
-from trecsys.runtime import StopRequest, resolve_device
+from trecsys.runtime import StopRequest, apply_threads, resolve_device
 
 # Item metadata columns copied to items.parquet (as str) when a domain has them.
 ITEM_FIELDS = ("brand", "category", "price")
@@ -35,13 +35,14 @@ RESERVED_ITEM_COLUMNS = ("item_idx", "domain")
 
 
 def run(cfg: ExperimentConfig) -> None:
+    threads = apply_threads(cfg.runtime.threads)
     roles = domain_roles(cfg.data)
     out = Path(cfg.run_dir).expanduser() / "prepared"
     started = time.perf_counter()
     with run_lock(out), StopRequest() as stop:
         timings: dict[str, tuple[float, float]] = {}
         _note(f"reading {len(roles)} domain(s): {', '.join(roles)}"
-              + ("" if cfg.data.engine == "pandas" else f" (data.engine={cfg.data.engine})"))
+              + ("" if cfg.data.engine == "pandas" else f" (data.engine={cfg.data.engine})") + f"; {threads.line()}")
         tables = pandas_tables if cfg.data.engine == "pandas" else columnar_tables
         items, interactions, raw, removed = tables(cfg, timings)
         _stop_if_asked(stop, "after reading, cleaning and splitting the inputs")

@@ -24,7 +24,7 @@ from trecsys.model.checkpoint import checkpoint_files, save_checkpoint, trained_
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import DomainSplit, domain_split, load_prepared, seen_items
-from trecsys.runtime import seed_everything
+from trecsys.runtime import Threads, apply_threads, seed_everything
 from trecsys.stages.common import (
     MONITOR,
     EvalCase,
@@ -46,11 +46,12 @@ TRAIN_KEY = "pretrain.train"
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
+    threads = apply_threads(cfg.runtime.threads)
     with distributed(cfg.device) as dist:
-        _run(cfg, resume, dist, verify)
+        _run(cfg, resume, dist, verify, threads)
 
 
-def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) -> None:
+def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads: Threads) -> None:
     run_dir = Path(cfg.run_dir)
     out, work = run_dir / OUTPUT, run_dir / WORK
     # Only rank 0 writes, so only rank 0 holds the lock against a second run on the same run_dir.
@@ -73,7 +74,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool = False) 
         extra = {"stage": STAGE, "source": sources, **trained_on(prepared)}
         if dist.is_main:
             log(f"{STAGE}: {data.n_examples:,} training windows from {', '.join(sources)}; "
-                  f"{describe_parameters(model.parameter_counts())}")
+                  f"{describe_parameters(model.parameter_counts())}; {threads.line()}")
         result = fit(
             model, data, loss_fn, validate, cfg.pretrain.train, work, seed=cfg.seed, dist=dist,
             save_model=lambda m, folder: save_checkpoint(m, folder, extra), monitor=MONITOR,

@@ -61,7 +61,7 @@ from trecsys.rank.requests import (
 from trecsys.rank.rerank import Part, WeightedSum, category_mask, masked, mmr_rerank
 from trecsys.rank.scorers import to_local
 from trecsys.rank.search_protocol import check_encoder
-from trecsys.runtime import resolve_device
+from trecsys.runtime import apply_threads, resolve_device
 from trecsys.stages.recommend_shards import is_sharded, run_sharded
 
 STAGE = "recommend"
@@ -85,6 +85,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
         query: list[str] | None = None, queries: str | None = None, user: str | None = None,
         output: str | None = None, wait: float = 0.0, strict: bool = False, show: int | None = None,
         as_of: str | None = None, verify: bool = False) -> Output:
+    threads = apply_threads(cfg.runtime.threads)
     if is_sharded():  # under torchrun: each rank ranks a share of the users (recommend_shards.py)
         if as_of:
             raise ConfigError("option --as-of ranks on one process for offline scoring; run it without torchrun")
@@ -154,7 +155,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, users: str | None = Non
     what, rate = ("queries" if query_texts else "users"), len(requests.labels) / max(rank_seconds, 1e-9)
     log(f"recommend: {len(requests.labels):,} {what} × {domain.n_items:,} items of {domain.name} in "
           f"{seconds:.1f} s ({rate:,.{0 if rate >= 100 else 1}f} {what}/s ranking), "
-          f"{table.num_rows:,} rows → {out.parquet}")
+          f"{table.num_rows:,} rows → {out.parquet}; {threads.line()}")
     return out
 
 
