@@ -88,6 +88,16 @@ def test_fresh_process_default_shares_the_cores_among_local_ranks():
     assert (threads, interop, torch_interop, source, pools) == (expected, expected, expected, "default", [expected])
 
 
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_idle_threads_sleep_unless_told_otherwise(given):
+    """OMP_WAIT_POLICY must be in the environment before torch loads its OpenMP runtime."""
+    code = "import os, sys, trecsys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(PYTHONPATH=str(REPO), **({"OMP_WAIT_POLICY": given} if given else {}))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [given or "PASSIVE", "False"]
+
+
 def test_stage_prints_and_records_its_threads(tiny_prepared, capsys, restore_threads):
     cfg = load_config(tiny_config(tiny_prepared, tiny_prepared.parent / "cfg.yaml",
                                   {"evaluate": {"bootstrap": 10, "ks": [10]}}), ["runtime.threads=1"])
@@ -96,3 +106,4 @@ def test_stage_prints_and_records_its_threads(tiny_prepared, capsys, restore_thr
     record = json.loads((tiny_prepared / "eval" / "manifest.json").read_text())["runtime"]
     assert record["threads"] == 1 and record["source"] == "runtime.threads"
     assert record["usable_cpus"] >= 1 and record["local_world_size"] == 1
+    assert record["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")

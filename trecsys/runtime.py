@@ -31,6 +31,7 @@ class Threads:
     source: str  # runtime.threads, TRECSYS_THREADS or default
     usable_cpus: int  # cores this process may run on (its CPU affinity)
     local_world_size: int  # processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE)
+    omp_wait_policy: str | None  # PASSIVE unless set before trecsys was imported (trecsys/__init__.py)
 
     def line(self) -> str:
         why = {"default": f"default: {self.usable_cpus} usable cores / {self.local_world_size} process(es) here"}
@@ -92,7 +93,8 @@ def apply_threads(requested: int = 0, key: str = "runtime.threads") -> Threads:
         except RuntimeError:
             pass  # settable once per process, before inter-op work: the manifest records what holds
     _applied = Threads(threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
-                       source=source, usable_cpus=usable_cpus(), local_world_size=local_world_size())
+                       source=source, usable_cpus=usable_cpus(), local_world_size=local_world_size(),
+                       omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
     return _applied
 
 
@@ -102,7 +104,7 @@ def thread_record() -> dict:
         return asdict(_applied)
     return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "source": "not set (torch's own default)", "usable_cpus": usable_cpus(),
-            "local_world_size": local_world_size()}
+            "local_world_size": local_world_size(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
