@@ -102,7 +102,7 @@ def test_stage_prints_and_records_its_threads(tiny_prepared, capsys, restore_thr
     cfg = load_config(tiny_config(tiny_prepared, tiny_prepared.parent / "cfg.yaml",
                                   {"evaluate": {"bootstrap": 10, "ks": [10]}}), ["runtime.threads=1"])
     evaluate.run(cfg)
-    assert "; 1 CPU thread(s) (runtime.threads)" in capsys.readouterr().out
+    assert "; 1 CPU thread(s) (runtime.threads)" in capsys.readouterr().err  # a log line: stderr
     record = json.loads((tiny_prepared / "eval" / "manifest.json").read_text())["runtime"]
     assert record["threads"] == 1 and record["source"] == "runtime.threads"
     assert record["usable_cpus"] >= 1 and record["local_world_size"] == 1
