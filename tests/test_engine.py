@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_training import ToyModel, toy_fit, toy_loss
+from toy_training import ToyModel, toy_data, toy_fit, toy_loss, toy_validate, toy_windows
 
 from trecsys.config import TrainConfig
 from trecsys.errors import ArtifactError, DivergedError, InterruptedRun, OutOfMemoryError
@@ -22,6 +22,7 @@ from trecsys.train.engine import (
     LAST,
     LOG,
     STATE,
+    Trainer,
     epoch_batches,
     lr_at,
     make_optimizer,
@@ -229,3 +230,56 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     w1, w2 = load_file(str(one / WEIGHTS)), load_file(str(two / WEIGHTS))
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+# ---------------------------------------------------------------------------------------------
+# The Trainer's parts, each alone
+
+
+def toy_trainer(work_dir, **kw) -> Trainer:
+    torch.manual_seed(0)
+    return Trainer(ToyModel(0.0), toy_data(toy_windows()), toy_loss, toy_validate, small_cfg(**kw), work_dir,
+                   seed=0, monitor="hit@10")
+
+
+def test_trainer_step_moves_the_weights_by_one_scheduled_optimizer_step(tmp_path):
+    trainer = toy_trainer(tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    batch = np.arange(16)
+    result = trainer.step(batch)
+    assert trainer.progress.step == 1 and result.n_terms == int(trainer.data.n_terms[batch].sum())
+    assert result.lr == lr_at(0, trainer.total_steps, trainer.cfg) and not result.stop_now
+    assert all(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert trainer.window.terms == result.n_terms and trainer.window.loss == result.loss_sum
+    assert not (tmp_path / LAST).exists() and not (tmp_path / LOG).exists()  # a step writes nothing
+
+
+def test_trainer_validate_keeps_the_best_and_counts_validations_without_improvement(tmp_path):
+    trainer = toy_trainer(tmp_path, patience=2)
+    metrics, stop = trainer.validate()
+    assert not stop and trainer.progress.best_metrics == metrics and (tmp_path / "best" / WEIGHTS).is_file()
+    assert trainer.validate() == (metrics, False) and trainer.progress.bad_evals == 1  # the same weights
+    assert trainer.validate()[1]  # patience 2 ran out
+    assert trainer.model.training
+
+
+def test_trainer_save_writes_a_last_checkpoint_that_a_new_trainer_resumes(tmp_path):
+    trainer = toy_trainer(tmp_path)
+    trainer.step(np.arange(16))
+    trainer.save()
+    assert (tmp_path / LAST / WEIGHTS).is_file() and (tmp_path / LAST / STATE).is_file()
+    resumed = Trainer(ToyModel(0.0), trainer.data, toy_loss, toy_validate, trainer.cfg, tmp_path, seed=0,
+                      monitor="hit@10", resume=True)
+    assert resumed.progress.step == 1
+    assert_same_weights(resumed.model, trainer.model)
+
+
+def test_trainer_log_writes_one_line_for_the_steps_since_the_last_one(tmp_path):
+    trainer = toy_trainer(tmp_path)
+    first = trainer.step(np.arange(16))
+    second = trainer.step(np.arange(16, 32))
+    trainer.log({"hit@10": 0.5})
+    (line,) = read_log(tmp_path / LOG)
+    assert line["step"] == 2 and line["valid"] == {"hit@10": 0.5}
+    assert line["loss"] == pytest.approx((first.loss_sum + second.loss_sum) / (first.n_terms + second.n_terms))
+    assert trainer.window.terms == 0

@@ -1,4 +1,5 @@
-"""The one training loop every training stage uses (nanoGPT-style: one function, `if ddp:` branches).
+"""The one training loop every training stage uses: a `Trainer` whose `fit` calls `step`, `validate`,
+`log` and `save` (torchtune's recipe shape; DDP is nanoGPT-style `if ddp:` branches in them).
 
 AdamW with linear warm-up + cosine decay, gradient clipping and accumulation, autocast (bf16, or fp16
 with loss scaling), DDP under torchrun, validation with early stopping, a `best/` checkpoint and a
@@ -332,220 +333,264 @@ class _Progress:
 
 
 def fit(model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn, cfg: TrainConfig,
-        work_dir: Path, *, seed: int, dist: Dist | None = None,
-        save_model: Callable[[nn.Module, Path], None] = save_weights,
-        load_model: Callable[[nn.Module, Path], None] = load_weights, monitor: str = "ndcg@10",
-        config_key: str = "train", fingerprint: dict | None = None, resume: bool = False,
-        resume_hint: str = "re-run with --resume", lr_scales: dict[str, float] | None = None,
-        label: str = "", on_log: Callable[[dict], None] | None = None) -> FitResult:
+        work_dir: Path, *, seed: int, dist: Dist | None = None, resume: bool = False, **options: Any) -> FitResult:
     """Train `model` in place; `work_dir` receives `last/`, `best/` and `train_log.jsonl` (rank 0).
 
     The best model by `validate(model)[monitor]` (higher is better) is in `work_dir/best/`; the
-    in-memory model holds the last weights. `fingerprint` (model config, data hashes, ...) must match
-    for `resume=True` to continue from `work_dir/last/` (read back by `load_model`, the inverse of
-    `save_model`). Only parameters with requires_grad train;
-    `lr_scales` gives named parameters a multiple of the scheduled lr (see `make_optimizer`).
-    `label` (a fine-tuning candidate's name) starts every progress and log line on the terminal;
-    `on_log` receives each train_log.jsonl record as it is written (experiment tracking).
+    in-memory model holds the last weights. See `Trainer` for the options.
     """
-    shown_label = f"{label}: " if label else ""
-    dist = dist or Dist()
-    device = dist.device
-    work_dir = Path(work_dir)
-    last_dir, best_dir, log_path = work_dir / LAST, work_dir / BEST, work_dir / LOG
-    model.to(device)
-    members = data.group_members()
-    accum = cfg.grad_accum_steps
-    min_size = dist.world_size * accum
-    n_batches = len(epoch_batches(members, cfg.batch_size, seed, 0, min_size))
-    if n_batches == 0:
-        raise ConfigError(
-            f"config key '{config_key}.batch_size': no training batch of at least {min_size} examples "
-            f"(processes x {config_key}.grad_accum_steps) can be formed from {data.n_examples} examples"
-        )
-    total_steps = cfg.epochs * n_batches
-    ctx, scaler, precision = autocast_setup(cfg.precision, device, f"{config_key}.precision")
-    optimizer = make_optimizer(model, cfg, device, lr_scales)
-    resume_key = _resume_key(cfg, config_key, {**(fingerprint or {}), "seed": seed, "lr_scales": lr_scales or {}})
+    return Trainer(model, data, loss_fn, validate, cfg, work_dir, seed=seed, dist=dist, resume=resume,
+                   **options).fit()
 
-    progress = _Progress()
-    if resume:
-        progress = _load_resume_state(model, optimizer, scaler, last_dir, resume_key, dist, load_model)
-        if dist.is_main:
-            _truncate_log(log_path, progress.step)
-    else:
-        seed_everything(int(np.random.SeedSequence([seed, dist.rank]).generate_state(1)[0]))
-        if dist.is_main:
-            _clear(work_dir, shown_label)
-    dist.barrier()
 
-    wrapped: nn.Module = _LossModule(model, loss_fn)
-    if dist.ddp:
-        wrapped = nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[device.index] if device.type == "cuda" else None,
-            # The frozen item-text buffer is identical everywhere: do not re-send it every step.
-            broadcast_buffers=False,
-        )
+@dataclass
+class StepResult:
+    loss_sum: float  # the global batch's summed loss (all processes)
+    n_terms: int  # its loss terms
+    lr: float  # the scheduled lr of the step
+    seconds: float
+    stop_now: bool  # a process was asked to stop (SIGINT/SIGTERM)
 
-    def write_last() -> None:
-        rng = _all_rng_states(dist)
-        if dist.is_main:
-            state = {
-                "format": STATE_FORMAT, **asdict(progress),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-                "resume_key": json.dumps(resume_key, default=str),
-            }
-            with stage_output(last_dir) as tmp:
-                save_model(model, tmp)
-                torch.save(state, tmp / STATE)
+
+class Trainer:
+    """One training run: the model, its optimizer, loss scaler, schedule and progress, held together
+    (torchtune's recipe shape). `step`, `validate`, `save` and `log` are one step, one validation, one
+    `last/` checkpoint and one log line; `fit` is the loop that calls them.
+
+    `fingerprint` (model config, data hashes, ...) must match for `resume=True` to continue from
+    `work_dir/last/` (read back by `load_model`, the inverse of `save_model`). Only parameters with
+    requires_grad train; `lr_scales` gives named parameters a multiple of the scheduled lr (see
+    `make_optimizer`). `config_key` names the config section in error messages.
+    """
+
+    def __init__(self, model: nn.Module, data: TrainData, loss_fn: LossFn, validate: ValidateFn, cfg: TrainConfig,
+                 work_dir: Path, *, seed: int, dist: Dist | None = None,
+                 save_model: Callable[[nn.Module, Path], None] = save_weights,
+                 load_model: Callable[[nn.Module, Path], None] = load_weights, monitor: str = "ndcg@10",
+                 config_key: str = "train", fingerprint: dict | None = None, resume: bool = False,
+                 resume_hint: str = "re-run with --resume", lr_scales: dict[str, float] | None = None,
+                 label: str = "", on_log: Callable[[dict], None] | None = None):
+        # `label` (a fine-tuning candidate's name) starts every progress and log line on the terminal;
+        # `on_log` receives each train_log.jsonl record as it is written (experiment tracking).
+        self.shown_label, self.on_log = (f"{label}: " if label else ""), on_log
+        self.model, self.data, self.validate_fn, self.cfg, self.seed = model, data, validate, cfg, seed
+        self.dist = dist = dist or Dist()
+        self.save_model, self.monitor, self.config_key, self.resume_hint = save_model, monitor, config_key, resume_hint
+        self.work_dir = work_dir = Path(work_dir)
+        self.last_dir, self.best_dir, self.log_path = work_dir / LAST, work_dir / BEST, work_dir / LOG
+        model.to(dist.device)
+        self.members = data.group_members()
+        self.min_size = dist.world_size * cfg.grad_accum_steps
+        self.n_batches = len(epoch_batches(self.members, cfg.batch_size, seed, 0, self.min_size))
+        if self.n_batches == 0:
+            raise ConfigError(
+                f"config key '{config_key}.batch_size': no training batch of at least {self.min_size} examples "
+                f"(processes x {config_key}.grad_accum_steps) can be formed from {data.n_examples} examples"
+            )
+        self.total_steps = cfg.epochs * self.n_batches
+        self.autocast, self.scaler, self.precision = autocast_setup(cfg.precision, dist.device, f"{config_key}.precision")
+        self.optimizer = make_optimizer(model, cfg, dist.device, lr_scales)
+        self.resume_key = _resume_key(cfg, config_key, {**(fingerprint or {}), "seed": seed,
+                                                         "lr_scales": lr_scales or {}})
+        self.progress, self.window = _Progress(), _Window()
+        self.stop_request = StopRequest()  # listens for SIGINT/SIGTERM while `fit` runs
+        if resume:
+            self.progress = _load_resume_state(model, self.optimizer, self.scaler, self.last_dir, self.resume_key,
+                                               dist, load_model)
+            if dist.is_main:
+                _truncate_log(self.log_path, self.progress.step)
+        else:
+            seed_everything(int(np.random.SeedSequence([seed, dist.rank]).generate_state(1)[0]))
+            if dist.is_main:
+                _clear(work_dir, self.shown_label)
         dist.barrier()
+        # Wrapped after a resume has loaded the weights: DDP broadcasts rank 0's at construction.
+        self.wrapped: nn.Module = _LossModule(model, loss_fn)
+        if dist.ddp:
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.wrapped, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                # The frozen item-text buffer is identical everywhere: do not re-send it every step.
+                broadcast_buffers=False,
+            )
 
-    def run_validation() -> tuple[dict | None, bool]:
+    def step(self, batch: np.ndarray) -> StepResult:
+        """One optimizer step on a global batch (example indices): this rank's share forward and
+        backward, one all-reduce of the loss (and of whether any rank was asked to stop), clipping."""
+        cfg, dist, optimizer, scaler, progress = self.cfg, self.dist, self.optimizer, self.scaler, self.progress
+        t0 = time.perf_counter()
+        lr = lr_at(progress.step, self.total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        n_terms = int(self.data.n_terms[batch].sum())
+        micro_batches = shard(batch, dist.rank, dist.world_size, cfg.grad_accum_steps)
+        try:
+            local_loss = _step_backward(self.wrapped, self.data, micro_batches, n_terms, dist, self.autocast, scaler)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            raise OutOfMemoryError(
+                f"out of {dist.device.type} memory at step {progress.step + 1} with about "
+                f"{len(batch) // self.min_size} windows per micro-batch: lower '{self.config_key}.batch_size' "
+                f"(now {cfg.batch_size}) or raise '{self.config_key}.grad_accum_steps' (now {cfg.grad_accum_steps})"
+            ) from None
+        asked = self.stop_request.signum is not None  # read after the backward, which may take long
+        stats = torch.stack([local_loss.double(), torch.tensor(float(asked), dtype=torch.float64, device=dist.device)])
+        if dist.ddp:
+            torch_dist.all_reduce(stats)
+        loss_sum, stop_now = float(stats[0]), bool(stats[1] > 0)
+        if not math.isfinite(loss_sum):
+            optimizer.zero_grad(set_to_none=True)
+            self._diverged(f"the training loss became {loss_sum}", lr)
+        scaler.unscale_(optimizer)
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if not scaler.is_enabled() and not torch.isfinite(norm):
+                optimizer.zero_grad(set_to_none=True)
+                self._diverged(f"the gradient norm became {float(norm)}", lr)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        seconds = time.perf_counter() - t0
+        self.window.add(loss_sum, n_terms, len(batch), seconds)
+        return StepResult(loss_sum, n_terms, lr, seconds, stop_now)
+
+    def validate(self) -> tuple[dict | None, bool]:
         """Validate on rank 0 and keep `best/`; returns (metrics on rank 0, patience ran out)."""
-        stop, metrics = 0, None
-        if dist.is_main:
-            model.eval()
+        progress, stop, metrics = self.progress, 0, None
+        if self.dist.is_main:
+            self.model.eval()
             try:
-                with torch.no_grad(), ctx:
-                    metrics = {k: float(v) for k, v in validate(model).items()}
+                with torch.no_grad(), self.autocast:
+                    metrics = {k: float(v) for k, v in self.validate_fn(self.model).items()}
             except torch.OutOfMemoryError:
                 raise OutOfMemoryError(
-                    f"out of {device.type} memory while validating at step {progress.step}: lower "
-                    f"'{config_key}.eval_user_batch' (now {cfg.eval_user_batch})"
+                    f"out of {self.dist.device.type} memory while validating at step {progress.step}: lower "
+                    f"'{self.config_key}.eval_user_batch' (now {self.cfg.eval_user_batch})"
                 ) from None
-            model.train()
-            if monitor not in metrics:
-                raise KeyError(f"validate() returned {sorted(metrics)}, without the monitored {monitor!r}")
-            if metrics[monitor] > progress.best_metric:
-                progress.best_metric, progress.best_step = metrics[monitor], progress.step
+            self.model.train()
+            if self.monitor not in metrics:
+                raise KeyError(f"validate() returned {sorted(metrics)}, without the monitored {self.monitor!r}")
+            if metrics[self.monitor] > progress.best_metric:
+                progress.best_metric, progress.best_step = metrics[self.monitor], progress.step
                 progress.best_metrics, progress.bad_evals = metrics, 0
-                with stage_output(best_dir) as tmp:
-                    save_model(model, tmp)
+                with stage_output(self.best_dir) as tmp:
+                    self.save_model(self.model, tmp)
             else:
                 progress.bad_evals += 1
-            stop = int(cfg.patience > 0 and progress.bad_evals >= cfg.patience)
-        if dist.ddp:
-            flag = torch.tensor([stop], device=device)
+            stop = int(self.cfg.patience > 0 and progress.bad_evals >= self.cfg.patience)
+        if self.dist.ddp:
+            flag = torch.tensor([stop], device=self.dist.device)
             torch_dist.broadcast(flag, src=0)
             stop = int(flag.item())
         return metrics, bool(stop)
 
-    def log_line(metrics: dict | None) -> None:
+    def save(self) -> None:
+        """`last/`: the weights and everything a resume needs (every rank's RNG state)."""
+        rng = _all_rng_states(self.dist)
+        if self.dist.is_main:
+            state = {
+                "format": STATE_FORMAT, **asdict(self.progress),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
+                "resume_key": json.dumps(self.resume_key, default=str),
+            }
+            with stage_output(self.last_dir) as tmp:
+                self.save_model(self.model, tmp)
+                torch.save(state, tmp / STATE)
+        self.dist.barrier()
+
+    def log(self, metrics: dict | None) -> None:
         """One train_log.jsonl line (rank 0): training since the previous line, and validation if any."""
-        nonlocal window
-        if dist.is_main:
+        progress, window = self.progress, self.window
+        if self.dist.is_main:
+            group = self.optimizer.param_groups[0]
             train_loss = window.loss / max(window.terms, 1)
             record = {
-                "step": progress.step, "epoch": progress.epoch + progress.batch_in_epoch / n_batches,
-                "loss": train_loss, "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"],
+                "step": progress.step, "epoch": progress.epoch + progress.batch_in_epoch / self.n_batches,
+                "loss": train_loss, "lr": group["lr"] / group["lr_scale"],
                 "sequences_per_s": window.sequences / max(window.seconds, 1e-9),
                 "elapsed_s": round(progress.elapsed_s, 3),
             }
-            shown = f"{shown_label}step {progress.step}: train loss {train_loss:.4f}"
+            shown = f"{self.shown_label}step {progress.step}: train loss {train_loss:.4f}"
             if metrics is not None:
                 record.update(valid=metrics, best_step=progress.best_step)
                 shown += ", valid " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
                 shown += " (best)" if progress.best_step == progress.step else ""
-            _append_log(log_path, record)
-            if on_log is not None:
-                on_log(record)
+            _append_log(self.log_path, record)
+            if self.on_log is not None:
+                self.on_log(record)
             tqdm.write(shown, file=sys.stderr)
-        window = _Window()
+        self.window = _Window()
 
-    started = time.perf_counter()
-    stopped = "completed"
-    window = _Window()
-    model.train()
-    with StopRequest() as stop_request:
-        for epoch in range(progress.epoch, cfg.epochs):
-            batches = epoch_batches(members, cfg.batch_size, seed, epoch, min_size)
-            bar = tqdm(total=n_batches, initial=progress.batch_in_epoch, desc=f"{shown_label}epoch {epoch + 1}/{cfg.epochs}",
-                       file=sys.stderr, disable=not dist.is_main, dynamic_ncols=True, mininterval=0.5,
-                       leave=False)
-            for b in range(progress.batch_in_epoch, n_batches):
-                if cfg.max_steps and progress.step >= cfg.max_steps:
+    def fit(self) -> FitResult:
+        """Epochs of steps from where the progress stands; validation, logging and `last/` when due."""
+        cfg, progress = self.cfg, self.progress
+        stopped = "completed"
+        self._clock = time.perf_counter()
+        self.model.train()
+        with self.stop_request as stop_request:
+            for epoch in range(progress.epoch, cfg.epochs):
+                batches = epoch_batches(self.members, cfg.batch_size, self.seed, epoch, self.min_size)
+                bar = tqdm(total=self.n_batches, initial=progress.batch_in_epoch,
+                           desc=f"{self.shown_label}epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, disable=not self.dist.is_main,
+                           dynamic_ncols=True, mininterval=0.5, leave=False)
+                for b in range(progress.batch_in_epoch, self.n_batches):
+                    if self._hit_max_steps():
+                        break
+                    result = self.step(batches[b])
+                    progress.batch_in_epoch = b + 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{result.loss_sum / max(result.n_terms, 1):.4f}", lr=f"{result.lr:.2e}",
+                                    seq_s=f"{len(batches[b]) / max(result.seconds, 1e-9):.0f}", refresh=False)
+                    early_stop = self._after_step(epoch, result.stop_now)
+                    if result.stop_now:
+                        bar.close()
+                        raise InterruptedRun(f"stopped by {stop_request.name} after step {progress.step}; the state is saved "
+                                             f"in {self.last_dir}: {self.resume_hint}")
+                    if early_stop:
+                        stopped = "early_stop"
+                        break
+                bar.close()
+                if stopped == "early_stop" or self._hit_max_steps():
                     break
-                t0 = time.perf_counter()
-                batch = batches[b]
-                lr = lr_at(progress.step, total_steps, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                n_terms = int(data.n_terms[batch].sum())
-                try:
-                    local_loss = _step_backward(wrapped, data, shard(batch, dist.rank, dist.world_size, accum),
-                                                n_terms, dist, ctx, scaler)
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    raise OutOfMemoryError(
-                        f"out of {device.type} memory at step {progress.step + 1} with about "
-                        f"{len(batch) // min_size} windows per micro-batch: lower '{config_key}.batch_size' "
-                        f"(now {cfg.batch_size}) or raise '{config_key}.grad_accum_steps' (now {accum})"
-                    ) from None
-                # One small all-reduce: the global loss sum, and whether any rank was asked to stop.
-                asked = torch.tensor(float(stop_request.signum is not None), dtype=torch.float64, device=device)
-                stats = torch.stack([local_loss.double(), asked])
-                if dist.ddp:
-                    torch_dist.all_reduce(stats)
-                loss_sum, stop_now = float(stats[0]), bool(stats[1] > 0)
-                if not math.isfinite(loss_sum):
-                    optimizer.zero_grad(set_to_none=True)
-                    _raise_diverged(f"the training loss became {loss_sum}", progress.step + 1, lr,
-                                    last_dir, precision, config_key)
-                scaler.unscale_(optimizer)
-                if cfg.grad_clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    if not scaler.is_enabled() and not torch.isfinite(norm):
-                        optimizer.zero_grad(set_to_none=True)
-                        _raise_diverged(f"the gradient norm became {float(norm)}", progress.step + 1, lr,
-                                        last_dir, precision, config_key)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                progress.step += 1
-                progress.batch_in_epoch = b + 1
-                dt = time.perf_counter() - t0
-                window.add(loss_sum, n_terms, len(batch), dt)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / max(n_terms, 1):.4f}", lr=f"{lr:.2e}",
-                                seq_s=f"{len(batch) / max(dt, 1e-9):.0f}", refresh=False)
+        if stopped != "early_stop" and progress.step < self.total_steps:
+            stopped = "max_steps"
+        return FitResult(
+            steps=progress.step, stopped=stopped,
+            best_metrics=(progress.best_metrics or None) if self.dist.is_main else None,
+            best_step=progress.best_step if progress.best_step >= 0 else None,
+            best_dir=self.best_dir, elapsed_s=progress.elapsed_s, precision=self.precision,
+        )
 
-                epoch_end = progress.batch_in_epoch == n_batches
-                if epoch_end:
-                    progress.epoch, progress.batch_in_epoch = epoch + 1, 0
-                hit_max = bool(cfg.max_steps) and progress.step >= cfg.max_steps
-                due = (progress.step % cfg.eval_every_steps == 0) if cfg.eval_every_steps else epoch_end
-                last_step = progress.step == total_steps
-                validating = not stop_now and (due or hit_max or last_step)
-                ckpt_due = bool(cfg.checkpoint_every_steps) and progress.step % cfg.checkpoint_every_steps == 0
-                checkpointing = stop_now or epoch_end or hit_max or ckpt_due
-                metrics, early_stop = run_validation() if validating else (None, False)
-                progress.elapsed_s += time.perf_counter() - started
-                started = time.perf_counter()
-                if validating or checkpointing:
-                    log_line(metrics)
-                if checkpointing or early_stop:
-                    write_last()
-                if stop_now:
-                    bar.close()
-                    name = stop_request.name
-                    raise InterruptedRun(
-                        f"stopped by {name} after step {progress.step}; the state is saved in {last_dir}: "
-                        f"{resume_hint}"
-                    )
-                if early_stop:
-                    stopped = "early_stop"
-                    break
-            bar.close()
-            if stopped == "early_stop" or (cfg.max_steps and progress.step >= cfg.max_steps):
-                break
-    if stopped != "early_stop" and progress.step < total_steps:
-        stopped = "max_steps"
-    return FitResult(
-        steps=progress.step, stopped=stopped,
-        best_metrics=(progress.best_metrics or None) if dist.is_main else None,
-        best_step=progress.best_step if progress.best_step >= 0 else None,
-        best_dir=best_dir, elapsed_s=progress.elapsed_s, precision=precision,
-    )
+    def _after_step(self, epoch: int, stop_now: bool) -> bool:
+        """Validate, log and save `last/` as the config asks after this step; True when patience ran out."""
+        cfg, progress = self.cfg, self.progress
+        epoch_end = progress.batch_in_epoch == self.n_batches
+        if epoch_end:
+            progress.epoch, progress.batch_in_epoch = epoch + 1, 0
+        hit_max = self._hit_max_steps()
+        due = (progress.step % cfg.eval_every_steps == 0) if cfg.eval_every_steps else epoch_end
+        validating = not stop_now and (due or hit_max or progress.step == self.total_steps)
+        checkpoint_due = bool(cfg.checkpoint_every_steps) and progress.step % cfg.checkpoint_every_steps == 0
+        checkpointing = stop_now or epoch_end or hit_max or checkpoint_due
+        metrics, early_stop = self.validate() if validating else (None, False)
+        now = time.perf_counter()
+        progress.elapsed_s, self._clock = progress.elapsed_s + now - self._clock, now
+        if validating or checkpointing:
+            self.log(metrics)
+        if checkpointing or early_stop:
+            self.save()
+        return early_stop
+
+    def _hit_max_steps(self) -> bool:
+        return bool(self.cfg.max_steps) and self.progress.step >= self.cfg.max_steps
+
+    def _diverged(self, what: str, lr: float) -> None:
+        last = f"the last good checkpoint is kept in {self.last_dir}" if self.last_dir.is_dir() else \
+            "no checkpoint was written yet"
+        hint = f"lower '{self.config_key}.lr'"
+        if self.precision == "fp16":
+            hint += f" or set '{self.config_key}.precision' to bf16/fp32"
+        raise DivergedError(f"training diverged at step {self.progress.step + 1} (lr {lr:.3g}): {what}; {last}; {hint}")
 
 
 def _step_backward(wrapped: nn.Module, data: TrainData, micro_batches: list[np.ndarray], n_terms: int,
@@ -566,14 +611,6 @@ def _step_backward(wrapped: nn.Module, data: TrainData, micro_batches: list[np.n
             scaler.scale(loss_sum.float() * scale).backward()
         total += loss_sum.detach().double()  # stays on the device: no sync per micro-batch
     return total
-
-
-def _raise_diverged(what: str, step: int, lr: float, last_dir: Path, precision: str, config_key: str) -> None:
-    kept = f"the last good checkpoint is kept in {last_dir}" if last_dir.is_dir() else "no checkpoint was written yet"
-    hint = f"lower '{config_key}.lr'"
-    if precision == "fp16":
-        hint += f" or set '{config_key}.precision' to bf16/fp32"
-    raise DivergedError(f"training diverged at step {step} (lr {lr:.3g}): {what}; {kept}; {hint}")
 
 
 def _load_resume_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
