@@ -50,11 +50,11 @@ from trecsys.rank import metrics as M  # noqa: E402
 from trecsys.rank.rankers import Ranker, make_scorer  # noqa: E402
 from trecsys.runtime import resolve_device  # noqa: E402
 from trecsys.stages import distill, finetune_target, prepare, pretrain_source  # noqa: E402
-from trecsys.stages.common import domain_windows  # noqa: E402
 from trecsys.stages.distill import DistillManifest  # noqa: E402
 from trecsys.stages.evaluate import eval_users, ranking_inputs  # noqa: E402
 from trecsys.stages.finetune_target import FinetuneManifest  # noqa: E402
 from trecsys.train.engine import epoch_batches  # noqa: E402
+from trecsys.train.next_item import domain_windows  # noqa: E402
 
 # Every strategy of the table; "+ids" rows for those that finetune.item_ids changes.
 STRATEGY_NAMES = list(STRATEGIES)

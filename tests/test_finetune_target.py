@@ -23,7 +23,7 @@ from trecsys.prepared.tables import load_prepared
 from trecsys.rank.metrics import full_ranking_topk
 from trecsys.rank.rankers import Ranker, make_scorer
 from trecsys.rank.scorers import to_local
-from trecsys.stages.common import EvalCase, make_ranker
+from trecsys.rank.validation import EvalCase, make_ranker
 from trecsys.stages.evaluate import eval_users, ranking_inputs
 from trecsys.train.engine import LOG, read_log
 from trecsys.train.windows import history_batch

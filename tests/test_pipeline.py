@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -101,15 +100,6 @@ def test_up_to_date_stages_are_skipped_and_changes_rerun_what_depends_on_them(co
     assert again["evaluate"][0] == "ran" and again["evaluate"][1].startswith("its outputs changed")
     forced = run(config, "evaluate.ks=[5, 20]", "data.synthetic.n_users=160", force=True)
     assert forced == {s: ("ran", "--force") for s in first}
-
-
-def test_a_stage_not_in_this_release_is_skipped(config, monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "trecsys.stages.distill" else real(name, *a))
-    outcomes = run(config, stages="prepare,distill")
-    assert outcomes == {"prepare": ("ran", f"no output yet ({Path(load_config(config).run_dir) / 'prepared'})"),
-                        "distill": ("skipped", "not in this release")}
 
 
 def test_bad_stage_names_and_a_busy_run_dir(config):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -108,9 +107,6 @@ def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, s
     with run_lock(run_dir / STATE):
         state = _read_state(run_dir)
         for stage in selected:
-            if importlib.util.find_spec(stage.module) is None:
-                outcomes.append(_note(Outcome(stage.name, "skipped", "not in this release")))
-                continue
             reason = "--force" if force else staleness(stage, cfg, state["stages"].get(stage.name))
             if reason is None:
                 outcomes.append(_note(Outcome(stage.name, "skipped", "up to date")))
@@ -165,7 +161,7 @@ def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
         context = check_manifest(read_json(manifest), manifest).get("context", {})
         parts.append(terminal_table(pd.read_parquet(eval_dir / "metrics.parquet"), context)
                      + f"\n(full report: {eval_dir / 'report.md'})")
-    if "recommend" in names and show > 0 and importlib.util.find_spec(BY_NAME["recommend"].module):
+    if "recommend" in names and show > 0:
         from trecsys.stages.recommend import show_latest
 
         shown = show_latest(cfg, show)

@@ -37,24 +37,13 @@ from trecsys.model.checkpoint import (
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import domain_split, load_prepared, seen_items
+from trecsys.rank.validation import EvalCase, make_ranker, n_ranked_users
 from trecsys.runtime import Threads, apply_threads, seed_everything
-from trecsys.stages.common import (
-    MONITOR,
-    EvalCase,
-    batch_inputs,
-    check_prepared,
-    check_target,
-    domain_windows,
-    make_ranker,
-    metrics_line,
-    n_ranked_users,
-    next_item_loss,
-    window_train_data,
-    write_stage_folder,
-)
+from trecsys.stages.common import MONITOR, check_prepared, check_target, metrics_line, write_stage_folder
 from trecsys.track import tracking
 from trecsys.train.engine import LOG, Dist, distributed, fit
 from trecsys.train.losses import chunked_kd_loss
+from trecsys.train.next_item import batch_inputs, domain_windows, next_item_loss, window_train_data
 
 STAGE = "distill"
 OUTPUT = "distill"

@@ -48,21 +48,12 @@ from trecsys.model.strategies import Candidate, build_candidate, l2sp_penalty, t
 from trecsys.prepared.context import TargetSequences, target_sequences
 from trecsys.prepared.identity import prepared_input
 from trecsys.prepared.tables import Prepared, load_prepared, seen_items
+from trecsys.rank.validation import EvalCase, make_ranker
 from trecsys.runtime import Threads, apply_threads
-from trecsys.stages.common import (
-    MONITOR,
-    EvalCase,
-    ce_loss_fn,
-    check_prepared,
-    check_target,
-    domain_windows,
-    make_ranker,
-    metrics_line,
-    window_train_data,
-    write_stage_folder,
-)
+from trecsys.stages.common import MONITOR, check_prepared, check_target, metrics_line, write_stage_folder
 from trecsys.track import tracking
 from trecsys.train.engine import LOG, STATE, Dist, distributed, fit
+from trecsys.train.next_item import ce_loss_fn, domain_windows, window_train_data
 
 STAGE = "finetune-target"
 OUTPUT = "finetune"

@@ -24,20 +24,12 @@ from trecsys.model.checkpoint import checkpoint_files, save_checkpoint, trained_
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import DomainSplit, domain_split, load_prepared, seen_items
+from trecsys.rank.validation import EvalCase, make_ranker
 from trecsys.runtime import Threads, apply_threads, seed_everything
-from trecsys.stages.common import (
-    MONITOR,
-    EvalCase,
-    ce_loss_fn,
-    check_prepared,
-    domain_windows,
-    make_ranker,
-    metrics_line,
-    window_train_data,
-    write_stage_folder,
-)
+from trecsys.stages.common import MONITOR, check_prepared, metrics_line, write_stage_folder
 from trecsys.track import tracking
 from trecsys.train.engine import LOG, Dist, distributed, fit
+from trecsys.train.next_item import ce_loss_fn, domain_windows, window_train_data
 
 STAGE = "pretrain-source"
 OUTPUT = "pretrain"
