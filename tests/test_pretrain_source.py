@@ -140,7 +140,7 @@ def test_a_diverged_run_exits_4_and_leaves_the_previous_pretrain_untouched(tiny_
     cfg = tiny_config(tiny_prepared, tmp_path / "cfg.yaml")
     assert trec("pretrain-source", "-c", str(cfg)).exit_code == 0
     before = (tiny_prepared / "pretrain" / "model.safetensors").read_bytes()
-    import trecsys.stages.common as stage  # where the training stages' next-item loss lives
+    import trecsys.train.next_item as stage  # where the training stages' next-item loss lives
 
     real = stage.chunked_cross_entropy
     monkeypatch.setattr(stage, "chunked_cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
