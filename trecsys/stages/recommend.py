@@ -443,7 +443,14 @@ def write_output(out: Output, table: pa.Table, requests: Requests, cfg: Experime
     """The Parquet file first (atomically: the previous one stays until the new one is complete),
     then the unknown-users list (a stale one removed) and the manifest that vouches for both."""
     write_parquet(table, out.parquet, output_metadata(context))
-    files = [out.parquet]
+    write_companions(out, [out.parquet], requests, cfg, prepared, rankers, context)
+
+
+def write_companions(out: Output, files: list[Path], requests: Requests, cfg: ExperimentConfig,
+                     prepared: Prepared, rankers: list[Ranker], context: dict) -> None:
+    """Beside the written `files`: the unknown-users list (a stale one removed) and the manifest that
+    vouches for them all (one Parquet file, or the part files of a sharded run)."""
+    files = list(files)
     if requests.unknown:
         write_text(out.unknown_users, "\n".join(requests.unknown) + "\n")
         files.append(out.unknown_users)

@@ -24,17 +24,13 @@ import torch
 import torch.distributed as torch_dist
 
 from trecsys.artifacts import (
-    describe_file,
     run_lock,
     stage_output,
     verify_stage_folder,
-    write_manifest,
     write_parquet,
-    write_text,
 )
-from trecsys.config import ExperimentConfig, to_dict
+from trecsys.config import ExperimentConfig
 from trecsys.errors import ConfigError, TrecError
-from trecsys.prepared.identity import prepared_file_inputs
 from trecsys.prepared.tables import load_prepared
 from trecsys.rank.requests import Catalogue, Requests, read_histories, read_user_ids, user_requests
 from trecsys.rank.rerank import category_mask
@@ -99,7 +95,12 @@ def run_sharded(cfg: ExperimentConfig, model: str | None, users: str | None, his
                 context["seconds"] = round(time.perf_counter() - started, 3)
         # Rank 0 left stage_output: the parts are published under out.parquet.
         if dist.is_main:
-            _write_companions(out, requests, cfg, prepared, rankers, context, dist.world_size)
+            parts = [out.parquet / part_name(r, dist.world_size) for r in range(dist.world_size)]
+            rec.write_companions(out, parts, requests, cfg, prepared, rankers, context)
+            if requests.unknown:
+                print(f"warning: {len(requests.unknown):,} of {len(requests.unknown) + len(requests.labels):,} "
+                      f"requested user ids are not in the prepared data; they got no list (listed in "
+                      f"{out.unknown_users})", file=sys.stderr)
             print(f"recommend: {len(requests.labels):,} users in {dist.world_size} parts → {out.parquet}")
         dist.barrier()
     return out
@@ -137,24 +138,3 @@ def _rank_share(cfg, model, users, histories, strict, verify, dist, staging: Pat
     totals = rec._context(cfg, domain, rankers, requests, "users", 0.0, 0.0, 0.0)
     totals["parts"] = dist.world_size
     return requests, prepared, rankers, totals
-
-
-def _write_companions(out, requests: Requests, cfg: ExperimentConfig, prepared, rankers, context: dict,
-                      world_size: int) -> None:
-    """The unknown-users list and the manifest beside the published dataset (rank 0)."""
-    parts = [out.parquet / part_name(r, world_size) for r in range(world_size)]
-    files = list(parts)
-    if requests.unknown:
-        write_text(out.unknown_users, "\n".join(requests.unknown) + "\n")
-        files.append(out.unknown_users)
-    elif out.unknown_users.exists():
-        out.unknown_users.unlink()
-    inputs = prepared_file_inputs(prepared)
-    inputs += [describe_file(r.checkpoint / "model.safetensors") for r in rankers if r.checkpoint is not None]
-    write_manifest(out.parquet.parent, "recommend", to_dict(cfg), inputs, {"context": context}, files=files,
-                   name=out.manifest.name)
-    if requests.unknown:
-        print(f"warning: {len(requests.unknown):,} of {len(requests.unknown) + len(requests.labels):,} requested "
-              f"user ids are not in the prepared data; they got no list (listed in {out.unknown_users})",
-              file=sys.stderr)
-
