@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "trecsys"
 # Lowest first; a module may import its own layer and those below it.
 LAYERS = [
-    ("trecsys", "trecsys.errors", "trecsys.artifacts", "trecsys.config", "trecsys.runtime"),
+    ("trecsys", "trecsys.errors", "trecsys.artifacts", "trecsys.config", "trecsys.runtime", "trecsys.stage_table"),
     ("trecsys.ingest",),
     ("trecsys.prepared",),
     ("trecsys.model",),
@@ -83,3 +83,21 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
     found = imported(model / "probe.py", tmp_path)
     assert found == [(5, "trecsys.cli"), (6, "trecsys.stages.evaluate"), (7, "trecsys.model")]
     assert layer_of("trecsys.cli") > layer_of("trecsys.stages.evaluate") > layer_of("trecsys.model.probe")
+
+
+def test_every_stage_of_the_table_is_a_command_that_runs_its_module():
+    """The stage table (trecsys/stage_table.py) is what the CLI, `trec run` and every folder lookup
+    read: each row is a `trec` command, and its module has the `run(cfg)` both call."""
+    import importlib
+
+    from typer.main import get_command
+
+    from trecsys.cli import app
+    from trecsys.stage_table import BY_NAME, STAGES
+
+    commands = set(get_command(app).commands)
+    assert [s.name for s in STAGES if s.name not in commands] == []
+    assert all(callable(getattr(importlib.import_module(s.module), "run", None)) for s in STAGES)
+    assert len({s.folder for s in STAGES}) == len(STAGES) and set(BY_NAME) == {s.name for s in STAGES}
+    # What a stage reads comes before it in pipeline order (`trec run` runs the table top to bottom).
+    assert all(read in [t.name for t in STAGES[:i]] for i, s in enumerate(STAGES) for read in s.reads)

@@ -22,9 +22,10 @@ from typing import Any
 
 from trecsys.config import ExperimentConfig, load_config
 from trecsys.errors import ArtifactError, DataError
+from trecsys.stage_table import EVALUATE, FINETUNE, RECOMMEND, STAGES
 
 # Stage folders that keep the config they ran with, newest pipeline stage first.
-_CONFIG_FOLDERS = ("eval", "finetune", "distill", "pretrain", "prepared")
+_CONFIG_FOLDERS = tuple(s.folder for s in reversed(STAGES) if s is not RECOMMEND)
 
 
 def load_run(config: str | Path, overrides: list[str] | None = None) -> Run:
@@ -105,18 +106,19 @@ class Run:
         """The last evaluation's metrics table (<run_dir>/eval/metrics.parquet)."""
         import pandas as pd
 
-        path = self.run_dir / "eval" / "metrics.parquet"
+        path = self.run_dir / EVALUATE.folder / "metrics.parquet"
         if not path.is_file():
             raise ArtifactError(f"{path} does not exist: run `trec evaluate` (or Run.evaluate()) first")
         return pd.read_parquet(path)
 
-    def train_log(self, stage: str = "finetune") -> list[dict[str, Any]]:
+    def train_log(self, stage: str = FINETUNE.folder) -> list[dict[str, Any]]:
         """A training stage's log records (pretrain, distill, finetune): step, loss, lr, valid metrics."""
         from trecsys.rank.report import read_train_log
 
         path = self.run_dir / stage / "train_log.jsonl"
         if not path.is_file():
-            raise ArtifactError(f"{path} does not exist: run `trec {stage}` first")
+            command = next((s.name for s in STAGES if s.folder == stage), stage)
+            raise ArtifactError(f"{path} does not exist: run `trec {command}` first")
         return read_train_log(path)
 
     def manifest(self, folder: str) -> dict[str, Any]:

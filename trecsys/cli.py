@@ -26,15 +26,14 @@ from trecsys.errors import (
     EXIT_CODES_HELP,
     EXIT_INTERRUPTED,
     ConfigError,
-    NotAvailableError,
     TrecError,
     environment_error,
 )
+from trecsys.stage_table import DISTILL, EVALUATE, FINETUNE, PREPARE, PRETRAIN, RECOMMEND, STAGES, Stage
 
 app = typer.Typer(
     name="trec",
-    help="Transfer learning for recommendation: prepare → pretrain-source → distill → finetune-target → "
-    f"evaluate → recommend.\n\n{EXIT_CODES_HELP}",
+    help=f"Transfer learning for recommendation: {' → '.join(s.name for s in STAGES)}.\n\n{EXIT_CODES_HELP}",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -46,16 +45,6 @@ PrintConfigOption = typer.Option(False, "--print-config", help="Print the resolv
 DebugOption = typer.Option(False, "--debug", help="Show the full traceback on errors.")
 VerifyOption = typer.Option(False, "--verify", help="Recompute the sha256 of every input artifact against its "
                             "manifest (the default checks size and mtime only).")
-
-# The issue in which each stage lands; a stage not yet in this release says so and exits 69.
-_STAGE_ISSUE = {
-    "pretrain-source": 3,
-    "distill": 4,
-    "finetune-target": 4,
-    "evaluate": 5,
-    "recommend": 6,
-}
-
 
 def _print_version(value: bool) -> None:
     if value:
@@ -79,22 +68,13 @@ def _resolve(config: Path, overrides: list[str] | None, print_config: bool) -> E
     return cfg
 
 
-def _run_stage(stage: str, config: Path, overrides: list[str] | None, print_config: bool, debug: bool,
+def _run_stage(stage: Stage, config: Path, overrides: list[str] | None, print_config: bool, debug: bool,
                **options) -> None:
     """Resolve the config, run `trecsys.stages.<stage>.run(cfg, **options)`, map errors to exit codes."""
 
     def call(cfg: ExperimentConfig) -> None:
         _check_machine(cfg)
-        module_name = stage.replace("-", "_")
-        try:
-            module = importlib.import_module(f"trecsys.stages.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"trecsys.stages.{module_name}":
-                raise
-            raise NotAvailableError(
-                f"`trec {stage}` is not available in this release yet (it lands with issue #{_STAGE_ISSUE[stage]})"
-            ) from None
-        module.run(cfg, **options)
+        importlib.import_module(stage.module).run(cfg, **options)
 
     _guarded(call, config, overrides, print_config, debug)
 
@@ -166,7 +146,7 @@ def _fail(message: object, exit_code: int, debug: bool):
     raise typer.Exit(exit_code) from None
 
 
-@app.command()
+@app.command(PREPARE.name)
 def prepare(
     config: Path = ConfigOption,
     overrides: list[str] = OverridesArg,
@@ -174,10 +154,10 @@ def prepare(
     debug: bool = DebugOption,
 ) -> None:
     """Read the raw domains, clean and split them, embed item text: writes <run_dir>/prepared/."""
-    _run_stage("prepare", config, overrides, print_config, debug)
+    _run_stage(PREPARE, config, overrides, print_config, debug)
 
 
-@app.command("pretrain-source")
+@app.command(PRETRAIN.name)
 def pretrain_source(
     config: Path = ConfigOption,
     overrides: list[str] = OverridesArg,
@@ -188,10 +168,10 @@ def pretrain_source(
     verify: bool = VerifyOption,
 ) -> None:
     """Train the teacher on the source domain(s): writes <run_dir>/pretrain/."""
-    _run_stage("pretrain-source", config, overrides, print_config, debug, resume=resume, verify=verify)
+    _run_stage(PRETRAIN, config, overrides, print_config, debug, resume=resume, verify=verify)
 
 
-@app.command()
+@app.command(DISTILL.name)
 def distill(
     config: Path = ConfigOption,
     overrides: list[str] = OverridesArg,
@@ -202,10 +182,10 @@ def distill(
     verify: bool = VerifyOption,
 ) -> None:
     """Distil a teacher checkpoint into a smaller student: writes <run_dir>/distill/."""
-    _run_stage("distill", config, overrides, print_config, debug, resume=resume, verify=verify)
+    _run_stage(DISTILL, config, overrides, print_config, debug, resume=resume, verify=verify)
 
 
-@app.command("finetune-target")
+@app.command(FINETUNE.name)
 def finetune_target(
     config: Path = ConfigOption,
     overrides: list[str] = OverridesArg,
@@ -217,10 +197,10 @@ def finetune_target(
     verify: bool = VerifyOption,
 ) -> None:
     """Adapt a checkpoint to the target domain: writes <run_dir>/finetune/."""
-    _run_stage("finetune-target", config, overrides, print_config, debug, resume=resume, verify=verify)
+    _run_stage(FINETUNE, config, overrides, print_config, debug, resume=resume, verify=verify)
 
 
-@app.command()
+@app.command(EVALUATE.name)
 def evaluate(
     config: Path = ConfigOption,
     overrides: list[str] = OverridesArg,
@@ -246,7 +226,7 @@ def evaluate(
         paths = [o for o in overrides if not _is_override(o)]
         compare = [*compare, *paths]
         overrides = [o for o in overrides if o not in paths]
-    _run_stage("evaluate", config, overrides, print_config, debug, model=model, split=split, compare=compare,
+    _run_stage(EVALUATE, config, overrides, print_config, debug, model=model, split=split, compare=compare,
                verify=verify)
 
 
@@ -257,7 +237,7 @@ def _is_override(token: str) -> bool:
     return bool(_OVERRIDE.match(token)) and not Path(token).is_dir()
 
 
-@app.command(help=(
+@app.command(RECOMMEND.name, help=(
     "Top-K items per user (or per text query) to Parquet, safe to run from cron: writes "
     "<run_dir>/recommend/date=YYYY-MM-DD/recommendations.parquet, or --output.\n\n"
     "Knobs in the config's recommend: section (k, exclude_seen, category filters, diversity, fusion) "
@@ -291,13 +271,13 @@ def recommend(
     debug: bool = DebugOption,
     verify: bool = VerifyOption,
 ) -> None:
-    _run_stage("recommend", config, overrides, print_config, debug, model=model, users=users, histories=histories,
+    _run_stage(RECOMMEND, config, overrides, print_config, debug, model=model, users=users, histories=histories,
                query=query, queries=queries, user=user, output=output, wait=wait, strict=strict, show=show,
                as_of=as_of, verify=verify)
 
 
 @app.command("run", help=(
-    "Run the pipeline in order: prepare, pretrain-source, distill, finetune-target, evaluate, recommend. "
+    f"Run the pipeline in order: {', '.join(s.name for s in STAGES)}. "
     "A stage whose outputs are up to date with its config section and its inputs is skipped; each "
     "skip and run is printed with its reason. Records what it made in <run_dir>/pipeline.json.\n\n"
     f"{EXIT_CODES_HELP} The exit code is the failing stage's."

@@ -17,14 +17,13 @@ EXIT_BAD_INPUT = 2  # bad config, missing or malformed input files, incompatible
 EXIT_BUSY = 3  # another run holds the lock on the same output and --wait ran out
 EXIT_DIVERGED = 4  # training produced NaN/inf; the last good checkpoint is kept
 EXIT_OUT_OF_MEMORY = 5  # the device ran out of memory; the message names the batch size to lower
-EXIT_NOT_AVAILABLE = 69  # the stage is not part of this release yet
 EXIT_IO = 74  # the environment: disk full, quota, file too large, I/O error (the message names the path)
 EXIT_NO_PERMISSION = 77  # the environment: permission denied or read-only file system (names the path)
 EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM after saving what could be saved
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 bug in trecsys; 2 bad input or config; 3 output locked by another run; "
-    "4 training diverged; 5 out of memory; 69 stage not available yet; 74 disk full or file too large; "
+    "4 training diverged; 5 out of memory; 74 disk full or file too large; "
     "77 permission denied or read-only; 130 interrupted (SIGINT or SIGTERM)."
 )
 
@@ -62,10 +61,6 @@ class DivergedError(TrecError):
 
 class OutOfMemoryError(TrecError):
     exit_code = EXIT_OUT_OF_MEMORY
-
-
-class NotAvailableError(TrecError):
-    exit_code = EXIT_NOT_AVAILABLE
 
 
 class InterruptedRun(TrecError):

@@ -16,76 +16,68 @@ import hashlib
 import importlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trecsys.artifacts import check_manifest, read_json, run_lock, sha256_file, verify_outputs, write_json
+from trecsys.artifacts import (
+    MANIFEST,
+    check_manifest,
+    read_json,
+    run_lock,
+    sha256_file,
+    verify_outputs,
+    write_json,
+)
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.console import log
 from trecsys.errors import ArtifactError, ConfigError, TrecError
+from trecsys.stage_table import (
+    BY_NAME,
+    DISTILL,
+    EVALUATE,
+    FINETUNE,
+    PREPARE,
+    PRETRAIN,
+    RECOMMEND,
+    STAGES,
+    Stage,
+)
 
 STATE = "pipeline.json"
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str  # as on the command line
-    # Top-level config keys whose values the stage's outputs depend on. A stage that adds a config
-    # section must add it here, or changing it will not re-run the stage.
-    sections: tuple[str, ...]
-    upstream: tuple[str, ...]  # stages whose outputs this one reads
-    manifest: Callable[[ExperimentConfig], Path]
+def manifest_path(stage: Stage, cfg: ExperimentConfig) -> Path:
+    """Where `stage` records what it made: its folder's manifest, or recommend's beside its output."""
+    if stage.name == RECOMMEND.name:
+        from trecsys.stages.recommend import output_paths
 
-    @property
-    def module(self) -> str:
-        return f"trecsys.stages.{self.name.replace('-', '_')}"
-
-
-def _in_run(folder: str) -> Callable[[ExperimentConfig], Path]:
-    return lambda cfg: Path(cfg.run_dir).expanduser() / folder / "manifest.json"
-
-
-def _evaluate_manifest(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.run_dir).expanduser() / eval_folder(cfg) / "manifest.json"
+        return output_paths(cfg, None).manifest
+    folder = eval_folder(cfg) if stage.name == EVALUATE.name else stage.folder
+    return Path(cfg.run_dir).expanduser() / folder / MANIFEST
 
 
 def eval_folder(cfg: ExperimentConfig) -> str:
     """eval/ for the recommendation task, eval_search/ for evaluate.task: search."""
-    return "eval_search" if cfg.evaluate.task == "search" else "eval"
+    return EVALUATE.search_folder if cfg.evaluate.task == "search" else EVALUATE.folder
 
 
-def _recommend_manifest(cfg: ExperimentConfig) -> Path:
-    from trecsys.stages.recommend import output_paths
-
-    return output_paths(cfg, None).manifest
-
-
-_MODELS = ("prepare", "pretrain-source", "distill", "finetune-target")
-STAGES = (
-    Stage("prepare", ("seed", "data", "embedding"), (), _in_run("prepared")),
-    Stage("pretrain-source", ("seed", "model", "pretrain"), _MODELS[:1], _in_run("pretrain")),
-    Stage("distill", ("seed", "model", "distill"), _MODELS[:2], _in_run("distill")),
-    Stage("finetune-target", ("seed", "model", "finetune"), _MODELS[:3], _in_run("finetune")),
-    Stage("evaluate", ("seed", "evaluate", "search"), _MODELS, _evaluate_manifest),
-    Stage("recommend", ("recommend", "search"), _MODELS, _recommend_manifest),
-)
-BY_NAME = {s.name: s for s in STAGES}
 # `distill.teacher: finetune` compresses the target-tuned model: distill then runs after
 # finetune-target and reads it (and finetune-target no longer reads distill).
 TEACHER_FIRST = (
-    *STAGES[:2],
-    dataclasses.replace(BY_NAME["finetune-target"], upstream=_MODELS[:2]),
-    dataclasses.replace(BY_NAME["distill"], upstream=(*_MODELS[:2], "finetune-target")),
-    *STAGES[4:],
+    PREPARE,
+    PRETRAIN,
+    dataclasses.replace(FINETUNE, reads=(PREPARE.name, PRETRAIN.name)),
+    dataclasses.replace(DISTILL, reads=(PREPARE.name, PRETRAIN.name, FINETUNE.name)),
+    EVALUATE,
+    RECOMMEND,
 )
 
 
 def pipeline_stages(cfg: ExperimentConfig) -> tuple[Stage, ...]:
     """The stages in the order this config needs them."""
-    if cfg.distill.teacher != "finetune":
+    if cfg.distill.teacher != FINETUNE.folder:
         return STAGES
-    if cfg.finetune.init_from == "distill":
+    if cfg.finetune.init_from == DISTILL.folder:
         raise ConfigError("config keys 'distill.teacher' and 'finetune.init_from': the student is distilled from "
                           "the fine-tuned model, so fine-tuning cannot start from the student; set one of them "
                           "to pretrain")
@@ -124,7 +116,7 @@ def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, s
             write_json(run_dir / STATE, state)
     print(summary(outcomes))
     ran = {o.stage for o in outcomes if o.action == "ran"}
-    shown = results(cfg, [s for s in selected if not (s.name == "evaluate" and "evaluate" in ran)], show)
+    shown = results(cfg, [s for s in selected if not (s.name == EVALUATE.name and EVALUATE.name in ran)], show)
     if shown:
         print(shown)
     return outcomes
@@ -152,7 +144,7 @@ def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
     parts = []
     names = {s.name for s in selected}
     eval_dir = Path(cfg.run_dir).expanduser() / eval_folder(cfg)
-    if "evaluate" in names and (eval_dir / "metrics.parquet").is_file():
+    if EVALUATE.name in names and (eval_dir / "metrics.parquet").is_file():
         import pandas as pd
 
         from trecsys.rank.report import terminal_table
@@ -161,7 +153,7 @@ def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
         context = check_manifest(read_json(manifest), manifest).get("context", {})
         parts.append(terminal_table(pd.read_parquet(eval_dir / "metrics.parquet"), context)
                      + f"\n(full report: {eval_dir / 'report.md'})")
-    if "recommend" in names and show > 0:
+    if RECOMMEND.name in names and show > 0:
         from trecsys.stages.recommend import show_latest
 
         shown = show_latest(cfg, show)
@@ -185,7 +177,7 @@ def summary(outcomes: list[Outcome]) -> str:
 
 def staleness(stage: Stage, cfg: ExperimentConfig, record: dict | None) -> str | None:
     """Why the stage must run, or None when its outputs are up to date."""
-    path = stage.manifest(cfg)
+    path = manifest_path(stage, cfg)
     if not path.is_file():
         return f"no output yet ({path.parent})"
     try:
@@ -196,12 +188,12 @@ def staleness(stage: Stage, cfg: ExperimentConfig, record: dict | None) -> str |
     changed = changed_keys(sections(stage, manifest.get("config", {})), sections(stage, to_dict(cfg)))
     if changed:
         return "config changed: " + "; ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
-    if stage.name == "prepare":
+    if stage.name == PREPARE.name:
         return _changed_input(manifest, cfg)
     if record is None or record.get("outputs") != outputs_digest(manifest):
         # Made outside `trec run` (a stage run by hand): its manifest says what it read.
         return _changed_input(manifest, cfg)
-    for name in stage.upstream:
+    for name in stage.reads:
         if record["upstream"].get(name) != _digest_of(BY_NAME[name], cfg):
             return f"the output of {name} changed"
     return None
@@ -249,14 +241,14 @@ def outputs_digest(manifest: dict) -> str:
 
 
 def _digest_of(stage: Stage, cfg: ExperimentConfig) -> str | None:
-    path = stage.manifest(cfg)
+    path = manifest_path(stage, cfg)
     return outputs_digest(check_manifest(read_json(path), path)) if path.is_file() else None
 
 
 def _record(stage: Stage, cfg: ExperimentConfig) -> dict:
     return {
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "upstream": {name: _digest_of(BY_NAME[name], cfg) for name in stage.upstream},
+        "upstream": {name: _digest_of(BY_NAME[name], cfg) for name in stage.reads},
         "outputs": _digest_of(stage, cfg),
     }
 

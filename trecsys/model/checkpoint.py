@@ -22,11 +22,12 @@ from trecsys.errors import ArtifactError, ConfigError
 from trecsys.model.seqrec import SeqRecModel
 from trecsys.prepared.identity import catalogue_identity, prepared_fingerprint
 from trecsys.prepared.tables import Prepared
+from trecsys.stage_table import TRAINING
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # Run folders that hold a checkpoint, latest pipeline stage first, and the command that writes each.
-CHECKPOINT_STAGES = {"finetune": "finetune-target", "distill": "distill", "pretrain": "pretrain-source"}
+CHECKPOINT_STAGES = {s.folder: s.name for s in reversed(TRAINING)}
 # Where config.json's `extra` records the prepared data the model was trained on, and the catalogue
 # (ordered item ids and text encoder) its item indices refer to.
 PREPARED_KEY = "prepared_manifest_sha256"

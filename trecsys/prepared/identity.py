@@ -11,6 +11,7 @@ from pathlib import Path
 from trecsys.artifacts import MANIFEST, describe_file, read_manifest, sha256_file
 from trecsys.errors import ArtifactError
 from trecsys.prepared.tables import Prepared
+from trecsys.stage_table import PREPARE
 
 # The prepared files two runs must share to be compared user by user.
 COMPARABLE_FILES = ("items.parquet", "interactions.parquet")
@@ -54,7 +55,7 @@ def check_same_prepared(other: Path, prepared: Prepared, option: str,
     if Path(other).resolve() == prepared.folder.resolve():
         return
     ours = output_hashes(prepared.manifest)
-    theirs = output_hashes(read_manifest(other, stage="prepare"))
+    theirs = output_hashes(read_manifest(other, stage=PREPARE.name))
     for name in files:
         if ours.get(name) != theirs.get(name):
             raise ArtifactError(

@@ -20,8 +20,9 @@ import pyarrow as pa
 
 from trecsys.artifacts import read_manifest, read_parquet, verify_outputs
 from trecsys.errors import ArtifactError, ConfigError
+from trecsys.stage_table import PREPARE
 
-PREPARED = "prepared"
+PREPARED = PREPARE.folder
 
 
 @dataclass
@@ -75,7 +76,7 @@ def prepared_dir(run_dir: str | Path) -> Path:
 def load_prepared(run_dir: str | Path, verify: bool = False) -> Prepared:
     """Load and check `<run_dir>/prepared/`; `verify` recomputes every file's sha256."""
     folder = prepared_dir(run_dir)
-    manifest = read_manifest(folder, stage="prepare")
+    manifest = read_manifest(folder, stage=PREPARE.name)
     verify_outputs(folder, manifest, full_hash=verify, complete=verify)
     items = _checked(read_parquet(folder / "items.parquet"), folder / "items.parquet").to_pandas()
     interactions = _checked(read_parquet(folder / "interactions.parquet"), folder / "interactions.parquet")

@@ -15,10 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 from trecsys.artifacts import write_text
+from trecsys.stage_table import FINETUNE, TRAINING
 
 CURVE_METRICS = ("recall", "ndcg", "mrr", "hit")
 TABLE_METRICS = ("recall", "ndcg", "mrr", "hit", "precision", "coverage", "diversity", "popularity")
-LOG_STAGES = ("pretrain", "distill", "finetune")
+LOG_STAGES = tuple(s.folder for s in TRAINING)
 FEWSHOT_TABLE = Path("fewshot") / "results.parquet"
 # The x axis of a training log, in order of preference.
 LOG_X_KEYS = ("step", "epoch", "iteration")
@@ -189,7 +190,7 @@ def training_logs(run_dirs: Sequence[Path]) -> dict[str, Path]:
     for run_dir in dict.fromkeys(run_dirs):
         for stage in LOG_STAGES:
             folder = run_dir / stage
-            candidates = sorted((folder / "candidates").glob("*/train_log.jsonl")) if stage == "finetune" else []
+            candidates = sorted((folder / "candidates").glob("*/train_log.jsonl")) if stage == FINETUNE.folder else []
             if candidates:
                 try:
                     kept = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("chosen")

@@ -39,14 +39,14 @@ from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import domain_split, load_prepared, seen_items
 from trecsys.rank.validation import EvalCase, make_ranker, n_ranked_users
 from trecsys.runtime import Threads, apply_threads, seed_everything
+from trecsys.stage_table import DISTILL
 from trecsys.stages.common import MONITOR, check_prepared, check_target, metrics_line, write_stage_folder
 from trecsys.track import tracking
 from trecsys.train.engine import LOG, Dist, distributed, fit
 from trecsys.train.losses import chunked_kd_loss
 from trecsys.train.next_item import batch_inputs, domain_windows, next_item_loss, window_train_data
 
-STAGE = "distill"
-OUTPUT = "distill"
+STAGE, OUTPUT = DISTILL.name, DISTILL.folder
 WORK = ".distill.work"
 TRAIN_KEY = "distill.train"
 PROJECTION = "projection.safetensors"  # the hidden-state projection, kept in `last/` for --resume

@@ -37,18 +37,19 @@ from trecsys.model.checkpoint import (
 )
 from trecsys.prepared.context import histories_for
 from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
-from trecsys.prepared.tables import Prepared, domain_split, load_prepared
+from trecsys.prepared.tables import PREPARED, Prepared, domain_split, load_prepared
 from trecsys.rank import evaluation as E
 from trecsys.rank import metrics as M
 from trecsys.rank import report
 from trecsys.rank.rankers import BASELINES, Ranker, RankingInputs, make_scorer
 from trecsys.rank.scorers import item_counts, to_local
 from trecsys.runtime import Threads, apply_threads, resolve_device
+from trecsys.stage_table import DISTILL, EVALUATE, FINETUNE, PRETRAIN
 from trecsys.stages.distill import DistillManifest
 from trecsys.stages.finetune_target import FinetuneManifest
 from trecsys.track import tracking
 
-EVAL = "eval"
+EVAL = EVALUATE.folder
 
 
 def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
@@ -71,7 +72,7 @@ def run(cfg: ExperimentConfig, model: str | None = None, split: str = "test",
         systems += candidate_systems(systems[0]) + student_systems(run_dir)
     for system in systems:
         verify_stage_folder(system.checkpoint, full_hash=verify)
-    with run_lock(run_dir / EVAL), tracking(cfg, "evaluate") as tracker:
+    with run_lock(run_dir / EVAL), tracking(cfg, EVALUATE.name) as tracker:
         metrics_df = evaluate(cfg, prepared, systems, split, threads)
         tracker.log_evaluation(metrics_df, split)
         tracker.log_artifacts(run_dir / EVAL)
@@ -91,8 +92,8 @@ def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare:
         folder = Path(model)
         if not is_checkpoint(folder):
             raise ArtifactError(f"--model {model}: no {WEIGHTS} and {CONFIG} in that folder")
-        if (folder.parent / "prepared").is_dir():
-            check_same_prepared(folder.parent / "prepared", prepared, f"--model {model}")
+        if (folder.parent / PREPARED).is_dir():
+            check_same_prepared(folder.parent / PREPARED, prepared, f"--model {model}")
         return [Ranker(str(model), folder)]
     folder = latest_checkpoint(run_dir)
     if folder is None:
@@ -103,9 +104,9 @@ def model_systems(run_dir: Path, prepared: Prepared, model: str | None, compare:
 def run_model_label(folder: Path) -> str:
     """`pretrain (zero-shot)`, `distill`, or `finetune/<strategy> (kept)` when finetune-target
     recorded which candidate it kept (its other candidates are `finetune/<strategy>`)."""
-    if folder.name == "pretrain":
-        return "pretrain (zero-shot)"
-    chosen = kept_strategy(folder) if folder.name == "finetune" else None
+    if folder.name == PRETRAIN.folder:
+        return f"{PRETRAIN.folder} (zero-shot)"
+    chosen = kept_strategy(folder) if folder.name == FINETUNE.folder else None
     return f"{folder.name}/{chosen} (kept)" if chosen else folder.name
 
 
@@ -128,12 +129,12 @@ def candidate_systems(kept: Ranker) -> list[Ranker]:
 def student_systems(run_dir: Path) -> list[Ranker]:
     """The run's distilled student when its teacher is the run's fine-tuned model (`distill.teacher:
     finetune`): the compressed model beside the one it compresses."""
-    student, teacher = Path(run_dir) / "distill", Path(run_dir) / "finetune"
+    student, teacher = Path(run_dir) / DISTILL.folder, Path(run_dir) / FINETUNE.folder
     if not (is_checkpoint(student) and is_checkpoint(teacher) and (student / MANIFEST).is_file()):
         return []
     if Path(DistillManifest.read(student).teacher).resolve() != teacher.resolve():
         return []
-    return [Ranker("distill (student of finetune)", student)]
+    return [Ranker(f"{DISTILL.folder} (student of {FINETUNE.folder})", student)]
 
 
 def _split_entries(entries: list[str]) -> list[str]:
@@ -145,12 +146,12 @@ def _compare_system(entry: str, prepared: Prepared) -> Ranker:
     path = Path(entry)
     if is_checkpoint(path):
         folder, other_run = path, path.parent
-    elif (path / "prepared").is_dir() or any((path / s).is_dir() for s in CHECKPOINT_STAGES):
+    elif (path / PREPARED).is_dir() or any((path / s).is_dir() for s in CHECKPOINT_STAGES):
         folder, other_run = latest_checkpoint(path), path
     else:
         raise ArtifactError(f"--compare {entry}: not a run folder or a checkpoint folder ({WEIGHTS} + {CONFIG})")
-    if (other_run / "prepared").is_dir():
-        check_same_prepared(other_run / "prepared", prepared, f"--compare {entry}")
+    if (other_run / PREPARED).is_dir():
+        check_same_prepared(other_run / PREPARED, prepared, f"--compare {entry}")
     if folder is None:
         raise ArtifactError(f"--compare {entry}: the run has no model in {', '.join(CHECKPOINT_STAGES)}/: train one first")
     label = entry if folder == path else f"{entry.rstrip('/')}/{folder.name}"
@@ -250,7 +251,7 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], s
         report.write_report(out / "report.md", metrics_df, comparison_df, context, plots)
         inputs = prepared_file_inputs(prepared)
         inputs += [describe_file(s.checkpoint / WEIGHTS) for s in systems if s.checkpoint is not None]
-        write_manifest(out, "evaluate", to_dict(cfg), inputs, {"context": context})
+        write_manifest(out, EVALUATE.name, to_dict(cfg), inputs, {"context": context})
     print(report.terminal_table(metrics_df, context))
     log(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots; {threads.line()}")
     return metrics_df

@@ -27,8 +27,9 @@ from trecsys.rank import search as S
 from trecsys.rank import search_protocol as P
 from trecsys.rank.scorers import item_counts
 from trecsys.runtime import resolve_device
+from trecsys.stage_table import EVALUATE
 
-FOLDER = "eval_search"
+FOLDER = EVALUATE.search_folder
 POPULARITY = "relevance + popularity"
 RELEVANCE = "relevance (bm25 + encoder)"
 BM25 = "bm25"
@@ -95,7 +96,7 @@ def evaluate_search(cfg: ExperimentConfig, prepared: Prepared, systems: list, sp
         write_text(out / "report.md", search_report(metrics_df, comparison_df, context))
         inputs = prepared_file_inputs(prepared)
         inputs += [describe_file(s.checkpoint / WEIGHTS) for s in systems]
-        write_manifest(out, "evaluate", to_dict(cfg), inputs, {"context": context})
+        write_manifest(out, EVALUATE.name, to_dict(cfg), inputs, {"context": context})
     print(report.terminal_table(metrics_df, context))
     if not comparison_df.empty:
         print(comparison_lines(comparison_df, labels[0], report.headline_k(ks)))

@@ -50,13 +50,13 @@ from trecsys.prepared.identity import prepared_input
 from trecsys.prepared.tables import Prepared, load_prepared, seen_items
 from trecsys.rank.validation import EvalCase, make_ranker
 from trecsys.runtime import Threads, apply_threads
+from trecsys.stage_table import FINETUNE
 from trecsys.stages.common import MONITOR, check_prepared, check_target, metrics_line, write_stage_folder
 from trecsys.track import tracking
 from trecsys.train.engine import LOG, STATE, Dist, distributed, fit
 from trecsys.train.next_item import ce_loss_fn, domain_windows, window_train_data
 
-STAGE = "finetune-target"
-OUTPUT = "finetune"
+STAGE, OUTPUT = FINETUNE.name, FINETUNE.folder
 WORK = ".finetune.work"
 TRAIN_KEY = "finetune.train"
 RESULT = "result.json"  # a finished candidate's summary in its work folder (a resume skips it)

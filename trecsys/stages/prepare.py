@@ -27,6 +27,7 @@ from trecsys.ingest.split import SPLITS, assign_split
 from trecsys.ingest.synthetic import generate_domains
 from trecsys.ingest.text import compose_text
 from trecsys.runtime import StopRequest, apply_threads, resolve_device
+from trecsys.stage_table import PREPARE
 
 # Item metadata columns copied to items.parquet (as str) when a domain has them.
 ITEM_FIELDS = ("brand", "category", "price")
@@ -37,7 +38,7 @@ RESERVED_ITEM_COLUMNS = ("item_idx", "domain")
 def run(cfg: ExperimentConfig) -> None:
     threads = apply_threads(cfg.runtime.threads)
     roles = domain_roles(cfg.data)
-    out = Path(cfg.run_dir).expanduser() / "prepared"
+    out = Path(cfg.run_dir).expanduser() / PREPARE.folder
     started = time.perf_counter()
     with run_lock(out), StopRequest() as stop:
         timings: dict[str, tuple[float, float]] = {}
@@ -69,7 +70,7 @@ def run(cfg: ExperimentConfig) -> None:
             write_text(folder / "config.yaml", to_yaml(cfg))
             timings["write"] = _since(clock)
             write_manifest(
-                folder, "prepare", to_dict(cfg),
+                folder, PREPARE.name, to_dict(cfg),
                 inputs=[describe_file(Path(f)) for domain in raw.values() for f in domain.files],
                 extra={
                     "seed": cfg.seed,

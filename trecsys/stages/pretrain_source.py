@@ -26,13 +26,13 @@ from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import DomainSplit, domain_split, load_prepared, seen_items
 from trecsys.rank.validation import EvalCase, make_ranker
 from trecsys.runtime import Threads, apply_threads, seed_everything
+from trecsys.stage_table import PRETRAIN
 from trecsys.stages.common import MONITOR, check_prepared, metrics_line, write_stage_folder
 from trecsys.track import tracking
 from trecsys.train.engine import LOG, Dist, distributed, fit
 from trecsys.train.next_item import ce_loss_fn, domain_windows, window_train_data
 
-STAGE = "pretrain-source"
-OUTPUT = "pretrain"
+STAGE, OUTPUT = PRETRAIN.name, PRETRAIN.folder
 WORK = ".pretrain.work"
 TRAIN_KEY = "pretrain.train"
 

@@ -46,7 +46,7 @@ from trecsys.model.checkpoint import (
 )
 from trecsys.prepared.context import histories_for
 from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
-from trecsys.prepared.tables import DomainRange, Prepared, domain_split, load_prepared
+from trecsys.prepared.tables import PREPARED, DomainRange, Prepared, domain_split, load_prepared
 from trecsys.rank.metrics import full_ranking_topk
 from trecsys.rank.rankers import Ranker, RankingInputs, make_scorer
 from trecsys.rank.requests import (
@@ -62,10 +62,11 @@ from trecsys.rank.rerank import Part, WeightedSum, category_mask, masked, mmr_re
 from trecsys.rank.scorers import to_local
 from trecsys.rank.search_protocol import check_encoder
 from trecsys.runtime import apply_threads, resolve_device
+from trecsys.stage_table import RECOMMEND
 from trecsys.stages.recommend_shards import is_sharded, run_sharded
 
-STAGE = "recommend"
-DEFAULT_FOLDERS = {"users": "recommend", "queries": "queries"}
+STAGE = RECOMMEND.name
+DEFAULT_FOLDERS = {"users": RECOMMEND.folder, "queries": RECOMMEND.search_folder}
 FILE_NAMES = {"users": "recommendations.parquet", "queries": "queries.parquet"}
 METADATA_KEY = "trecsys.recommend"
 # recommend.fusion's names for the baselines -> their rankers' labels.
@@ -238,8 +239,8 @@ def resolve_rankers(cfg: ExperimentConfig, model: str | None, prepared: Prepared
         if not is_checkpoint(folder):
             raise ArtifactError(f"{where}: {folder} is not a checkpoint folder ({WEIGHTS} and {CONFIG}), "
                                 "nor popularity, itemknn or latest")
-        if (folder.parent / "prepared").is_dir():
-            check_same_prepared(folder.parent / "prepared", prepared, where, files=("items.parquet",),
+        if (folder.parent / PREPARED).is_dir():
+            check_same_prepared(folder.parent / PREPARED, prepared, where, files=("items.parquet",),
                                 what_to_do="use a model trained on this run's catalogue")
         rankers.append(Ranker(str(folder), folder, part.weight))
     return rankers
