@@ -108,7 +108,7 @@ def fake_encoder(monkeypatch, tiny_prepared):
 
     prepared = load_prepared(tiny_prepared)
     by_text = dict(zip(prepared.items["text"], prepared.embeddings, strict=True))
-    info = {k: prepared.manifest["encoder"][k] for k in ("name", "revision", "pooling", "dim")}
+    info = {k: prepared.manifest.encoder_record[k] for k in ("name", "revision", "pooling", "dim")}
 
     def fake(texts, cfg, device="cpu", progress=True, cache=True):
         rows = [by_text[t] if t in by_text else np.random.default_rng(len(t)).standard_normal(16) for t in texts]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from test_bad_input import hash_tree, leftovers
 from typer.testing import CliRunner
 
-from trecsys.artifacts import sha256_file, verify_stage_folder
+from trecsys.artifacts import read_manifest, sha256_file, verify_stage_folder
 from trecsys.cli import app
 from trecsys.errors import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_INTERRUPTED
 from trecsys.prepared.tables import load_prepared
@@ -245,7 +245,7 @@ def test_two_prepares_on_one_run_dir_never_mix(tmp_path, monkeypatch):
     assert first.returncode == 0, stderr[-2000:]
     # Only the first run's output, whole and consistent with its manifest.
     prepared = load_prepared(run_dir, verify=True)
-    assert prepared.manifest["seed"] == 1 and prepared.manifest["config"]["seed"] == 1
+    assert prepared.manifest.seed == 1 and read_manifest(run_dir / "prepared")["config"]["seed"] == 1
     assert_manifest_hashes(run_dir / "prepared")
     assert leftovers(tmp_path) == []
 

@@ -16,8 +16,9 @@ import hashlib
 import importlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trecsys.artifacts import (
     MANIFEST,
@@ -44,6 +45,47 @@ from trecsys.stage_table import (
 )
 
 STATE = "pipeline.json"
+
+
+@dataclass
+class StageRecord:
+    """What `trec run` recorded of a stage it ran: the sha256 digests of its upstream stages' outputs
+    then ({stage: digest}, None for one without outputs), and of its own outputs."""
+
+    finished_at: str | None
+    upstream: dict[str, str | None]
+    outputs: str | None
+
+
+@dataclass
+class PipelineState:
+    """<run_dir>/pipeline.json: a record per stage that `trec run` ran."""
+
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> PipelineState:
+        """A hand-edited or foreign file is refused with its path (exit 2)."""
+        stages = data.get("stages") if isinstance(data, dict) else None
+        if not isinstance(stages, dict):
+            raise ArtifactError(f"{path}: not a trecsys pipeline record (an object with a 'stages' object); delete "
+                                "it and every stage is checked again from its own manifest")
+        for name, record in stages.items():
+            if not (isinstance(record, dict) and isinstance(record.get("upstream"), dict)
+                    and all(isinstance(v, str | None) for v in record["upstream"].values())
+                    and isinstance(record.get("outputs"), str | None)):
+                raise ArtifactError(f"{path}: malformed record of stage {name!r}; delete the file and every stage "
+                                    "is checked again from its own manifest")
+        return cls({name: StageRecord(record.get("finished_at"), dict(record["upstream"]), record.get("outputs"))
+                    for name, record in stages.items()})
+
+    @classmethod
+    def read(cls, run_dir: Path) -> PipelineState:
+        path = run_dir / STATE
+        return cls.from_json(read_json(path), path) if path.is_file() else cls()
 
 
 def manifest_path(stage: Stage, cfg: ExperimentConfig) -> Path:
@@ -97,9 +139,9 @@ def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, s
     run_dir = Path(cfg.run_dir).expanduser()
     outcomes = []
     with run_lock(run_dir / STATE):
-        state = _read_state(run_dir)
+        state = PipelineState.read(run_dir)
         for stage in selected:
-            reason = "--force" if force else staleness(stage, cfg, state["stages"].get(stage.name))
+            reason = "--force" if force else staleness(stage, cfg, state.stages.get(stage.name))
             if reason is None:
                 outcomes.append(_note(Outcome(stage.name, "skipped", "up to date")))
                 continue
@@ -112,8 +154,8 @@ def run(cfg: ExperimentConfig, stages: str | None = None, force: bool = False, s
                 log(f"run: {stage.name}: failed; later stages were not run")
                 raise
             outcomes.append(Outcome(stage.name, "ran", reason, time.perf_counter() - started))
-            state["stages"][stage.name] = _record(stage, cfg)
-            write_json(run_dir / STATE, state)
+            state.stages[stage.name] = _record(stage, cfg)
+            write_json(run_dir / STATE, state.to_json())
     print(summary(outcomes))
     ran = {o.stage for o in outcomes if o.action == "ran"}
     shown = results(cfg, [s for s in selected if not (s.name == EVALUATE.name and EVALUATE.name in ran)], show)
@@ -175,7 +217,7 @@ def summary(outcomes: list[Outcome]) -> str:
 # Up to date?
 
 
-def staleness(stage: Stage, cfg: ExperimentConfig, record: dict | None) -> str | None:
+def staleness(stage: Stage, cfg: ExperimentConfig, record: StageRecord | None) -> str | None:
     """Why the stage must run, or None when its outputs are up to date."""
     path = manifest_path(stage, cfg)
     if not path.is_file():
@@ -190,11 +232,11 @@ def staleness(stage: Stage, cfg: ExperimentConfig, record: dict | None) -> str |
         return "config changed: " + "; ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
     if stage.name == PREPARE.name:
         return _changed_input(manifest, cfg)
-    if record is None or record.get("outputs") != outputs_digest(manifest):
+    if record is None or record.outputs != outputs_digest(manifest):
         # Made outside `trec run` (a stage run by hand): its manifest says what it read.
         return _changed_input(manifest, cfg)
     for name in stage.reads:
-        if record["upstream"].get(name) != _digest_of(BY_NAME[name], cfg):
+        if record.upstream.get(name) != _digest_of(BY_NAME[name], cfg):
             return f"the output of {name} changed"
     return None
 
@@ -245,28 +287,10 @@ def _digest_of(stage: Stage, cfg: ExperimentConfig) -> str | None:
     return outputs_digest(check_manifest(read_json(path), path)) if path.is_file() else None
 
 
-def _record(stage: Stage, cfg: ExperimentConfig) -> dict:
-    return {
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "upstream": {name: _digest_of(BY_NAME[name], cfg) for name in stage.reads},
-        "outputs": _digest_of(stage, cfg),
-    }
+def _record(stage: Stage, cfg: ExperimentConfig) -> StageRecord:
+    return StageRecord(
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        upstream={name: _digest_of(BY_NAME[name], cfg) for name in stage.reads},
+        outputs=_digest_of(stage, cfg),
+    )
 
-
-def _read_state(run_dir: Path) -> dict:
-    """pipeline.json as `_record` writes it; a hand-edited or foreign one is refused with its path."""
-    path = run_dir / STATE
-    if not path.is_file():
-        return {"stages": {}}
-    state = read_json(path)
-    stages = state.get("stages") if isinstance(state, dict) else None
-    if not isinstance(stages, dict):
-        raise ArtifactError(f"{path}: not a trecsys pipeline record (an object with a 'stages' object); delete "
-                            "it and every stage is checked again from its own manifest")
-    for name, record in stages.items():
-        if not (isinstance(record, dict) and isinstance(record.get("upstream"), dict)
-                and all(isinstance(v, str | None) for v in record["upstream"].values())
-                and isinstance(record.get("outputs"), str | None)):
-            raise ArtifactError(f"{path}: malformed record of stage {name!r}; delete the file and every stage "
-                                "is checked again from its own manifest")
-    return state

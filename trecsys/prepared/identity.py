@@ -28,7 +28,7 @@ def catalogue_identity(prepared: Prepared) -> dict:
     differ here, which n_items alone cannot tell."""
     items = prepared.items.sort_values("item_idx")
     listed = json.dumps([items["domain"].astype(str).tolist(), items["item_id"].astype(str).tolist()])
-    encoder = prepared.manifest.get("encoder")
+    encoder = prepared.manifest.encoder
     if isinstance(encoder, dict):
         encoder = f"{encoder.get('name')}@{encoder.get('revision')}"
     return {"items_sha256": hashlib.sha256(listed.encode()).hexdigest(), "n_items": int(len(items)),
@@ -44,7 +44,7 @@ def prepared_file_inputs(prepared: Prepared) -> list[dict]:
     """The prepared files a ranking stage reads, as manifest inputs named from the run folder
     (with their sha256, so `trec run` can tell whether a hand-run stage is still up to date)."""
     return [{**entry, "path": f"{prepared.folder.name}/{entry['path']}"}
-            for entry in prepared.manifest.get("outputs", []) if entry["path"] in COMPARABLE_FILES]
+            for entry in prepared.outputs if entry["path"] in COMPARABLE_FILES]
 
 
 def check_same_prepared(other: Path, prepared: Prepared, option: str,
@@ -54,8 +54,8 @@ def check_same_prepared(other: Path, prepared: Prepared, option: str,
     users, targets and catalogue; a model needs the same catalogue)."""
     if Path(other).resolve() == prepared.folder.resolve():
         return
-    ours = output_hashes(prepared.manifest)
-    theirs = output_hashes(read_manifest(other, stage=PREPARE.name))
+    ours = output_hashes(prepared.outputs)
+    theirs = output_hashes(read_manifest(other, stage=PREPARE.name)["outputs"])
     for name in files:
         if ours.get(name) != theirs.get(name):
             raise ArtifactError(
@@ -64,5 +64,6 @@ def check_same_prepared(other: Path, prepared: Prepared, option: str,
             )
 
 
-def output_hashes(manifest: dict) -> dict[str, str]:
-    return {entry["path"]: entry["sha256"] for entry in manifest.get("outputs", [])}
+def output_hashes(outputs: list[dict]) -> dict[str, str]:
+    """{path: sha256} of a manifest's output entries."""
+    return {entry["path"]: entry["sha256"] for entry in outputs}

@@ -6,7 +6,8 @@ Artifact contract (written by trecsys/stages/prepare.py):
   test, or input: a held-out user's history); rows sorted by (user_idx, timestamp), ties in input
   order, domains interleaved.
 - item_embeddings.parquet: item_idx, embedding (fixed-size list of float32); encoder info in metadata.
-- manifest.json: `domains` {name: {role, item_start, item_stop, ...}}, `source`, `target`, `encoder`.
+- manifest.json: `domains` {name: {role, item_start, item_stop, ...}}, `source`, `target`, `encoder`,
+  ... (trecsys/prepared/manifest.py's `PreparedManifest`).
 """
 
 from __future__ import annotations
@@ -18,29 +19,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from trecsys.artifacts import read_manifest, read_parquet, verify_outputs
+from trecsys.artifacts import MANIFEST, read_manifest, read_parquet, verify_outputs
 from trecsys.errors import ArtifactError, ConfigError
+from trecsys.prepared.manifest import DomainRange, PreparedManifest
 from trecsys.stage_table import PREPARE
 
 PREPARED = PREPARE.folder
 
 
 @dataclass
-class DomainRange:
-    name: str
-    role: str
-    item_start: int
-    item_stop: int
-
-    @property
-    def n_items(self) -> int:
-        return self.item_stop - self.item_start
-
-
-@dataclass
 class Prepared:
     folder: Path
-    manifest: dict
+    manifest: PreparedManifest
+    outputs: list[dict]  # the manifest's record of the files (path, size, mtime_ns, sha256)
     items: pd.DataFrame
     interactions: pd.DataFrame
     embeddings: np.ndarray  # (n_items, dim) float32, row i is item_idx i
@@ -48,15 +39,15 @@ class Prepared:
 
     @property
     def target(self) -> str:
-        return self.manifest["target"]
+        return self.manifest.target
 
     @property
     def source(self) -> list[str]:
-        return list(self.manifest["source"])
+        return list(self.manifest.source)
 
     @property
     def n_users(self) -> int:
-        return int(self.manifest["n_users"])
+        return self.manifest.n_users
 
     @property
     def n_items(self) -> int:
@@ -76,24 +67,16 @@ def prepared_dir(run_dir: str | Path) -> Path:
 def load_prepared(run_dir: str | Path, verify: bool = False) -> Prepared:
     """Load and check `<run_dir>/prepared/`; `verify` recomputes every file's sha256."""
     folder = prepared_dir(run_dir)
-    manifest = read_manifest(folder, stage=PREPARE.name)
-    verify_outputs(folder, manifest, full_hash=verify, complete=verify)
+    record = read_manifest(folder, stage=PREPARE.name)
+    verify_outputs(folder, record, full_hash=verify, complete=verify)
     items = _checked(read_parquet(folder / "items.parquet"), folder / "items.parquet").to_pandas()
     interactions = _checked(read_parquet(folder / "interactions.parquet"), folder / "interactions.parquet")
     interactions = interactions.to_pandas()
     emb_table = _checked(read_parquet(folder / "item_embeddings.parquet"), folder / "item_embeddings.parquet")
     _check_values(interactions, len(items), folder / "interactions.parquet")
     embeddings = _embedding_matrix(emb_table, len(items), folder / "item_embeddings.parquet")
-    try:
-        domains = {
-            name: DomainRange(name, info["role"], int(info["item_start"]), int(info["item_stop"]))
-            for name, info in manifest["domains"].items()
-        }
-        list(manifest["source"]), str(manifest["target"]), int(manifest["n_users"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ArtifactError(f"{folder / 'manifest.json'}: not a prepared manifest (bad or missing "
-                            f"{exc!s}): re-run `trec prepare`") from None
-    return Prepared(folder, manifest, items, interactions, embeddings, domains)
+    manifest = PreparedManifest.from_json(record, folder / MANIFEST)
+    return Prepared(folder, manifest, record["outputs"], items, interactions, embeddings, manifest.ranges)
 
 
 # The columns each prepared file must have, and the type test each must pass (the contract above).

@@ -48,8 +48,7 @@ def embed_queries(cfg: ExperimentConfig, prepared: Prepared, queries: list[str],
 
 def check_encoder(encoder: dict, prepared: Prepared) -> None:
     """New texts must be embedded like the catalogue was, or they land in another space."""
-    made = prepared.manifest.get("encoder")
-    made = made if isinstance(made, dict) else {"name": made}
+    made = prepared.manifest.encoder_record
     keys = ("revision", "dim", "max_length", "pooling") if "revision" in made else ("name", "dim")
     for key in keys:
         if key in made and made[key] != encoder.get(key):

@@ -20,8 +20,7 @@ MONITOR = "ndcg@10"
 
 def check_prepared(prepared: Prepared, cfg: ExperimentConfig) -> list[str]:
     """Refuse prepared data made for another config; return its source domains."""
-    encoder = prepared.manifest.get("encoder")
-    made_with = encoder.get("name") if isinstance(encoder, dict) else encoder
+    made_with = prepared.manifest.encoder_name
     if made_with != cfg.embedding.encoder:
         raise ArtifactError(
             f"{prepared.folder / MANIFEST}: the item embeddings were made with encoder {made_with!r}, but config "

@@ -26,6 +26,7 @@ from trecsys.ingest.readers import read_domain
 from trecsys.ingest.split import SPLITS, assign_split
 from trecsys.ingest.synthetic import generate_domains
 from trecsys.ingest.text import compose_text
+from trecsys.prepared.manifest import PreparedManifest
 from trecsys.runtime import StopRequest, apply_threads, resolve_device
 from trecsys.stage_table import PREPARE
 
@@ -72,18 +73,17 @@ def run(cfg: ExperimentConfig) -> None:
             write_manifest(
                 folder, PREPARE.name, to_dict(cfg),
                 inputs=[describe_file(Path(f)) for domain in raw.values() for f in domain.files],
-                extra={
-                    "seed": cfg.seed,
-                    "timings_s": {k: round(wall, 3) for k, (wall, _) in timings.items()},
-                    # CPU seconds of every thread of this process: steadier than wall time on a shared machine.
-                    "cpu_s": {k: round(cpu, 3) for k, (_, cpu) in timings.items()},
-                    "domains": stats,
-                    "source": list(cfg.data.source),
-                    "target": cfg.data.target,
-                    "encoder": encoder,
-                    "n_users": int(pc.max(interactions["user_idx"]).as_py()) + 1,
-                    "n_items": len(items),
-                },
+                extra=PreparedManifest(
+                    seed=cfg.seed,
+                    timings_s={k: round(wall, 3) for k, (wall, _) in timings.items()},
+                    cpu_s={k: round(cpu, 3) for k, (_, cpu) in timings.items()},
+                    domains=stats,
+                    source=list(cfg.data.source),
+                    target=cfg.data.target,
+                    encoder=encoder,
+                    n_users=int(pc.max(interactions["user_idx"]).as_py()) + 1,
+                    n_items=len(items),
+                ).to_json(),
             )
     print(summary_table(stats))
     print(catalogue_note(stats, cfg.data))
