@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trecsys.artifacts import read_manifest
+from trecsys.artifacts import read_manifest, write_manifest
 from trecsys.errors import EXIT_BAD_INPUT, ArtifactError
 from trecsys.pipeline import PipelineState, StageRecord
 from trecsys.prepared.manifest import DomainRange, PreparedManifest
@@ -59,3 +59,24 @@ def test_a_malformed_pipeline_state_is_refused_naming_the_file(tmp_path, text, m
     with pytest.raises(ArtifactError, match=message) as caught:
         PipelineState.read(tmp_path)
     assert str(caught.value).startswith(f"{tmp_path / 'pipeline.json'}: ")
+
+
+def test_a_malformed_finetune_or_distill_record_is_refused_naming_the_file(tmp_path):
+    from trecsys.stages.distill import DistillManifest
+    from trecsys.stages.finetune_target import FinetuneManifest
+
+    finetune = {"seed": 0, "target": "Food", "strategy": "auto", "chosen": "full", "chosen_by": "valid ndcg@10",
+                "metrics": {}, "candidates": {"full": {"strategy": "full"}}, "init_from": "pretrain",
+                "history": "target", "train_fraction": 1.0, "n_train_users": 1, "n_parameters": 1,
+                "n_trainable": 1, "timings_s": {}, "n_trainable_by_part": {}}
+    write_manifest(tmp_path / "finetune", "finetune-target", {}, [], finetune)
+    with pytest.raises(ArtifactError, match="malformed finetune-target record") as caught:
+        FinetuneManifest.read(tmp_path / "finetune")
+    assert str(caught.value).startswith(f"{tmp_path / 'finetune' / 'manifest.json'}: ")
+
+    distill = {name: None for name in DistillManifest.__dataclass_fields__}
+    write_manifest(tmp_path / "distill", "distill", {}, [], {**distill, "unexpected": 1})
+    assert DistillManifest.read(tmp_path / "distill").teacher is None  # every field there: read as written
+    write_manifest(tmp_path / "distill", "distill", {}, [], {k: v for k, v in distill.items() if k != "teacher"})
+    with pytest.raises(ArtifactError, match="no 'teacher'"):
+        DistillManifest.read(tmp_path / "distill")

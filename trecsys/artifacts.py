@@ -373,13 +373,19 @@ def read_manifest(folder: Path, stage: str | None = None, name: str = MANIFEST) 
     return manifest
 
 
-def manifest_fields(cls: type, folder: Path, stage: str) -> dict:
-    """The keys of `folder`'s manifest that dataclass `cls` names (a stage's own record), for `cls(**...)`."""
+def read_record(cls: type, folder: Path, stage: str) -> Any:
+    """`cls.from_json` of the keys of `folder`'s manifest that dataclass `cls` names (a stage's own
+    record); a missing or malformed one is refused naming the file (exit 2)."""
     manifest = read_manifest(folder, stage=stage)
+    path = Path(folder) / MANIFEST
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in manifest]
     if missing:
-        raise ArtifactError(f"{Path(folder) / MANIFEST}: no {missing[0]!r}: re-run `trec {stage}` to rewrite it")
-    return {f.name: manifest[f.name] for f in dataclasses.fields(cls)}
+        raise ArtifactError(f"{path}: no {missing[0]!r}: re-run `trec {stage}` to rewrite it")
+    try:
+        return cls.from_json({f.name: manifest[f.name] for f in dataclasses.fields(cls)})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: malformed {stage} record ({type(exc).__name__}: {exc}): re-run `trec {stage}` "
+                            "to rewrite it") from None
 
 
 # The keys every manifest has, and the keys of each outputs / inputs entry (inputs may lack digests).

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trecsys.artifacts import describe_file, manifest_fields, run_lock
+from trecsys.artifacts import describe_file, read_record, run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.console import log
 from trecsys.errors import ConfigError
@@ -96,8 +96,12 @@ class DistillManifest:
         return asdict(self)
 
     @classmethod
+    def from_json(cls, data: dict) -> DistillManifest:
+        return cls(**data)
+
+    @classmethod
     def read(cls, folder: Path) -> DistillManifest:
-        return cls(**manifest_fields(cls, folder, STAGE))
+        return read_record(cls, folder, STAGE)
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:

@@ -22,8 +22,8 @@ import torch
 
 from trecsys.artifacts import (
     describe_file,
-    manifest_fields,
     read_json,
+    read_record,
     run_lock,
     stage_output,
     write_json,
@@ -107,7 +107,7 @@ class FinetuneManifest:
 
     @classmethod
     def read(cls, folder: Path) -> FinetuneManifest:
-        return cls.from_json(manifest_fields(cls, folder, STAGE))
+        return read_record(cls, folder, STAGE)
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
