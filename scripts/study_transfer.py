@@ -287,6 +287,7 @@ def goals(table: pd.DataFrame) -> str:
 
 
 def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int, timings: dict, args) -> None:
+    table = table.assign(exclude_seen=True)  # the rule of every test number here (test_metrics)
     write_parquet(pa.Table.from_pandas(table, preserve_index=False), study / "results.parquet")
     shown = table.copy()
     for col in ("valid_ndcg@10", "test_ndcg@10", "test_recall@10", "shared_ndcg@10"):
@@ -312,7 +313,8 @@ def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int,
     fewshot = table[table["variant"].str.fullmatch(r"(full|scratch)(\+ids)?(@[0-9.]+)?")]
     curve = fewshot["variant"].str.split("@").str[0]
     long = pd.concat([pd.DataFrame({"train_fraction": fewshot["train_fraction"], "strategy": curve,
-                                    "metric": metric, "k": 10, "value": fewshot[f"test_{metric}@10"]})
+                                    "metric": metric, "k": 10, "value": fewshot[f"test_{metric}@10"],
+                                    "exclude_seen": True})
                       for metric in ("ndcg", "recall")], ignore_index=True)
     write_parquet(pa.Table.from_pandas(long, preserve_index=False), run_dir / "fewshot" / "results.parquet")
     print(text)

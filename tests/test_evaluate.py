@@ -66,7 +66,9 @@ def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
     metrics = evaluate(tiny_prepared)
     out = tiny_prepared / "eval"
 
-    assert list(metrics.columns) == ["run", "split", "slice", "metric", "k", "value", "ci_low", "ci_high", "n_users"]
+    assert list(metrics.columns) == ["run", "split", "exclude_seen", "slice", "metric", "k", "value", "ci_low",
+                                     "ci_high", "n_users"]
+    assert metrics["exclude_seen"].all()
     assert set(metrics["run"]) == {"popularity", "item-knn"}
     assert set(metrics["split"]) == {"test"}
     assert set(metrics["k"]) == set(KS)
@@ -92,6 +94,7 @@ def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
     assert tested["p_value"].between(0, 1).all() and len(tested) > 100
 
     report = (out / "report.md").read_text()
+    assert "**seen items excluded**" in report
     assert "## All users, K=10" in report and "| popularity |" in report and "## Slices" in report
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} == {"metrics_at_k.png", "slices.png"}
@@ -109,6 +112,7 @@ def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
 
     printed = capsys.readouterr()  # the table is the result (stdout), "wrote" a log line (stderr)
     assert "popularity" in printed.out and "ndcg@10" in printed.out and "wrote" in printed.err
+    assert "seen items excluded" in printed.out
 
 
 def test_same_seed_same_numbers_and_chunking_changes_nothing(tiny_prepared, tmp_path):
@@ -311,9 +315,14 @@ def test_model_for_another_catalogue_is_refused(tiny_prepared):
         evaluate(tiny_prepared)
 
 
-def test_popularity_without_exclusion_matches_a_count_by_hand(tiny_prepared):
+def test_popularity_without_exclusion_matches_a_count_by_hand(tiny_prepared, capsys):
     stage.run(load_config(write_config(tiny_prepared, exclude_seen=False)))
     metrics = pd.read_parquet(tiny_prepared / "eval" / "metrics.parquet")
+    # The rule is stated in every output: each row, the report, the terminal table.
+    assert not metrics["exclude_seen"].any()
+    assert not pd.read_parquet(tiny_prepared / "eval" / "comparison.parquet")["exclude_seen"].any()
+    assert "**seen items ranked (not excluded)**" in (tiny_prepared / "eval" / "report.md").read_text()
+    assert "seen items ranked (not excluded)" in capsys.readouterr().out
     rows = pd.read_parquet(tiny_prepared / "prepared" / "interactions.parquet")
     food = rows[rows["domain"] == "Food"]
     counts = food.loc[food["split"] == "train", "item_idx"].value_counts()

@@ -50,7 +50,8 @@ def test_learning_curves_show_every_candidate_distinctly_with_labels_and_an_outs
                           "demo/finetune/id_only", "demo/finetune/scratch", "demo/finetune/zero_shot"]
     assert report.plot_learning_curves(logs, tmp_path / "curves.png")
     fig = figures[0]
-    assert [ax.get_title() for ax in fig.axes] == ["training loss", "validation ndcg@10", "validation recall@10"]
+    assert [ax.get_title() for ax in fig.axes] == ["training loss", "validation ndcg@10 (seen items excluded)",
+                                                 "validation recall@10 (seen items excluded)"]
     for ax in fig.axes:
         assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel()
         styles = [(line.get_color(), line.get_linestyle()) for line in ax.get_lines()]

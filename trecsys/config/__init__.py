@@ -24,6 +24,7 @@ from trecsys.config.load import (  # noqa: F401
     to_yaml,
 )
 from trecsys.config.schema import (  # noqa: F401
+    CANDIDATE_NAMES,
     STRATEGY_NAMES,
     ColumnConfig,
     DataConfig,

@@ -287,6 +287,11 @@ class ModelConfig:
 # trains, freezes and builds is its row in trecsys/model/strategies.py (which must name exactly these).
 StrategyName = Literal["full", "adaptor", "zero_shot", "scratch", "id_only"]
 STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyName)
+# What `finetune.candidates` may name: the strategies, and `fusion`, the best trained candidate fused
+# with item-kNN and popularity (trecsys/rank/fusion.py). It builds no network of its own, so it needs
+# another candidate and is not a `finetune.strategy`.
+CandidateName = Literal[StrategyName, "fusion"]
+CANDIDATE_NAMES: tuple[str, ...] = STRATEGY_NAMES + ("fusion",)
 
 
 @dataclass
@@ -298,10 +303,11 @@ class FinetuneConfig:
     init_from: str = "pretrain"
     # full: all weights; adaptor: sequence tower frozen, item adaptor and norms trained; zero_shot: no
     # training; scratch: same architecture, random init; id_only: item-ID SASRec on the target alone;
-    # auto: every strategy in `candidates`, the best by validation NDCG@10 is kept.
+    # auto: every strategy in `candidates`, the best by validation NDCG@10 is kept (candidate `fusion`:
+    # the best trained one + item-kNN + popularity, z-scored per user, weights from a small grid on valid).
     strategy: Literal[StrategyName, "auto"] = "auto"
     # The strategies `auto` tries, in this order (a tie on validation keeps the earlier one).
-    candidates: list[StrategyName] = field(default_factory=lambda: list(STRATEGY_NAMES))
+    candidates: list[CandidateName] = field(default_factory=lambda: list(CANDIDATE_NAMES))
     # Add learned target item-ID embeddings to the text item tower (transductive); zero_shot never does.
     item_ids: bool = False
     # L2-SP: add l2sp * ||w - w_pretrained||^2 over the transferred weights to the loss (0 = off).
@@ -323,7 +329,10 @@ class FinetuneConfig:
                 f"config key '{prefix}train_fraction'{where}: expected a fraction in (0, 1], got {self.train_fraction}"
             )
         if not self.candidates:
-            raise ConfigError(f"config key '{prefix}candidates'{where}: name at least one of {', '.join(STRATEGY_NAMES)}")
+            raise ConfigError(f"config key '{prefix}candidates'{where}: name at least one of {', '.join(CANDIDATE_NAMES)}")
+        if self.candidates == ["fusion"]:
+            raise ConfigError(f"config key '{prefix}candidates'{where}: fusion fuses another candidate's model; "
+                              "name one more, e.g. [scratch, fusion]")
         if len(set(self.candidates)) != len(self.candidates):
             raise ConfigError(f"config key '{prefix}candidates'{where}: {self.candidates} names a strategy twice")
         if self.l2sp < 0:

@@ -13,6 +13,7 @@ import torch
 
 from trecsys.model.checkpoint import load_fitting
 from trecsys.prepared.tables import DomainRange, Prepared
+from trecsys.rank.fusion import read_fusion
 from trecsys.rank.rerank import Part, WeightedSum
 from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, Scorer, to_local
 
@@ -22,12 +23,15 @@ BASELINES = (PopularityScorer.name, ItemKNNScorer.name)
 @dataclass
 class Ranker:
     """A checkpoint folder; a baseline (`label` popularity or item-knn) when `checkpoint` is None; or,
-    with `parts`, their weighted sum (trecsys.rank.rerank.WeightedSum). `weight` counts in a fusion."""
+    with `parts`, their weighted sum (trecsys.rank.rerank.WeightedSum). `weight` counts in a fusion.
+    A checkpoint folder with a fusion.json (finetune's `fusion` candidate) ranks as that fusion;
+    `model_only` ranks its network alone (the fusion's own model part)."""
 
     label: str
     checkpoint: Path | None = None
     weight: float = 1.0
     parts: list[Ranker] = field(default_factory=list)
+    model_only: bool = False
 
 
 @dataclass
@@ -45,15 +49,27 @@ class RankingInputs:
     item_text: np.ndarray
     device: torch.device
     user_batch: int
-    item_chunk: int | None = None  # a fusion's item chunk (its per-row statistics); needed with parts
+    item_chunk: int = 65536  # a fusion's item chunk (its per-user statistics are taken chunk by chunk)
+
+
+def fused_ranker(ranker: Ranker, weights: dict[str, float]) -> Ranker:
+    """A saved fusion as rankers: the folder's network, item-kNN and popularity with their weights.
+    The baselines are built from `RankingInputs.counted` like the caller's own baseline rows
+    (evaluate: the train split; recommend: every split)."""
+    parts = [Ranker(ranker.label, ranker.checkpoint, weights["model"], model_only=True),
+             Ranker(ItemKNNScorer.name, weight=weights[ItemKNNScorer.name]),
+             Ranker(PopularityScorer.name, weight=weights[PopularityScorer.name])]
+    return Ranker(ranker.label, weight=ranker.weight, parts=[p for p in parts if p.weight > 0])
 
 
 def make_scorer(ranker: Ranker, inputs: RankingInputs) -> Scorer:
     """The scorer `ranker` names, over `inputs.histories`."""
     domain = inputs.domain
+    if ranker.checkpoint is not None and not ranker.model_only:
+        weights = read_fusion(ranker.checkpoint)
+        if weights is not None:
+            return make_scorer(fused_ranker(ranker, weights), inputs)
     if ranker.parts:
-        if inputs.item_chunk is None:
-            raise ValueError("a fused ranker needs RankingInputs.item_chunk")
         parts = [Part(make_scorer(part, inputs), part.weight) for part in ranker.parts]
         # The sum runs where the models run (the baselines score on the CPU).
         device = next((p.scorer.device for p in parts if p.scorer.device.type != "cpu"), torch.device("cpu"))

@@ -28,6 +28,13 @@ SKIPPED_LOG_KEYS = ("lr", "time", "seconds", "best_step")
 MAX_CURVE_PANELS = 4
 
 
+def protocol(exclude_seen: bool) -> str:
+    """The evaluation rule in words, for every table and plot title: whether the items a user has
+    already interacted with were removed from the ranking (trecsys's default) or ranked like any
+    other (RecBole's sequential rule). The two give very different numbers."""
+    return "seen items excluded" if exclude_seen else "seen items ranked (not excluded)"
+
+
 def headline_k(ks: Sequence[int]) -> int:
     """The K the summaries show: 10 when evaluated, else the nearest."""
     return min(ks, key=lambda k: (abs(k - 10), k))
@@ -67,7 +74,7 @@ def terminal_table(metrics: pd.DataFrame, context: dict) -> str:
     columns = [m for m in ("recall", "ndcg", "mrr", "hit", "coverage") if (runs[0], m) in cells]
     ci = f"95% CI from {context['bootstrap']} bootstrap resamples" if context["bootstrap"] else "no CIs"
     lines = [f"evaluate: target {context['target']!r}, split {context['split']}, {context['n_users']} users, "
-             f"{context['n_items']} items, K={k} ({ci})"]
+             f"{context['n_items']} items, {protocol(context['exclude_seen'])}, K={k} ({ci})"]
     width = max(len(r) for r in runs) + 2
     lines.append("run".ljust(width) + "".join(f"{m}@{k}".ljust(26) for m in columns))
     for run in runs:
@@ -85,8 +92,8 @@ def write_report(path: Path, metrics: pd.DataFrame, comparison: pd.DataFrame, co
         f"# Evaluation: {context['run_dir']}",
         "",
         f"Target domain **{context['target']}**, split **{context['split']}**: {context['n_users']} users with "
-        f"held-out items, full ranking of {context['n_items']} items"
-        f"{', items in the history excluded' if context['exclude_seen'] else ''}. "
+        f"held-out items, full ranking of {context['n_items']} items, "
+        f"**{protocol(context['exclude_seen'])}** (evaluate.exclude_seen: {str(context['exclude_seen']).lower()}). "
         f"Intervals: 95% bootstrap over users ({context['bootstrap']} resamples, seed {context['seed']}).",
         "",
     ]
@@ -168,12 +175,14 @@ def _save(fig, plt, path: Path) -> None:
     plt.close(fig)
 
 
-def write_plots(folder: Path, metrics: pd.DataFrame, run_dirs: Sequence[Path], ks: Sequence[int]) -> list[str]:
-    """Write the PNGs that have data; returns their file names."""
+def write_plots(folder: Path, metrics: pd.DataFrame, run_dirs: Sequence[Path], ks: Sequence[int],
+                exclude_seen: bool = True) -> list[str]:
+    """Write the PNGs that have data; returns their file names. Metric plots name the rule in their title."""
     names = []
-    if plot_metric_curves(metrics, folder / "metrics_at_k.png"):
+    rule = protocol(exclude_seen)
+    if plot_metric_curves(metrics, folder / "metrics_at_k.png", rule):
         names.append("metrics_at_k.png")
-    if plot_slices(metrics, folder / "slices.png", headline_k(ks)):
+    if plot_slices(metrics, folder / "slices.png", headline_k(ks), rule=rule):
         names.append("slices.png")
     if plot_learning_curves(training_logs(run_dirs), folder / "learning_curves.png"):
         names.append("learning_curves.png")
@@ -204,7 +213,7 @@ def training_logs(run_dirs: Sequence[Path]) -> dict[str, Path]:
     return logs
 
 
-def plot_metric_curves(metrics: pd.DataFrame, path: Path) -> bool:
+def plot_metric_curves(metrics: pd.DataFrame, path: Path, rule: str = "") -> bool:
     rows = metrics[(metrics["slice"] == "all") & metrics["metric"].isin(CURVE_METRICS)]
     if rows.empty:
         return False
@@ -223,14 +232,14 @@ def plot_metric_curves(metrics: pd.DataFrame, path: Path) -> bool:
         ax.xaxis.set_minor_locator(plt.NullLocator())  # no "3×10¹" labels between the Ks
         ax.set_xlabel("K (list length)")
         ax.set_ylabel(f"{metric}@K")
-        ax.set_title(f"{metric}@K (95% CI shaded)")
+        ax.set_title(f"{metric}@K (95% CI shaded" + (f"; {rule})" if rule else ")"), fontsize=9)
         ax.grid(alpha=0.3)
     _legend_outside(fig, axes[0][0])
     _save(fig, plt, path)
     return True
 
 
-def plot_slices(metrics: pd.DataFrame, path: Path, k: int, metric: str = "ndcg") -> bool:
+def plot_slices(metrics: pd.DataFrame, path: Path, k: int, metric: str = "ndcg", rule: str = "") -> bool:
     rows = metrics[(metrics["metric"] == metric) & (metrics["k"] == k)]
     if rows.empty:
         return False
@@ -251,7 +260,7 @@ def plot_slices(metrics: pd.DataFrame, path: Path, k: int, metric: str = "ndcg")
                   ha="right", fontsize=8)
     ax.set_xlabel("slice of the users (n = users in it)")
     ax.set_ylabel(f"{metric}@{k}")
-    ax.set_title(f"{metric}@{k} by slice (95% CI)")
+    ax.set_title(f"{metric}@{k} by slice (95% CI" + (f"; {rule})" if rule else ")"), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     _legend_outside(fig, ax)
     _save(fig, plt, path)
@@ -325,7 +334,8 @@ def plot_learning_curves(logs: dict[str, Path], path: Path) -> bool:
         ax.set_xlabel("optimizer step" if x_label == "step" else x_label)
         name = "training loss" if key == "loss" else key.replace("valid/", "validation ")
         ax.set_ylabel(name)
-        ax.set_title(name)
+        # Validation during training always excludes the user's seen items (evaluate's default rule).
+        ax.set_title(name if key == "loss" else f"{name} (seen items excluded)", fontsize=9)
         ax.grid(alpha=0.3)
     # Every label appears in the legend even when its log lacks the first panel's quantity.
     handles = [plt.Line2D([], [], label=label, **series_style(n)) for n, label in enumerate(series)]
@@ -348,7 +358,8 @@ def plot_fewshot(table: pd.DataFrame, path: Path, metric: str = "ndcg", k: int =
         ax.plot(group["train_fraction"], group["value"], label=str(strategy), **series_style(n))
     ax.set_xlabel("fraction of target training data")
     ax.set_ylabel(f"{metric}@{k}")
-    ax.set_title("few-shot: transfer vs target data")
+    rule = f" ({protocol(bool(rows['exclude_seen'].iloc[0]))})" if "exclude_seen" in rows.columns else ""
+    ax.set_title(f"few-shot: transfer vs target data{rule}", fontsize=9)
     ax.grid(alpha=0.3)
     _legend_outside(fig, ax)
     _save(fig, plt, path)

@@ -41,6 +41,7 @@ from trecsys.prepared.tables import PREPARED, Prepared, domain_split, load_prepa
 from trecsys.rank import evaluation as E
 from trecsys.rank import metrics as M
 from trecsys.rank import report
+from trecsys.rank.fusion import FUSION_FILE
 from trecsys.rank.rankers import BASELINES, Ranker, RankingInputs, make_scorer
 from trecsys.rank.scorers import item_counts, to_local
 from trecsys.runtime import Threads, apply_threads, resolve_device
@@ -237,6 +238,8 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], s
     metric_rows, comparison_rows = E.summarise(labels, per_user, topks, ks, n_items, split, ev.bootstrap, cfg.seed)
     metrics_df = pd.DataFrame(metric_rows, columns=list(E.METRICS_COLUMNS))
     comparison_df = pd.DataFrame(comparison_rows, columns=list(E.COMPARISON_COLUMNS))
+    for frame in (metrics_df, comparison_df):  # every row says which rule made it
+        frame.insert(frame.columns.get_loc("split") + 1, "exclude_seen", ev.exclude_seen)
     context = dict(run_dir=str(cfg.run_dir), target=prepared.target, split=split, n_users=len(users.targets),
                    n_items=n_items, ks=ks, exclude_seen=ev.exclude_seen, bootstrap=ev.bootstrap, seed=cfg.seed,
                    cold_item_interactions=ev.cold_item_interactions, history_buckets=ev.history_buckets,
@@ -244,13 +247,15 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], s
     run_dirs = [Path(cfg.run_dir), *{s.checkpoint.parent for s in systems if s.checkpoint is not None}]
     final = Path(cfg.run_dir) / EVAL
     with stage_output(final) as out:
-        meta = {"split": split, "target": prepared.target}
+        meta = {"split": split, "target": prepared.target, "exclude_seen": str(ev.exclude_seen).lower()}
         write_parquet(pa.Table.from_pandas(metrics_df, preserve_index=False), out / "metrics.parquet", meta)
         write_parquet(pa.Table.from_pandas(comparison_df, preserve_index=False), out / "comparison.parquet", meta)
-        plots = report.write_plots(out, metrics_df, run_dirs, ks)
+        plots = report.write_plots(out, metrics_df, run_dirs, ks, ev.exclude_seen)
         report.write_report(out / "report.md", metrics_df, comparison_df, context, plots)
         inputs = prepared_file_inputs(prepared)
         inputs += [describe_file(s.checkpoint / WEIGHTS) for s in systems if s.checkpoint is not None]
+        inputs += [describe_file(s.checkpoint / FUSION_FILE) for s in systems
+                   if s.checkpoint is not None and (s.checkpoint / FUSION_FILE).is_file()]
         write_manifest(out, EVALUATE.name, to_dict(cfg), inputs, {"context": context})
     print(report.terminal_table(metrics_df, context))
     log(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots; {threads.line()}")

@@ -38,6 +38,7 @@ from trecsys.model.checkpoint import (
     checkpoint_files,
     checkpoint_folder,
     is_checkpoint,
+    load_checkpoint,
     load_named,
     save_checkpoint,
     trained_on,
@@ -48,6 +49,8 @@ from trecsys.model.strategies import Candidate, build_candidate, l2sp_penalty, t
 from trecsys.prepared.context import TargetSequences, target_sequences
 from trecsys.prepared.identity import prepared_input
 from trecsys.prepared.tables import Prepared, load_prepared, seen_items
+from trecsys.rank.fusion import FUSION_FILE, choose_weights
+from trecsys.rank.scorers import ModelScorer, to_local
 from trecsys.rank.validation import EvalCase, make_ranker
 from trecsys.runtime import Threads, apply_threads
 from trecsys.stage_table import FINETUNE
@@ -59,8 +62,10 @@ from trecsys.train.next_item import ce_loss_fn, domain_windows, window_train_dat
 STAGE, OUTPUT = FINETUNE.name, FINETUNE.folder
 WORK = ".finetune.work"
 TRAIN_KEY = "finetune.train"
+FUSION = "fusion"  # the candidate that fuses the best trained one with item-kNN and popularity
 RESULT = "result.json"  # a finished candidate's summary in its work folder (a resume skips it)
 NOT_TRAINED = "not_trained"  # `stopped` of a strategy that does not train (zero_shot): only validated
+FUSED = "fused"  # `stopped` of the fusion candidate: its network is another candidate's, not trained again
 
 
 @dataclass
@@ -126,7 +131,8 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
         check_prepared(prepared, cfg)
         domain = check_target(prepared, cfg)
         strategies = list(ft.candidates) if ft.strategy == "auto" else [ft.strategy]
-        init, init_dir = init_model(cfg, prepared, strategies, verify)
+        trained = [s for s in strategies if s != FUSION]  # fusion builds on them, after them
+        init, init_dir = init_model(cfg, prepared, trained, verify)
         base = init.config if init is not None else cfg.model
         seqs = target_sequences(prepared, ft.history)
         train_users = seqs.training_users(ft.train_fraction, cfg.seed)
@@ -145,12 +151,15 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
         # history all_domains the source items read as context): other items are ranked by text.
         id_items = seen_items(seqs.train[u] for u in train_users)
         results = []
-        for strategy in strategies:
+        for strategy in trained:
             candidate = build_candidate(strategy, init, base, torch.from_numpy(prepared.embeddings),
                                         prepared.n_items, ft.item_ids, cfg.seed, id_items)
             results.append(run_candidate(candidate, cfg, seqs, train_users, validate, work / strategy,
                                          {**context, "strategy": strategy}, init_dir, resume, dist,
                                          on_log=lambda record, s=strategy: tracker.log_training(record, s)))
+        if FUSION in strategies and dist.is_main:
+            results.append(run_fusion(results, cfg, prepared, seqs, work, dist.device))
+            results.sort(key=lambda r: strategies.index(r.strategy))  # a tie keeps the earlier candidate
         if dist.is_main:
             chosen = choose(results)
             write_output(out, work, cfg, prepared, results, chosen, init_dir, seqs, train_users)
@@ -230,6 +239,35 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
     return result
 
 
+def run_fusion(results: list[CandidateResult], cfg: ExperimentConfig, prepared: Prepared,
+               seqs: TargetSequences, work: Path, device: torch.device) -> CandidateResult:
+    """The `fusion` candidate: the best trained candidate's scores + item-kNN + popularity (the
+    baselines `trec evaluate` prints, from every target user's train split), weights chosen on
+    validation (trecsys/rank/fusion.py). Its folder is the base model's plus fusion.json."""
+    t0 = time.perf_counter()
+    base = choose(results)
+    base_dir = work / base.strategy / "best"
+    model, _ = load_checkpoint(base_dir, map_location=device)
+    domain = seqs.domain
+    histories = seqs.histories["valid"]
+    scorer = ModelScorer(model, histories, domain, prepared.embeddings, device,
+                         user_batch=cfg.finetune.train.eval_user_batch)
+    weights, grid = choose_weights(scorer, to_local(seqs.train, domain), to_local(histories, domain),
+                                   to_local(seqs.targets["valid"], domain), domain.n_items)
+    best = next(row for row in grid if all(row[c] == weights[c] for c in weights))
+    valid = {k: v for k, v in best.items() if "@" in k}
+    with stage_output(work / FUSION / "best") as folder:
+        for name, source in checkpoint_files(base_dir).items():
+            shutil.copy2(source, folder / name)
+        write_json(folder / FUSION_FILE, {"weights": weights, "base": base.strategy,
+                                          "chosen_by": f"valid {MONITOR}", "grid": grid})
+    shutil.copy2(work / base.strategy / LOG, work / FUSION / LOG)
+    log(f"{STAGE}: fusion of {base.strategy} + item-knn + popularity, weights {weights} "
+        f"(valid {metrics_line(valid)}; {base.strategy} alone {base.valid.get(MONITOR, float('nan')):.4f})")
+    return CandidateResult(FUSION, valid, base.best_step, base.steps, FUSED, base.n_parameters, 0,
+                           round(time.perf_counter() - t0, 3))
+
+
 def choose(results: list[CandidateResult]) -> CandidateResult:
     """The best validation NDCG@10; a tie keeps the earlier candidate (candidates order)."""
     best = results[0]
@@ -242,10 +280,10 @@ def choose(results: list[CandidateResult]) -> CandidateResult:
 def write_output(out: Path, work: Path, cfg: ExperimentConfig, prepared: Prepared, results: list[CandidateResult],
                  chosen: CandidateResult, init_dir: Path | None, seqs: TargetSequences,
                  train_users: np.ndarray) -> None:
-    files = {**checkpoint_files(work / chosen.strategy / "best"), LOG: work / chosen.strategy / LOG}
+    files = {**model_files(work / chosen.strategy / "best"), LOG: work / chosen.strategy / LOG}
     if len(results) > 1:
         for r in results:
-            files.update(checkpoint_files(work / r.strategy / "best", f"candidates/{r.strategy}/"))
+            files.update(model_files(work / r.strategy / "best", f"candidates/{r.strategy}/"))
             files[f"candidates/{r.strategy}/{LOG}"] = work / r.strategy / LOG
     inputs = [prepared_input(prepared, Path(cfg.run_dir))]
     if init_dir is not None:
@@ -259,6 +297,14 @@ def write_output(out: Path, work: Path, cfg: ExperimentConfig, prepared: Prepare
         timings_s={"train": round(sum(r.train_s for r in results), 3)},
         n_trainable_by_part=chosen.trainable_by_part,
     ).to_json())
+
+
+def model_files(folder: Path, prefix: str = "") -> dict[str, Path]:
+    """A candidate's checkpoint files, with fusion.json when it is the fused model."""
+    files = checkpoint_files(folder, prefix)
+    if (folder / FUSION_FILE).is_file():
+        files[f"{prefix}{FUSION_FILE}"] = folder / FUSION_FILE
+    return files
 
 
 def summary_table(results: list[CandidateResult], chosen: CandidateResult, target: str) -> str:
