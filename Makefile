@@ -9,7 +9,7 @@ STAMP := $(VENV)/.trecsys-installed
 # 2.13.0 is the build CI machines install from local disk in seconds; other specs download gigabytes.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench bench-scale study lint clean
+.PHONY: install test test-fast demo bench bench-scale bench-quality study lint clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ bench: install
 # stage. N = 1M by default; SCALE="--n 1e7" when the machine is otherwise idle. See README "At scale".
 bench-scale: install
 	$(PY) scripts/bench_scale.py $(SCALE)
+
+# Quality tables per dataset (popularity, item-kNN, RecBole SASRec when RECBOLE_PYTHON is set, trecsys
+# scratch/transfer/fusion and what `auto` keeps), both evaluation rules, 95% CIs; the schedule is an
+# option: BENCH_QUALITY="--schedule full --datasets office".
+bench-quality: install
+	$(PY) scripts/bench_quality.py $(BENCH_QUALITY)
 
 # Transfer study on the shared Kitchen→Food data (skips when absent): one table of test NDCG@10 and
 # Recall@10 per variant in runs/kitchen_to_food/study/. CPU-sized caps; e.g. STUDY="--epochs 20 device=cuda".

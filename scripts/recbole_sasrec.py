@@ -1,19 +1,25 @@
-"""RecBole 1.2.1's SASRec on ml-100k, timed per training epoch: the other side of `bench_ml100k.py`.
+"""RecBole 1.2.1's SASRec on one dataset: the anchor of `bench_ml100k.py` and `bench_quality.py`.
 
 Runs in RecBole's own virtual environment (it pins numpy 1.23 and friends; see
 ../shared/design/PERFORMANCE.md), never imports trecsys, and prints one JSON line. Settings are
-RecBole's SASRec defaults with the protocol of the comparison: leave-one-out by time, full ranking,
-CE loss, 2 blocks × 64 dims × 2 heads, 50 items of history, batch 2048.
+RecBole's SASRec defaults with the protocol of the comparison: leave-one-out by time (the last item
+is test, the one before valid), full ranking, CE loss, 2 blocks × 64 dims × 2 heads, 50 items of
+history, batch 2048.
 
-    RECBOLE_PYTHON scripts/recbole_sasrec.py DATA_PATH EPOCHS WORK_DIR
+    RECBOLE_PYTHON scripts/recbole_sasrec.py DATA_PATH EPOCHS WORK_DIR [--dataset ml-100k] [--lists OUT.json]
 
-DATA_PATH holds `ml-100k/ml-100k.inter`. EPOCHS 1 times one epoch; more trains with RecBole's
-validation-based early stopping (patience 10) and reports its test NDCG@10 and Recall@10.
+DATA_PATH holds `<dataset>/<dataset>.inter`. EPOCHS 1 times one epoch; more trains with RecBole's
+validation-based early stopping (patience 10) within EPOCHS and reports test NDCG@10 and Recall@10
+under both rules: `seen_ranked` (RecBole's own sequential evaluation: items the user already has are
+ranked like any other) and `exclude_seen` (those items masked, trecsys's default). --lists writes
+each test user's top-50 items under both rules ({rule: {user token: [item tokens]}}), so the caller
+can compute every metric, interval and paired difference with its own code.
 """
 
+import argparse
 import json
+import math
 import os
-import sys
 import time
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RecBole's checkpoints pickle its Config
@@ -23,10 +29,18 @@ from recbole.config import Config  # noqa: E402
 from recbole.data import create_dataset, data_preparation  # noqa: E402
 from recbole.utils import get_model, get_trainer, init_seed  # noqa: E402
 
-data_path, epochs, work_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-config = Config(model="SASRec", dataset="ml-100k", config_dict={
-    "data_path": data_path, "checkpoint_dir": work_dir, "epochs": epochs, "stopping_step": 10,
+parser = argparse.ArgumentParser()
+parser.add_argument("data_path")
+parser.add_argument("epochs", type=int)
+parser.add_argument("work_dir")
+parser.add_argument("--dataset", default="ml-100k")
+parser.add_argument("--lists", default=None)
+args = parser.parse_args()
+
+config = Config(model="SASRec", dataset=args.dataset, config_dict={
+    "data_path": args.data_path, "checkpoint_dir": args.work_dir, "epochs": args.epochs, "stopping_step": 10,
     "train_batch_size": 2048, "eval_batch_size": 4096, "loss_type": "CE", "train_neg_sample_args": None,
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
     "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
     "metrics": ["Recall", "NDCG"], "topk": [10], "valid_metric": "NDCG@10",
     "hidden_size": 64, "inner_size": 256, "n_layers": 2, "n_heads": 2, "MAX_ITEM_LIST_LENGTH": 50,
@@ -41,7 +55,47 @@ torch.autograd.set_detect_anomaly(False)
 trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
 
 result = {"threads": torch.get_num_threads(), "training_sequences": len(train.dataset)}
-if epochs == 1:
+
+
+def test_lists(k=50):
+    """Each test user's top-k under both rules, from the best model's full-sort scores. A user's
+    history (exclude_seen) is every item of theirs but the held-out test one, in full, not only the
+    50 the model reads."""
+    uid, iid = dataset.uid_field, dataset.iid_field
+    users = dataset.inter_feat[uid].numpy()
+    items = dataset.inter_feat[iid].numpy()
+    times = dataset.inter_feat[dataset.time_field].numpy()
+    by_user = {}
+    for u, i, t in zip(users, items, times, strict=True):
+        by_user.setdefault(int(u), []).append((float(t), int(i)))
+    seen = {u: {i for _, i in sorted(rows)[:-1]} for u, rows in by_user.items()}
+    model.eval()
+    lists = {"seen_ranked": {}, "exclude_seen": {}}
+    hits = {"seen_ranked": [], "exclude_seen": []}
+    with torch.no_grad():
+        for interaction, _, _, _ in test:
+            scores = model.full_sort_predict(interaction.to(config["device"])).view(len(interaction), -1)
+            scores[:, 0] = -math.inf  # RecBole's padding item
+            batch_users = interaction[uid].tolist()
+            targets = interaction[iid].tolist()
+            for rule in lists:
+                ranked = scores.clone()
+                if rule == "exclude_seen":
+                    for row, u in enumerate(batch_users):
+                        ranked[row, list(seen[u])] = -math.inf
+                top = torch.topk(ranked, min(k, ranked.shape[1] - 1), dim=1).indices.tolist()
+                for u, target, row in zip(batch_users, targets, top, strict=True):
+                    lists[rule][dataset.id2token(uid, u)] = [str(x) for x in dataset.id2token(iid, row)]
+                    rank = row.index(target) if target in row[:10] else None
+                    hits[rule].append((rank is not None, 0.0 if rank is None else 1.0 / math.log2(rank + 2)))
+    for rule, rows in hits.items():
+        result[f"{rule}.test_recall@10"] = sum(h for h, _ in rows) / len(rows)
+        result[f"{rule}.test_ndcg@10"] = sum(g for _, g in rows) / len(rows)
+    result["test_users"] = len(hits["seen_ranked"])
+    return lists
+
+
+if args.epochs == 1:
     started = time.perf_counter()
     trainer._train_epoch(train, 0, show_progress=False)
     result["s_per_epoch"] = time.perf_counter() - started
@@ -51,7 +105,10 @@ else:
     trainer.fit(train, valid, saved=True, show_progress=False)
     result["train_s"] = time.perf_counter() - started
     result["epochs"] = len(trainer.train_loss_dict)
-    test_result = trainer.evaluate(test, load_best_model=True, show_progress=False)
-    result["test_ndcg@10"] = float(test_result["ndcg@10"])
-    result["test_recall@10"] = float(test_result["recall@10"])
+    own = trainer.evaluate(test, load_best_model=True, show_progress=False)
+    result["recbole_own.test_ndcg@10"] = float(own["ndcg@10"])  # RecBole's evaluator (seen items ranked)
+    lists = test_lists()
+    if args.lists:
+        with open(args.lists, "w") as f:
+            json.dump(lists, f)
 print(json.dumps(result))

@@ -1,0 +1,311 @@
+"""Quality benchmark (`make bench-quality`): per dataset, one table per evaluation rule with the simple
+baselines, RecBole's SASRec, trecsys's candidates and what `auto` keeps, on the same test users.
+
+For each dataset: `trec prepare` (reused when the run folder has it), `trec pretrain-source` when the
+dataset has a source domain, `trec finetune-target` with `auto` over the dataset's candidates
+(scratch, transfer `full` when there is a source, `fusion`), chosen on validation; then every row is
+ranked on the test split with the code `trec evaluate` uses (stages.evaluate.make_scorer, the exact
+chunked top-K, the tie rule), under both rules:
+  exclude_seen  items the user already has are never ranked (trecsys's default),
+  seen_ranked   they are ranked like any other item (RecBole's sequential evaluation).
+RecBole 1.2.1 SASRec runs live in its own environment (RECBOLE_PYTHON or --recbole-python; see
+../shared/design/PERFORMANCE.md) on the prepared target domain, exported with each user's prepared
+order as the timestamp, so its leave-one-out split is the same; its top-50 lists are scored here
+with the same metric code. Without that environment its row says "not measured".
+
+Rows: NDCG@10, Recall@10, NDCG@50 with 95% bootstrap CIs over users (--bootstrap resamples), and
+the paired difference (kept − best other row by NDCG@10, same resamples) with its CI.
+
+Schedules (--schedule; the tables say which ran):
+  quick  finetune ≤ 10 epochs (patience 3), pretrain ≤ 4 epochs (patience 2), RecBole ≤ 5 epochs:
+         fits a shared 2-core machine; models are under-trained, RecBole most of all.
+  full   every config's own epochs; RecBole ≤ 50 epochs with its early stopping (patience 10).
+
+    python scripts/bench_quality.py [--datasets ml-100k,office,kitchen_to_food] [--schedule quick]
+        [--recbole-python PATH] [--bootstrap 1000] [--out runs/bench_quality]
+
+Writes <out>/<dataset>/quality.md and quality.parquet and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_ml100k import find_ml100k  # noqa: E402
+
+from trecsys.artifacts import read_json  # noqa: E402
+from trecsys.prepared.tables import load_prepared  # noqa: E402
+from trecsys.rank import metrics as M  # noqa: E402
+from trecsys.rank.report import protocol  # noqa: E402
+from trecsys.stages.evaluate import System, eval_users, make_scorer  # noqa: E402
+
+RULES = {"exclude_seen": True, "seen_ranked": False}
+KS = (10, 50)
+SHOWN = ("ndcg@10", "recall@10", "ndcg@50")
+SCHEDULES = {
+    "quick": {"finetune": ["finetune.train.epochs=10", "finetune.train.patience=3"],
+              "pretrain": ["pretrain.train.epochs=4", "pretrain.train.patience=2"], "recbole_epochs": 5},
+    "full": {"finetune": [], "pretrain": [], "recbole_epochs": 50},
+}
+
+
+@dataclass
+class Dataset:
+    name: str
+    config: str
+    candidates: list[str]
+    overrides: list[str] = field(default_factory=list)
+    has_source: bool = False
+
+
+def datasets(recbole_python: str | None) -> dict[str, Dataset | str]:
+    """Each benchmark dataset, or why it cannot run here."""
+    out: dict[str, Dataset | str] = {}
+    ml = find_ml100k(None, recbole_python)
+    out["ml-100k"] = (Dataset("ml-100k", "configs/ml100k_sasrec.yaml", ["scratch", "fusion"],
+                              [f"data.root={ml}", "finetune.strategy=auto"]) if ml else
+                      "ml-100k not found (set RECBOLE_PYTHON or TRECSYS_ML100K)")
+    office = REPO.parent / "shared" / "data" / "amazon2014_office"
+    office = office if office.is_dir() else Path("/work/shared/data/amazon2014_office")
+    out["office"] = (Dataset("office", "configs/office2014.yaml", ["scratch", "id_only", "fusion"],
+                             [f"data.root={office}"]) if office.is_dir() else f"{office} not found")
+    k2f = office.parent / "amazon_food_kitchen"
+    out["kitchen_to_food"] = (Dataset("kitchen_to_food", "configs/kitchen_to_food.yaml",
+                                      ["full", "scratch", "fusion"], [f"data.root={k2f}"], has_source=True)
+                              if k2f.is_dir() else f"{k2f} not found")
+    return out
+
+
+def trec(*args: str) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "trecsys", *args], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"bench_quality: `trec {' '.join(args[:1])}` failed ({done.returncode}): {tail}")
+    return time.perf_counter() - started
+
+
+def train(ds: Dataset, run_dir: Path, schedule: dict, retrain: bool) -> dict[str, float]:
+    """prepare (reused), pretrain when there is a source, finetune auto over the candidates."""
+    base = ["-c", ds.config, f"run_dir={run_dir}", *ds.overrides]
+    seconds = {}
+    if not (run_dir / "prepared" / "manifest.json").is_file():
+        seconds["prepare"] = trec("prepare", *base)
+    if ds.has_source and (retrain or not (run_dir / "pretrain" / "manifest.json").is_file()):
+        seconds["pretrain"] = trec("pretrain-source", *base, *schedule["pretrain"])
+    if retrain or not (run_dir / "finetune" / "manifest.json").is_file():
+        candidates = "finetune.candidates=[" + ", ".join(ds.candidates) + "]"
+        seconds["finetune"] = trec("finetune-target", *base, "finetune.strategy=auto", candidates,
+                                   *schedule["finetune"])
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# RecBole
+
+
+def export_for_recbole(prepared, folder: Path, name: str) -> None:
+    """The target domain's interactions as a RecBole atomic file; the timestamp is each row's
+    position in prepared order, so RecBole's leave-one-out (by time) holds out the same items."""
+    rows = prepared.interactions
+    rows = rows[rows["domain"] == prepared.target]
+    order = {"train": 0, "valid": 1, "test": 2}
+    rows = rows.assign(_split=rows["split"].map(order), _pos=np.arange(len(rows)))
+    rows = rows.sort_values(["user_idx", "_split", "_pos"], kind="stable")
+    items = prepared.items.set_index("item_idx")["item_id"]
+    table = pd.DataFrame({"user_id:token": rows["user_id"].astype(str).to_numpy(),
+                          "item_id:token": items.loc[rows["item_idx"]].astype(str).to_numpy(),
+                          "timestamp:float": np.arange(len(rows), dtype=np.int64)})
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / name / f"{name}.inter", sep="\t", index=False)
+
+
+def run_recbole(python: str, prepared, epochs: int) -> tuple[dict, dict]:
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        export_for_recbole(prepared, work / "data", "bench")
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        started = time.perf_counter()
+        done = subprocess.run([python, str(REPO / "scripts" / "recbole_sasrec.py"), str(work / "data"), str(epochs),
+                               str(work / "ckpt"), "--dataset", "bench", "--lists", str(work / "lists.json")],
+                              capture_output=True, text=True, cwd=work, env=env)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise SystemExit(f"bench_quality: RecBole failed ({done.returncode}): {tail}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["wall_s"] = time.perf_counter() - started
+        return result, json.loads((work / "lists.json").read_text())
+
+
+def recbole_topk(lists: dict[str, list[str]], prepared, users, k: int) -> tuple[np.ndarray, int]:
+    """RecBole's lists as catalogue-local indices for the evaluated users (-1 where it ranked none)."""
+    domain = prepared.domain(prepared.target)
+    items = prepared.items
+    items = items[(items["item_idx"] >= domain.item_start) & (items["item_idx"] < domain.item_stop)]
+    local = dict(zip(items["item_id"].astype(str), items["item_idx"] - domain.item_start, strict=True))
+    user_ids = prepared.interactions.drop_duplicates("user_idx").set_index("user_idx")["user_id"].astype(str)
+    topk = np.full((len(users.user_idx), k), -1, dtype=np.int64)
+    missing = 0
+    for row, u in enumerate(users.user_idx):
+        ranked = lists.get(user_ids[u])
+        if ranked is None:
+            missing += 1
+            continue
+        ranked = [local[i] for i in ranked[:k] if i in local]
+        topk[row, :len(ranked)] = ranked
+    return topk, missing
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def per_user(topk: np.ndarray, users) -> dict[str, np.ndarray]:
+    values = M.ranking_metrics(topk, users.targets, ks=KS)
+    return {key: values[key] for key in SHOWN}
+
+
+def ci(values: np.ndarray, n: int, seed: int) -> tuple[float, float, float]:
+    point = float(np.nanmean(values))
+    if not n:
+        return point, float("nan"), float("nan")
+    low, high = M.percentile_interval(M.bootstrap_means(values[:, None], n, seed))
+    return point, float(low[0]), float(high[0])
+
+
+def table_for_rule(rows: dict[str, dict[str, np.ndarray]], kept: str | None, n_boot: int, seed: int
+                   ) -> tuple[pd.DataFrame, dict]:
+    keep = ~np.isnan(next(iter(rows.values()))["ndcg@10"])
+    records = []
+    for name, values in rows.items():
+        record = {"row": name}
+        for key in SHOWN:
+            record[key], record[f"{key}_low"], record[f"{key}_high"] = ci(values[key][keep], n_boot, seed)
+        records.append(record)
+    frame = pd.DataFrame(records)
+    paired = {}
+    if kept in rows:
+        others = frame[frame["row"] != kept].sort_values("ndcg@10", ascending=False)
+        best = others["row"].iloc[0]
+        delta = rows[kept]["ndcg@10"][keep] - rows[best]["ndcg@10"][keep]
+        point, low, high = ci(delta, n_boot, seed)
+        reference = float(np.nanmean(rows[best]["ndcg@10"][keep]))
+        paired = {"kept": kept, "best_other": best, "delta": point, "low": low, "high": high,
+                  "relative": point / reference if reference else float("nan")}
+    return frame, paired
+
+
+def markdown(frame: pd.DataFrame, paired: dict, title: str) -> str:
+    lines = [f"#### {title}", "", "| row | " + " | ".join(f"{k} [95% CI]" for k in SHOWN) + " |",
+             "|---|" + "---|" * len(SHOWN)]
+    for r in frame.rename(columns=lambda c: c.replace("@", "_at_")).itertuples(index=False):
+        cells, row = [], {k.replace("_at_", "@"): v for k, v in r._asdict().items()}
+        for key in SHOWN:
+            value, low, high = row[key], row[f"{key}_low"], row[f"{key}_high"]
+            cells.append("not measured" if np.isnan(value) else
+                         f"{value:.4f} [{low:.4f}, {high:.4f}]" if not np.isnan(low) else f"{value:.4f}")
+        lines.append(f"| {r.row} | " + " | ".join(cells) + " |")
+    if paired:
+        lines += ["", f"Paired NDCG@10, kept `{paired['kept']}` − best other `{paired['best_other']}`: "
+                      f"{paired['delta']:+.4f} [{paired['low']:+.4f}, {paired['high']:+.4f}] "
+                      f"({paired['relative']:+.1%} of the other row); goal ≥ +10% with the CI above 0: "
+                      f"{'met' if paired['relative'] >= 0.10 and paired['low'] > 0 else 'not met'}."]
+    return "\n".join(lines)
+
+
+def bench_dataset(ds: Dataset, out: Path, args) -> str:
+    run_dir = out / ds.name
+    schedule = SCHEDULES[args.schedule]
+    seconds = train(ds, run_dir, schedule, args.retrain)
+    prepared = load_prepared(run_dir)
+    manifest = read_json(run_dir / "finetune" / "manifest.json")
+    kept = manifest["chosen"]
+    recbole = lists = None
+    missing = 0
+    if args.recbole_python:
+        recbole, lists = run_recbole(args.recbole_python, prepared, args.recbole_epochs or schedule["recbole_epochs"])
+    users = eval_users(prepared, "test")
+    n_items = prepared.domain(prepared.target).n_items
+    systems = [System("popularity"), System("item-knn")]
+    candidates = run_dir / "finetune" / "candidates"
+    names = sorted(p.name for p in candidates.iterdir()) if candidates.is_dir() else [kept]
+    for name in names:
+        folder = candidates / name if candidates.is_dir() else run_dir / "finetune"
+        label = {"full": "trecsys transfer (full)", "scratch": "trecsys scratch"}.get(name, f"trecsys {name}")
+        systems.append(System(label + (" ← auto keeps" if name == kept else ""), folder))
+    depth = max(KS)
+    parts, tables = [], []
+    for rule, exclude in RULES.items():
+        rows: dict[str, dict[str, np.ndarray]] = {}
+        for system in systems:
+            scorer = make_scorer(system, prepared, users, n_items, "cpu", 1024)
+            _, topk = M.full_ranking_topk(scorer.score_chunk, len(users.targets), n_items, depth,
+                                          exclude=users.histories if exclude else None)
+            rows[system.label] = per_user(topk.numpy(), users)
+        label = f"RecBole SASRec ({recbole['epochs']} epochs)" if recbole else "RecBole SASRec"
+        if lists is not None:
+            topk, missing = recbole_topk(lists[rule], prepared, users, depth)
+            rows[label] = per_user(topk, users)
+        else:
+            rows[label] = {key: np.full(len(users.targets), np.nan) for key in SHOWN}
+        kept_label = next(s.label for s in systems if s.label.endswith("auto keeps"))
+        frame, paired = table_for_rule(rows, kept_label, args.bootstrap, args.seed)
+        frame.insert(0, "exclude_seen", exclude)
+        frame.insert(0, "dataset", ds.name)
+        tables.append(frame)
+        parts.append(markdown(frame, paired, f"{ds.name}: test, {protocol(exclude)}"))
+    pd.concat(tables).to_parquet(run_dir / "quality.parquet", index=False)
+    budget = (f"schedule `{args.schedule}` ({' '.join(schedule['finetune'] + schedule['pretrain']) or 'config epochs'}); "
+              f"{len(users.targets):,} test users, {n_items:,} items; bootstrap {args.bootstrap}; "
+              f"trained here: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items()) or 'reused'}; "
+              f"finetune candidates {', '.join(ds.candidates)} (kept `{kept}` on validation)")
+    if recbole:
+        budget += (f"; RecBole: {recbole['epochs']} epochs (at most {args.recbole_epochs or schedule['recbole_epochs']}), "
+                   f"{recbole['wall_s']:.0f} s, {recbole['threads']} thread(s), no list for {missing:,} of our test users; "
+                   f"its own evaluator {recbole['recbole_own.test_ndcg@10']:.4f} NDCG@10 (seen ranked)")
+    else:
+        budget += "; RecBole: not measured (no RECBOLE_PYTHON)"
+    text = f"### {ds.name}\n\n{budget}.\n\n" + "\n\n".join(parts) + "\n"
+    (run_dir / "quality.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="ml-100k,office,kitchen_to_food")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="quick")
+    parser.add_argument("--recbole-python", default=os.environ.get("RECBOLE_PYTHON"))
+    parser.add_argument("--recbole-epochs", type=int, default=0, help="0: the schedule's")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--retrain", action="store_true", help="train again even when the run folder has models")
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench_quality"))
+    args = parser.parse_args()
+    available = datasets(args.recbole_python)
+    out = Path(args.out)
+    for name in args.datasets.split(","):
+        ds = available.get(name.strip(), f"unknown dataset (one of {', '.join(available)})")
+        if isinstance(ds, str):
+            print(f"### {name}\n\nskipped: {ds}\n")
+            continue
+        print(bench_dataset(ds, out, args), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
