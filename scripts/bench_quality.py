@@ -181,6 +181,8 @@ def per_user(topk: np.ndarray, users) -> dict[str, np.ndarray]:
 
 
 def ci(values: np.ndarray, n: int, seed: int) -> tuple[float, float, float]:
+    if np.isnan(values).all():  # a row that was not measured
+        return float("nan"), float("nan"), float("nan")
     point = float(np.nanmean(values))
     if not n:
         return point, float("nan"), float("nan")
@@ -296,6 +298,7 @@ def main() -> int:
     parser.add_argument("--retrain", action="store_true", help="train again even when the run folder has models")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench_quality"))
     args = parser.parse_args()
+    args.recbole_python = args.recbole_python or None  # "" (an unset make variable) means none
     available = datasets(args.recbole_python)
     out = Path(args.out)
     for name in args.datasets.split(","):
