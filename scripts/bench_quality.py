@@ -4,7 +4,7 @@ baselines, RecBole's SASRec, trecsys's candidates and what `auto` keeps, on the 
 For each dataset: `trec prepare` (reused when the run folder has it), `trec pretrain-source` when the
 dataset has a source domain, `trec finetune-target` with `auto` over the dataset's candidates
 (scratch, transfer `full` when there is a source, `fusion`), chosen on validation; then every row is
-ranked on the test split with the code `trec evaluate` uses (stages.evaluate.make_scorer, the exact
+ranked on the test split with the code `trec evaluate` uses (rank.rankers.make_scorer, the exact
 chunked top-K, the tie rule), under both rules:
   exclude_seen  items the user already has are never ranked (trecsys's default),
   seen_ranked   they are ranked like any other item (RecBole's sequential evaluation).
@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,7 +53,8 @@ from trecsys.artifacts import read_json  # noqa: E402
 from trecsys.prepared.tables import load_prepared  # noqa: E402
 from trecsys.rank import metrics as M  # noqa: E402
 from trecsys.rank.report import protocol  # noqa: E402
-from trecsys.stages.evaluate import System, eval_users, make_scorer  # noqa: E402
+from trecsys.rank.rankers import Ranker, make_scorer  # noqa: E402
+from trecsys.stages.evaluate import eval_users, ranking_inputs  # noqa: E402
 
 RULES = {"exclude_seen": True, "seen_ranked": False}
 KS = (10, 50)
@@ -243,19 +245,20 @@ def bench_dataset(ds: Dataset, out: Path, args) -> str:
         recbole, lists = run_recbole(args.recbole_python, prepared, args.recbole_epochs or schedule["recbole_epochs"])
     users = eval_users(prepared, "test")
     n_items = prepared.domain(prepared.target).n_items
-    systems = [System("popularity"), System("item-knn")]
+    systems = [Ranker("popularity"), Ranker("item-knn")]
     candidates = run_dir / "finetune" / "candidates"
     names = sorted(p.name for p in candidates.iterdir()) if candidates.is_dir() else [kept]
     for name in names:
         folder = candidates / name if candidates.is_dir() else run_dir / "finetune"
         label = {"full": "trecsys transfer (full)", "scratch": "trecsys scratch"}.get(name, f"trecsys {name}")
-        systems.append(System(label + (" ← auto keeps" if name == kept else ""), folder))
+        systems.append(Ranker(label + (" ← auto keeps" if name == kept else ""), folder))
     depth = max(KS)
+    inputs = ranking_inputs(prepared, users, torch.device("cpu"), 1024, 65536)
     parts, tables = [], []
     for rule, exclude in RULES.items():
         rows: dict[str, dict[str, np.ndarray]] = {}
         for system in systems:
-            scorer = make_scorer(system, prepared, users, n_items, "cpu", 1024)
+            scorer = make_scorer(system, inputs)
             _, topk = M.full_ranking_topk(scorer.score_chunk, len(users.targets), n_items, depth,
                                           exclude=users.histories if exclude else None)
             rows[system.label] = per_user(topk.numpy(), users)

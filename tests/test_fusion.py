@@ -4,6 +4,7 @@ saved folder, and that `trec evaluate` and `trec recommend` rank with it unchang
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ from typer.testing import CliRunner
 from trecsys.artifacts import read_parquet
 from trecsys.cli import app
 from trecsys.config import load_config
+from trecsys.errors import ArtifactError
 from trecsys.model.checkpoint import load_checkpoint
 from trecsys.prepared.context import target_sequences
 from trecsys.prepared.tables import load_prepared
-from trecsys.rank.fusion import GRID, choose_weights
+from trecsys.rank.fusion import GRID, choose_weights, clear_gain, read_fusion
 from trecsys.rank.metrics import full_ranking_topk, ranking_metrics
 from trecsys.rank.rankers import Ranker, RankingInputs, fused_ranker, make_scorer
 from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, to_local
@@ -95,7 +97,9 @@ def test_weights_are_the_best_grid_point_on_validation(fused_run):
     scorer = ModelScorer(model, histories, domain, prepared.embeddings, torch.device("cpu"))
     weights, grid = choose_weights(scorer, to_local(seqs.train, domain), to_local(histories, domain),
                                    to_local(seqs.targets["valid"], domain), domain.n_items, user_batch=7)
-    assert len(grid) == len(GRID) and max(r["ndcg@10"] for r in grid) == grid[GRID.index(tuple(weights.values()))]["ndcg@10"]
+    chosen = GRID.index(tuple(weights.values()))
+    # The best grid point, or the model alone when the best one's gain is within one standard error.
+    assert len(grid) == len(GRID) and chosen in (0, max(range(len(grid)), key=lambda g: (grid[g]["ndcg@10"], -g)))
     # The grid's (model alone) point is the candidate's own validation score, as auto measured it.
     rank = make_ranker([EvalCase("Food", domain, histories, seqs.targets["valid"])], prepared.embeddings, 64,
                        torch.device("cpu"))
@@ -113,13 +117,49 @@ def test_weights_are_the_best_grid_point_on_validation(fused_run):
     assert grid[-1]["ndcg@10"] == pytest.approx(np.nanmean(ranking_metrics(top, targets, (10,))["ndcg@10"]))
 
 
+class _Fixed:
+    """A scorer with given scores (users x items)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores
+
+    def score_chunk(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self.scores[rows, start:stop].clone()
+
+
+def test_fusion_is_chosen_only_for_a_gain_beyond_one_standard_error():
+    rng = np.random.default_rng(0)
+    n_users, n_items = 300, 30
+    histories = [np.array([u % n_items]) for u in range(n_users)]
+    targets = [np.array([(u + 1) % n_items]) for u in range(n_users)]
+    # Item-kNN learns "a -> a+1" from these sequences; a model of random scores knows nothing.
+    sequences = [np.array([a, (a + 1) % n_items]) for a in range(n_items) for _ in range(5)]
+    noise = _Fixed(torch.from_numpy(rng.standard_normal((n_users, n_items))).float())
+    weights, grid = choose_weights(noise, sequences, histories, targets, n_items, user_batch=64)
+    assert weights["item-knn"] > 0 and grid[0]["ndcg@10"] < 0.5
+    # A model that puts the target first: nothing fused can do better, the model alone is kept.
+    perfect = torch.zeros(n_users, n_items)
+    perfect[torch.arange(n_users), torch.tensor([t[0] for t in targets])] = 1.0
+    weights, _ = choose_weights(_Fixed(perfect), sequences, histories, targets, n_items)
+    assert weights == {"model": 1.0, "item-knn": 0.0, "popularity": 0.0}
+
+
+def test_one_standard_error_rule():
+    assert not clear_gain(np.array([0.01, -0.01] * 50 + [0.001]))  # a mean of ~0: noise
+    assert clear_gain(np.full(100, 0.01) + np.random.default_rng(0).normal(0, 0.01, 100))
+    assert not clear_gain(np.array([0.5]))  # one user says nothing
+
+
 def test_the_fusion_candidate_is_saved_and_chosen_on_validation_only(fused_run, tmp_path):
     out = fused_run / "finetune"
     manifest = json.loads((out / "manifest.json").read_text())
     fusion = json.loads((out / "candidates" / "fusion" / "fusion.json").read_text())
     valid = {s: manifest["candidates"][s]["valid"]["ndcg@10"] for s in ("scratch", "fusion")}
     assert valid["fusion"] >= valid["scratch"] and fusion["base"] == "scratch"
-    assert valid["fusion"] == max(r["ndcg@10"] for r in fusion["grid"])
+    assert valid["fusion"] == next(r["ndcg@10"] for r in fusion["grid"]
+                                   if all(r[c] == w for c, w in fusion["weights"].items()))
     assert manifest["chosen"] == ("fusion" if valid["fusion"] > valid["scratch"] else "scratch")
     assert (out / "fusion.json").is_file() == (manifest["chosen"] == "fusion")
     for name in ("model.safetensors", "config.json"):  # the fused folder holds its base model
@@ -140,34 +180,49 @@ def test_evaluate_ranks_with_the_fused_model(fused_run, tmp_path):
     cfg = fusion_config(fused_run, tmp_path / "cfg.yaml")
     result = trec("evaluate", "-c", str(cfg), "evaluate.bootstrap=0", "evaluate.ks=[5, 10]")
     assert result.exit_code == 0, result.output
-    metrics = read_parquet(fused_run / "eval" / "metrics.parquet").to_pandas()
-    labels = set(metrics["run"])
+    labels = set(read_parquet(fused_run / "eval" / "metrics.parquet").to_pandas()["run"])
     assert {"finetune/fusion", "finetune/scratch (kept)"} <= labels or {"finetune/fusion (kept)",
                                                                          "finetune/scratch"} <= labels
-    # Its test NDCG@10 is the fused scorer's, built like the floor rows (train split, test histories).
+    # A fused folder whose weights give every ranker a share (the tiny run's validation may keep the
+    # model alone): evaluate ranks with the weighted sum, built like the floor rows (train split).
+    folder = tmp_path / "fused"
+    shutil.copytree(fused_run / "finetune" / "candidates" / "scratch", folder)
+    weights = {"model": 1.0, "item-knn": 0.5, "popularity": 0.3}
+    (folder / "fusion.json").write_text(json.dumps({"weights": weights}))
+    result = trec("evaluate", "-c", str(cfg), "--model", str(folder), "evaluate.bootstrap=0", "evaluate.ks=[10]")
+    assert result.exit_code == 0, result.output
+    metrics = read_parquet(fused_run / "eval" / "metrics.parquet").to_pandas()
     prepared = load_prepared(fused_run)
     seqs = target_sequences(prepared)
     domain = seqs.domain
-    folder = fused_run / "finetune" / "candidates" / "fusion"
-    weights = json.loads((folder / "fusion.json").read_text())["weights"]
-    model, _ = load_checkpoint(folder)
     users = [u for u, t in enumerate(seqs.targets["test"]) if len(t)]
     histories = [seqs.histories["test"][u] for u in users]
-    local = to_local(histories, domain)
-    scorer = make_scorer(Ranker("fusion", folder), RankingInputs(
-        prepared, domain, histories, counted=lambda: to_local(seqs.train, domain), model_histories=None,
-        item_text=prepared.embeddings, device=torch.device("cpu"), user_batch=64))
-    _, top = full_ranking_topk(scorer.score_chunk, len(users), domain.n_items, 10, exclude=local)
-    expected = np.nanmean(ranking_metrics(top, to_local([seqs.targets["test"][u] for u in users], domain),
-                                          (10,))["ndcg@10"])
-    row = metrics[metrics["run"].str.startswith("finetune/fusion") & (metrics["metric"] == "ndcg")
-                  & (metrics["k"] == 10) & (metrics["slice"] == "all")]
-    assert row["value"].iloc[0] == pytest.approx(expected)
+    local, train = to_local(histories, domain), to_local(seqs.train, domain)
+    targets = to_local([seqs.targets["test"][u] for u in users], domain)
+    model, _ = load_checkpoint(folder)
+    parts = [ModelScorer(model, histories, domain, prepared.embeddings, torch.device("cpu")),
+             ItemKNNScorer(train, local, domain.n_items), PopularityScorer(train, domain.n_items)]
+    rows = torch.arange(len(users))
+    expected_scores = sum(w * z(p.score_chunk(rows, 0, domain.n_items)) for w, p in zip(weights.values(), parts, strict=True))
+    _, top = full_ranking_topk(lambda r, a, b: expected_scores[r, a:b], len(users), domain.n_items, 10, exclude=local)
+    expected = np.nanmean(ranking_metrics(top, targets, (10,))["ndcg@10"])
+    _, alone = full_ranking_topk(lambda r, a, b: parts[0].score_chunk(r, a, b), len(users), domain.n_items, 10,
+                                 exclude=local)
+    assert expected != pytest.approx(np.nanmean(ranking_metrics(alone, targets, (10,))["ndcg@10"]))
+    row = metrics[(metrics["run"] == str(folder)) & (metrics["metric"] == "ndcg") & (metrics["k"] == 10)
+                  & (metrics["slice"] == "all")]
+    assert row["value"].iloc[0] == pytest.approx(expected, abs=1e-9)
 
 
-def test_recommend_with_the_fused_model_equals_recommend_fusion_by_hand(fused_run, tmp_path):
+@pytest.mark.parametrize("weights", [None, {"model": 1.0, "item-knn": 0.5, "popularity": 0.3}])
+def test_recommend_with_the_fused_model_equals_recommend_fusion_by_hand(fused_run, tmp_path, weights):
     folder = fused_run / "finetune" / "candidates" / "fusion"
-    weights = json.loads((folder / "fusion.json").read_text())["weights"]
+    if weights is None:  # the weights finetune chose
+        weights = json.loads((folder / "fusion.json").read_text())["weights"]
+    else:
+        folder = tmp_path / "fused"
+        shutil.copytree(fused_run / "finetune" / "candidates" / "scratch", folder)
+        (folder / "fusion.json").write_text(json.dumps({"weights": weights}))
     cfg_path = fusion_config(fused_run, tmp_path / "cfg.yaml")
     cfg = load_config(cfg_path, [])
     out = recommend_stage.run(cfg, model=str(folder), output=str(tmp_path / "a"))
@@ -180,3 +235,14 @@ def test_recommend_with_the_fused_model_equals_recommend_fusion_by_hand(fused_ru
     expected = pd.read_parquet(out.parquet)
     assert fused["item_id"].tolist() == expected["item_id"].tolist()
     assert np.allclose(fused["score"], expected["score"], atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", [{"model": -1.0, "item-knn": 1.0, "popularity": 0.0},
+                                     {"model": 0.0, "item-knn": 0.0, "popularity": 0.0},
+                                     {"model": 1.0, "item-knn": 1.0}, {"model": "1", "item-knn": 0, "popularity": 0},
+                                     {"model": float("nan"), "item-knn": 1.0, "popularity": 0.0}, None])
+def test_a_malformed_fusion_file_is_refused_naming_it(tmp_path, weights):
+    (tmp_path / "fusion.json").write_text(json.dumps({"weights": weights}))
+    with pytest.raises(ArtifactError, match=r"fusion\.json: 'weights' must give each of model, item-knn, popularity"):
+        read_fusion(tmp_path)
+    assert read_fusion(tmp_path / "elsewhere") is None  # no file: a plain model

@@ -26,7 +26,8 @@ FUSION_FILE = "fusion.json"
 COMPONENTS = ("model", ItemKNNScorer.name, PopularityScorer.name)
 # (model, item-knn, popularity) weights tried on validation, in order (a tie keeps the earlier one:
 # the model alone comes first). Weights act on z-scores, so only their ratios matter; (0, 1, 0) is
-# item-kNN alone, so the fused model is never below item-kNN or the model on validation.
+# item-kNN alone, so the fused model is never below item-kNN or the model on validation (by more
+# than the one-standard-error margin of `choose_weights`).
 GRID: tuple[tuple[float, float, float], ...] = tuple(
     (1.0, knn, pop) for knn in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0) for pop in (0.0, 0.1, 0.3)
 ) + ((0.0, 1.0, 0.0),)
@@ -63,12 +64,17 @@ def choose_weights(model: Scorer, baseline_sequences: Sequence[np.ndarray], hist
                    targets: Sequence[np.ndarray], n_items: int, user_batch: int = 256,
                    grid: Sequence[tuple[float, float, float]] = GRID, k: int = 10
                    ) -> tuple[dict[str, float], list[dict]]:
-    """(best weights, one row per grid point with its ndcg@k and recall@k) on held-out `targets`,
+    """(chosen weights, one row per grid point with its ndcg@k and recall@k) on held-out `targets`,
     items in `histories` excluded, as validation ranks. Each user batch is scored once per ranker;
-    every grid point then ranks the same blocks with the exact top-K of evaluation."""
+    every grid point then ranks the same blocks with the exact top-K of evaluation.
+
+    The chosen point is the best by mean ndcg@k unless its paired gain over the grid's first point
+    (the model alone) is within one standard error: then the model alone. The best of 19 points on
+    the same users is biased upward, and a fusion kept for a gain inside the noise only adds two
+    rankers' cost (the one-standard-error rule of model selection, Breiman et al. 1984)."""
     knn, pop = ItemKNNScorer(baseline_sequences, histories, n_items), PopularityScorer(baseline_sequences, n_items)
     users = [u for u, t in enumerate(targets) if len(t)]
-    sums = np.zeros((len(grid), 2))
+    ndcg, recall = np.zeros((len(grid), len(users))), np.zeros((len(grid), len(users)))
     for lo in range(0, len(users), user_batch):
         rows = torch.tensor(users[lo:lo + user_batch])
         blocks = [_Block(s.score_chunk(rows.to(s.device), 0, n_items).float().cpu(), 0, torch.device("cpu"))
@@ -81,9 +87,19 @@ def choose_weights(model: Scorer, baseline_sequences: Sequence[np.ndarray], hist
             _, top = full_ranking_topk(score, len(rows), n_items, k, exclude=exclude, user_batch=len(rows),
                                        item_chunk=n_items)
             per_user = ranking_metrics(top, held, ks=(k,))
-            sums[g] += [np.nansum(per_user[f"ndcg@{k}"]), np.nansum(per_user[f"recall@{k}"])]
-    means = sums / max(len(users), 1)
+            ndcg[g, lo:lo + len(rows)] = per_user[f"ndcg@{k}"]
+            recall[g, lo:lo + len(rows)] = per_user[f"recall@{k}"]
+    means = np.stack([ndcg.mean(axis=1), recall.mean(axis=1)], axis=1) if users else np.zeros((len(grid), 2))
     table = [{**dict(zip(COMPONENTS, w, strict=True)), f"ndcg@{k}": float(m[0]), f"recall@{k}": float(m[1])}
              for w, m in zip(grid, means, strict=True)]
     best = max(range(len(grid)), key=lambda g: (means[g, 0], -g))  # the first of the best
+    if best and not clear_gain(ndcg[best] - ndcg[0]):
+        best = 0
     return dict(zip(COMPONENTS, grid[best], strict=True)), table
+
+
+def clear_gain(delta: np.ndarray) -> bool:
+    """Whether per-user differences have a mean above one standard error of that mean."""
+    if len(delta) < 2:
+        return False
+    return float(delta.mean()) > float(delta.std(ddof=1)) / np.sqrt(len(delta))
