@@ -52,8 +52,8 @@ from bench_ml100k import find_ml100k  # noqa: E402
 from trecsys.artifacts import read_json  # noqa: E402
 from trecsys.prepared.tables import load_prepared  # noqa: E402
 from trecsys.rank import metrics as M  # noqa: E402
-from trecsys.rank.report import protocol  # noqa: E402
 from trecsys.rank.rankers import Ranker, make_scorer  # noqa: E402
+from trecsys.rank.report import protocol  # noqa: E402
 from trecsys.stages.evaluate import eval_users, ranking_inputs  # noqa: E402
 
 RULES = {"exclude_seen": True, "seen_ranked": False}

@@ -27,8 +27,8 @@ from trecsys.rank.fusion import GRID, choose_weights, clear_gain, read_fusion
 from trecsys.rank.metrics import full_ranking_topk, ranking_metrics
 from trecsys.rank.rankers import Ranker, RankingInputs, fused_ranker, make_scorer
 from trecsys.rank.scorers import ItemKNNScorer, ModelScorer, PopularityScorer, to_local
-from trecsys.stages import recommend as recommend_stage
 from trecsys.rank.validation import EvalCase, make_ranker
+from trecsys.stages import recommend as recommend_stage
 
 runner = CliRunner()
 FINETUNE = {"epochs": 2, "batch_size": 16, "lr": 0.01, "patience": 0}
