@@ -134,7 +134,8 @@ def _imported(folder: Path) -> set[str]:
                 modules |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 modules.add(node.module.split(".")[0])
-    local = {p.stem for p in folder.rglob("*.py")}  # the tests' own helpers (conftest, toy_training, ...)
+    # The tests' own helpers (conftest, toy_training, ...) and the scripts that tests import.
+    local = {p.stem for p in folder.rglob("*.py")} | {p.stem for p in (REPO / "scripts").glob("*.py")}
     modules -= set(sys.stdlib_module_names) | local | {"trecsys", "__future__"}
     providers = packages_distributions()
     return {providers[m][0].lower().replace("_", "-") for m in modules}
