@@ -196,7 +196,9 @@ def measure_model(args) -> dict:
             return out
         return wrapper
 
-    metrics_module.ExclusionMasks.apply = clocked("mask", metrics_module.ExclusionMasks.apply)
+    # Each user block's masks sorted by item, then applied to every block of scores.
+    metrics_module.ExclusionMasks.block = clocked("mask", metrics_module.ExclusionMasks.block)
+    metrics_module.BlockMasks.apply = clocked("mask", metrics_module.BlockMasks.apply)
     _, top = timed("rank_exclude", lambda: full_ranking_topk(
         clocked("score", scorer.score_chunk), n, n_items, 10, exclude=histories, user_batch=args.user_batch,
         item_chunk=args.item_chunk))
@@ -322,7 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=4096, help="N; also runs 10×N")
     parser.add_argument("--user-batch", type=int, default=1024)
-    parser.add_argument("--item-chunk", type=int, default=65536)
+    parser.add_argument("--item-chunk", type=int, default=4096, help="default: evaluate.item_chunk's")
     parser.add_argument("--threads", type=int, default=0, help="0: trecsys's default (runtime.threads)")
     parser.add_argument("--single", action="store_true", help="only N users (a quick look at settings)")
     parser.add_argument("--recbole-python", default=os.environ.get("RECBOLE_PYTHON"),

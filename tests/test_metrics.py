@@ -110,6 +110,52 @@ def test_results_identical_for_any_chunk_size(user_batch, item_chunk):
     assert torch.equal(values, reference_values)
 
 
+def whole_catalogue_topk(scores: torch.Tensor, k: int, exclude) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranking before blocks: one exact top-k over each user's whole masked row."""
+    masked = scores.clone()
+    for u, items in enumerate(exclude or []):
+        masked[u, torch.from_numpy(np.asarray(items, dtype=np.int64))] = -torch.inf
+    return M.chunk_topk(masked, k)
+
+
+def test_running_topk_on_a_hand_example_with_ties_at_the_kth_place():
+    # Item chunks of 2: [0, 1] [2, 3] [4, 5]. User 0's second place (3.0, item 1) is tied by items 3
+    # and 5 in later chunks: the lower index keeps it. User 1: NaN and an excluded 9.0 never enter,
+    # and a later tie at the top goes after the earlier item.
+    scores = torch.tensor([[5.0, 3.0, 1.0, 3.0, 2.0, 3.0],
+                           [1.0, float("nan"), 2.0, 9.0, 2.0, 0.0]])
+    values, index = rank(scores, 2, [np.array([], dtype=np.int64), np.array([3])], user_batch=2, item_chunk=2)
+    assert index.tolist() == [[0, 1], [2, 4]]
+    assert values.tolist() == [[5.0, 3.0], [2.0, 2.0]]
+
+
+def rising(n_users: int, n_items: int, seed: int) -> torch.Tensor:
+    """Scores that grow along the catalogue: every block beats the lists so far (the plain path)."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy((np.arange(n_items)[None, :] // 3 + rng.integers(0, 2, size=(n_users, n_items)))
+                            .astype(np.float32))
+
+
+@pytest.mark.parametrize("case", [dict(tie_levels=3), dict(tie_levels=50), dict(tie_levels=10_000),
+                                  dict(nan_fraction=0.3, max_excluded=300), "rising"])
+@pytest.mark.parametrize("k,user_batch,item_chunk", [(1, 64, 4096), (10, 16, 300), (10, 50, 128), (25, 7, 77),
+                                                     (100, 33, 1000), (1200, 64, 256)])
+def test_running_topk_equals_whole_catalogue_topk(case, k, user_batch, item_chunk):
+    """Blocks of many segments, with ties (few levels, ±0.0), NaN, ±inf and exclusions: the same
+    values and items, in the same order, as one exact top-k over each whole row."""
+    if case == "rising":
+        scores, exclude = rising(50, 1100, seed=k), None
+    else:
+        scores, exclude, _ = random_case(k, n_users=50, n_items=1100, **case)
+    values, index = rank(scores, k, exclude, user_batch=user_batch, item_chunk=item_chunk)
+    reference_values, reference_index = whole_catalogue_topk(scores, k, exclude)
+    assert torch.equal(index, reference_index)
+    assert torch.equal(values.nan_to_num(), reference_values.nan_to_num())
+    for u in (0, 17, 49):
+        assert index[u].tolist() == reference_topk(scores[u].tolist(), k, set((exclude or {})[u].tolist())
+                                                   if exclude else set())
+
+
 def test_ndcg_agrees_with_sklearn_for_one_relevant_item_without_ties():
     rng = np.random.default_rng(3)
     n_users, n_items = 50, 60

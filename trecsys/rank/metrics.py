@@ -106,13 +106,15 @@ def _merge_ascending_chunks(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch
 
 def full_ranking_topk(score_chunk: ScoreChunk, n_users: int, n_items: int, k: int,
                       exclude: Sequence[np.ndarray] | None = None, user_batch: int = 1024,
-                      item_chunk: int = 65536, device: str | torch.device = "cpu"
+                      item_chunk: int = 4096, device: str | torch.device = "cpu"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k catalogue-local item indices for every user, with `exclude[u]` items masked out.
 
     Masked items score -inf: they rank after every other item, so they appear only when fewer than
-    k items remain. Memory is O(user_batch × item_chunk), whatever the number of users and items.
-    `score_chunk` must return a tensor it does not keep: it is masked in place.
+    k items remain. The catalogue is scored one (user_batch × item_chunk) block at a time, in
+    catalogue order, into a running top-k (RunningTopK): memory is O(user_batch × item_chunk),
+    whatever the number of users and items. `score_chunk` must return a tensor it does not keep:
+    it is masked in place.
     """
     if k < 1:
         raise ValueError("k must be >= 1")
@@ -121,18 +123,94 @@ def full_ranking_topk(score_chunk: ScoreChunk, n_users: int, n_items: int, k: in
     for lo in range(0, n_users, user_batch):
         hi = min(lo + user_batch, n_users)
         rows = torch.arange(lo, hi, device=device)
-        best = None
+        block_masks = masks.block(lo, hi, device) if masks is not None else None
+        top = RunningTopK(k)
         for start in range(0, n_items, item_chunk):
             stop = min(start + item_chunk, n_items)
             # Changed in place: score_chunk hands over a tensor of its own (never shared state).
             scores = score_chunk(rows, start, stop).float()
-            if masks is not None:
-                masks.apply(scores, lo, hi, start, stop)
-            part = _exact_topk(scores, k, offset=start)
-            best = part if best is None else _merge_ascending_chunks(best, part, k)
-        all_values.append(best[0].cpu())
-        all_index.append(best[1].cpu())
+            if block_masks is not None:
+                block_masks.apply(scores, start, stop)
+            top.add(scores, start)
+        all_values.append(top.values.cpu())
+        all_index.append(top.index.cpu())
     return torch.cat(all_values), torch.cat(all_index)
+
+
+# Columns per segment of a block whose maximum decides whether any of them can enter a top list.
+SEGMENT = 128
+
+
+class RunningTopK:
+    """The exact top-k of rows over score blocks added in catalogue order (each block's items after
+    every earlier block's), under the tie rule of this module.
+
+    Once a row holds k items, a later item can only enter by beating the row's k-th score strictly
+    (an equal score loses the tie: its index is higher). Most of a block cannot, so a block is read
+    once for the maxima of its segments of SEGMENT columns (a vectorised pass costing a fraction of
+    the score product); only segments whose maximum beats their row's k-th score are gathered, and
+    their entering items are merged into the rows they belong to. NaN counts as -inf and never
+    enters. When many items enter (scores rising along the catalogue), the block goes through the
+    plain exact top-k instead; both paths give the same lists.
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self.values: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+
+    def add(self, scores: torch.Tensor, start: int) -> None:
+        """Merge a (rows × items) float32 block whose items are start, start + 1, ... (changed in place)."""
+        if self.values is None or self.values.shape[1] < self.k:
+            self._merge_block(scores, start)
+            return
+        n_rows, width = scores.shape
+        kth = self.values[:, -1:]
+        n_segments = -(-width // SEGMENT)
+        segmented = scores
+        if width != n_segments * SEGMENT or not scores.is_contiguous():
+            # Padding scores -inf, which never enters a full list.
+            segmented = scores.new_full((n_rows, n_segments * SEGMENT), -torch.inf)
+            segmented[:, :width] = scores
+        segments = segmented.view(n_rows * n_segments, SEGMENT)
+        maxima = segments.amax(dim=1).view(n_rows, n_segments)
+        # A NaN maximum hides the rest of its segment: look inside.
+        hot_rows, hot_segments = ((maxima > kth) | maxima.isnan()).nonzero(as_tuple=True)
+        if not len(hot_rows):
+            return
+        values = segments.index_select(0, hot_rows * n_segments + hot_segments)
+        # Row-major: each row's entering items come out in catalogue order.
+        which, place = (values > kth[hot_rows]).nonzero(as_tuple=True)
+        if not len(which):
+            return
+        rows = hot_rows[which]
+        counts = torch.bincount(rows, minlength=n_rows)
+        most = int(counts.max())
+        if most > 4 * self.k:
+            self._merge_block(scores, start, counts.nonzero().squeeze(1))
+            return
+        entering = counts.nonzero().squeeze(1)
+        slot = torch.cumsum(counts > 0, dim=0) - 1  # row -> its place among the entering rows
+        position = torch.arange(len(rows), device=scores.device) - (torch.cumsum(counts, dim=0) - counts)[rows]
+        new_values = torch.full((len(entering), most), -torch.inf, device=scores.device)
+        new_index = torch.zeros((len(entering), most), dtype=self.index.dtype, device=scores.device)
+        new_values[slot[rows], position] = values[which, place]
+        new_index[slot[rows], position] = hot_segments[which] * SEGMENT + place + start
+        # The padding (-inf after the row's k items) is never chosen: stable order puts it last.
+        merged = _merge_ascending_chunks((self.values[entering], self.index[entering]), (new_values, new_index),
+                                         self.k)
+        self.values[entering], self.index[entering] = merged
+
+    def _merge_block(self, scores: torch.Tensor, start: int, rows: torch.Tensor | None = None) -> None:
+        """The plain path: the block's own exact top-k, merged (for `rows` only, when given)."""
+        if rows is None or len(rows) == len(scores):
+            part = _exact_topk(scores, self.k, offset=start)
+            self.values, self.index = part if self.values is None else _merge_ascending_chunks(
+                (self.values, self.index), part, self.k)
+            return
+        part = _exact_topk(scores[rows], self.k, offset=start)
+        self.values[rows], self.index[rows] = _merge_ascending_chunks((self.values[rows], self.index[rows]), part,
+                                                                      self.k)
 
 
 class ExclusionMasks:
@@ -145,14 +223,29 @@ class ExclusionMasks:
                       if len(exclude) else np.zeros(0, dtype=np.int64))
         self.rows = np.repeat(np.arange(len(exclude), dtype=np.int64), lengths)
 
-    def apply(self, scores: torch.Tensor, first_user: int, last_user: int, start: int, stop: int) -> None:
+    def block(self, first_user: int, last_user: int, device: str | torch.device = "cpu") -> BlockMasks:
+        """The excluded (row, item) pairs of users [first_user, last_user), ordered by item."""
         lo, hi = self.indptr[first_user], self.indptr[last_user]
-        items, rows = self.items[lo:hi], self.rows[lo:hi]
-        keep = (items >= start) & (items < stop)
-        if keep.any():
-            r = torch.from_numpy(rows[keep] - first_user).to(scores.device)
-            c = torch.from_numpy(items[keep] - start).to(scores.device)
-            scores[r, c] = -torch.inf
+        items, rows = self.items[lo:hi], self.rows[lo:hi] - first_user
+        order = np.argsort(items, kind="stable")
+        return BlockMasks(items[order], torch.from_numpy(rows[order]).to(device),
+                          torch.from_numpy(items[order]).to(device))
+
+    def apply(self, scores: torch.Tensor, first_user: int, last_user: int, start: int, stop: int) -> None:
+        """Set the excluded items of users [first_user, last_user) among items [start, stop) to -inf."""
+        self.block(first_user, last_user, scores.device).apply(scores, start, stop)
+
+
+class BlockMasks:
+    """One user block's excluded pairs sorted by item: an item chunk's pairs are one slice."""
+
+    def __init__(self, sorted_items: np.ndarray, rows: torch.Tensor, items: torch.Tensor):
+        self.sorted_items, self.rows, self.items = sorted_items, rows, items
+
+    def apply(self, scores: torch.Tensor, start: int, stop: int) -> None:
+        lo, hi = np.searchsorted(self.sorted_items, [start, stop])
+        if hi > lo:
+            scores[self.rows[lo:hi], self.items[lo:hi] - start] = -torch.inf
 
 
 def check_ks(ks: Sequence[int], n_items: int, key: str = "evaluate.ks") -> list[int]:
