@@ -281,3 +281,28 @@ def test_popularity_ranks_by_train_counts_with_index_ties():
     _, topk = M.full_ranking_topk(pop.score_chunk, 2, 5, 5, exclude=[np.array([3]), np.array([], dtype=np.int64)],
                                   item_chunk=2)
     assert topk.tolist() == [[1, 2, 0, 4, 3], [1, 3, 2, 0, 4]]
+
+
+def test_model_scorer_states_equal_the_model_on_each_history(monkeypatch):
+    """The item tower computed once for every history item (in chunks), histories holding items of
+    other domains too: the same states and scores as the model run on each history directly."""
+    from trecsys.config import ModelConfig
+    from trecsys.model.seqrec import SeqRecModel
+    from trecsys.prepared.tables import DomainRange
+    from trecsys.rank import scorers
+    from trecsys.train.windows import history_batch
+
+    monkeypatch.setattr(scorers, "TOWER_CHUNK", 7)
+    rng = np.random.default_rng(0)
+    n_items, text_dim = 60, 16
+    torch.manual_seed(0)
+    model = SeqRecModel(ModelConfig(max_seq_len=8), text_dim, n_items).eval()
+    text = rng.standard_normal((n_items, text_dim)).astype(np.float32)
+    domain = DomainRange("target", "target", 20, 50)
+    histories = [rng.choice(n_items, size=rng.integers(0, 12)) for _ in range(30)]  # some beyond max_seq_len
+    scorer = scorers.ModelScorer(model, histories, domain, text, torch.device("cpu"), user_batch=4)
+    with torch.no_grad():
+        states = torch.cat([model.user_state(history_batch([h], 8)) for h in histories])
+        reps = model.item_reps(domain.item_start, domain.item_stop)
+    assert torch.allclose(scorer.states, states, atol=1e-5)
+    assert torch.allclose(scorer.score_chunk(torch.arange(30), 0, 30), states @ reps.T, atol=1e-5)

@@ -181,11 +181,14 @@ class SeqRecModel(nn.Module):
         """Item tower output for the given global item indices (what a sampled loss needs)."""
         return self.drop(self._item_features(idx))
 
-    def encode(self, seq: torch.Tensor) -> torch.Tensor:
+    def encode(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
         """States after every prefix: (B, L) left-padded item_idx (-1 = padding) -> (B, L, d_model).
 
         Padding is inert: real positions never attend to it, positions count from the first real
         item, and padded positions return zeros — so an all-padding row (no history) is all zeros.
+        With `item_table` (the item tower's output, in eval mode, for every item `seq` holds), `seq`
+        holds row numbers of that table instead of item_idx: ranking encodes many batches over the
+        same items and computes their tower once.
         """
         B, L = seq.shape
         if L > self.config.max_seq_len:
@@ -195,7 +198,7 @@ class SeqRecModel(nn.Module):
         unique, inverse = torch.unique(seq.clamp(min=0), return_inverse=True)
         # index_select, not `[inverse]`: the backward of advanced indexing adds a repeated item's
         # gradients with atomic adds on several CPU threads, in an order that changes from run to run.
-        features = self._item_features(unique)
+        features = self._item_features(unique) if item_table is None else item_table.index_select(0, unique)
         x = self.drop(features.index_select(0, inverse.flatten()).view(B, L, -1))
         positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
         x = x + self.position(positions)
@@ -207,9 +210,9 @@ class SeqRecModel(nn.Module):
             x = block(x, allowed)
         return self.final_norm(x) * valid[..., None]
 
-    def user_state(self, seq: torch.Tensor) -> torch.Tensor:
+    def user_state(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
         """State after the whole (left-padded) history: (B, L) -> (B, d_model); zeros for no history."""
-        return self.encode(seq)[:, -1]
+        return self.encode(seq, item_table)[:, -1]
 
     def score(self, states: torch.Tensor, item_reps: torch.Tensor) -> torch.Tensor:
         """(B, d) states × (n, d) items -> (B, n): dot product, or cosine / temperature.

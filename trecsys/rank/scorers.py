@@ -113,7 +113,18 @@ class ModelScorer:
                   f"{domain.name} items (not in its training data): it cannot rank them, they share one score",
                   file=sys.stderr)
         with torch.no_grad(), self._autocast():
-            self.reps = model.item_reps(domain.item_start, domain.item_stop).float()
+            self.reps = _item_tower(model, torch.arange(domain.item_start, domain.item_stop, device=self.device))
+            # The tower's output for every item of the histories, once: batch by batch it would run
+            # again for the items each batch shares with the others (~8x the catalogue on Kitchen).
+            held = _union(histories)
+            inside = (held >= domain.item_start) & (held < domain.item_stop)
+            table = torch.empty(len(held), self.reps.shape[1], device=self.device)
+            table[torch.from_numpy(inside).to(self.device)] = self.reps[torch.from_numpy(held[inside] - domain.item_start)
+                                                                         .to(self.device)]
+            table[torch.from_numpy(~inside).to(self.device)] = _item_tower(model, torch.from_numpy(held[~inside])
+                                                                           .to(self.device))
+            row_of = np.full(int(held.max(initial=-1)) + 1, -1, dtype=np.int64)
+            row_of[held] = np.arange(len(held))
             self.states = torch.zeros(len(histories), self.reps.shape[1], device=self.device)
             # Users are encoded in groups of similar history length, each padded only to its group's
             # width (a power of two): padding is inert, and most histories are far shorter than
@@ -122,8 +133,9 @@ class ModelScorer:
             for width, members in _width_groups(histories, model.config.max_seq_len):
                 for lo in range(0, len(members), user_batch):
                     rows = members[lo:lo + user_batch]
-                    seq = history_batch([histories[r] for r in rows], width).to(self.device)
-                    self.states[torch.from_numpy(rows).to(self.device)] = model.user_state(seq).float()
+                    seq = history_batch([row_of[np.asarray(histories[r], dtype=np.int64)] for r in rows],
+                                        width).to(self.device)
+                    self.states[torch.from_numpy(rows).to(self.device)] = model.user_state(seq, table).float()
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -135,6 +147,25 @@ class ModelScorer:
         # bf16's 8-bit mantissa would turn close scores into ties and reorder the top of the list.
         with torch.no_grad():
             return self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop]).float()
+
+
+# Items through the item tower at once: bounds the tower's activations for any catalogue size.
+TOWER_CHUNK = 16384
+
+
+def _item_tower(model, idx: torch.Tensor) -> torch.Tensor:
+    """The item tower's float32 output for global item indices, TOWER_CHUNK at a time (eval mode)."""
+    out = torch.empty(len(idx), model.config.d_model, device=idx.device)
+    for lo in range(0, len(idx), TOWER_CHUNK):
+        out[lo:lo + TOWER_CHUNK] = model.item_reps_at(idx[lo:lo + TOWER_CHUNK]).float()
+    return out
+
+
+def _union(histories: Sequence[np.ndarray]) -> np.ndarray:
+    """The distinct item_idx of all histories, sorted."""
+    if not len(histories):
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]))
 
 
 def _width_groups(histories: Sequence[np.ndarray], max_seq_len: int) -> list[tuple[int, np.ndarray]]:
