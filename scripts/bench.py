@@ -18,7 +18,9 @@ BENCHMARKS = {
     "prepare": [],
     "embed": ["--n", "4000", "--compare-plain"],
     "train": [],
-    "ml100k": [],  # the RecBole comparison; skips unless ml-100k is found (see the script)
+    # The RecBole comparison; skips unless ml-100k is found (see the script). Both sides get glibc
+    # malloc tuned as RecBole's reference runs had it (bench_env.ALLOCATOR_ENV), and the same threads.
+    "ml100k": ["--tuned-malloc"],
     "eval": [],
     "recommend": [],
     "search": [],  # on the demo run (built when absent)

@@ -36,13 +36,12 @@ import threading
 import time
 from pathlib import Path
 
+from bench_env import ALLOCATOR_ENV, allocator_env
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRECSYS_SHARED_DATA", REPO.parent / "shared" / "data"))
 KITCHEN = SHARED / "amazon_food_kitchen" / "Kitchen"
 K, DIM = 50, 64
-# --tuned-malloc: glibc malloc tuned the same way for both sides (RecBole's training epoch is ~30%
-# slower without it; ../shared/design/PERFORMANCE.md): no mmap for large blocks, no trimming.
-ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", "MALLOC_TOP_PAD_": "268435456"}
 
 
 def kitchen_histories(n_users: int | None):
@@ -258,12 +257,6 @@ def recall_at(found, exact) -> float:
 
     exact = np.asarray(exact)
     return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(b) for a, b in zip(found, exact, strict=True)]))
-
-
-def allocator_env(tuned: bool) -> dict:
-    """The environment both sides run in: glibc's malloc defaults unless tuned (the same for both)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    return {**env, **ALLOCATOR_ENV} if tuned else env
 
 
 def child(args: list[str], tuned_malloc: bool) -> dict:

@@ -7,11 +7,15 @@ is test, the one before valid), full ranking, CE loss, 2 blocks × 64 dims × 2 
 history, batch 2048.
 
     RECBOLE_PYTHON scripts/recbole_sasrec.py DATA_PATH EPOCHS WORK_DIR [--dataset ml-100k] [--lists OUT.json]
+                                             [--threads N]
 
-DATA_PATH holds `<dataset>/<dataset>.inter`. EPOCHS 1 times one epoch; more trains with RecBole's
-validation-based early stopping (patience 10) within EPOCHS and reports test NDCG@10 and Recall@10
-under both rules: `seen_ranked` (RecBole's own sequential evaluation: items the user already has are
-ranked like any other) and `exclude_seen` (those items masked, trecsys's default). --lists writes
+DATA_PATH holds `<dataset>/<dataset>.inter`. Trains with RecBole's validation-based early stopping
+(patience 10) within EPOCHS and reports, per epoch, the wall and CPU seconds of its training pass and
+of its validation and the validation NDCG@10 (`per_epoch`); what one epoch feeds the network
+(`train_sequences` padded prefixes, `train_positions` = the cells of its item-sequence tensor,
+padding included, `train_items` without it, `train_labels` one per prefix); and test NDCG@10 and
+Recall@10 of the best-validation model under both rules: `seen_ranked` (RecBole's own sequential
+evaluation: items the user already has are ranked like any other) and `exclude_seen` (those items masked, trecsys's default). --lists writes
 each test user's top-50 items under both rules ({rule: {user token: [item tokens]}}), so the caller
 can compute every metric, interval and paired difference with its own code.
 """
@@ -35,7 +39,11 @@ parser.add_argument("epochs", type=int)
 parser.add_argument("work_dir")
 parser.add_argument("--dataset", default="ml-100k")
 parser.add_argument("--lists", default=None)
+parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); the caller sets "
+                    "OMP_NUM_THREADS and friends to the same number before this process starts")
 args = parser.parse_args()
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
 
 config = Config(model="SASRec", dataset=args.dataset, config_dict={
     "data_path": args.data_path, "checkpoint_dir": args.work_dir, "epochs": args.epochs, "stopping_step": 10,
@@ -54,8 +62,34 @@ model = get_model(config["model"])(config, train.dataset).to(config["device"])
 torch.autograd.set_detect_anomaly(False)
 trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
 
-result = {"threads": torch.get_num_threads(), "training_sequences": len(train.dataset)}
+# What one epoch feeds the network: every (history -> next item) pair as its own prefix, left in a
+# (sequences, MAX_ITEM_LIST_LENGTH) tensor; SASRec runs its blocks over every cell of it.
+item_seq = train.dataset.inter_feat[model.ITEM_SEQ]
+result = {"threads": torch.get_num_threads(), "training_sequences": len(train.dataset),
+          "train_sequences": int(item_seq.shape[0]), "train_positions": int(item_seq.numel()),
+          "train_items": int(train.dataset.inter_feat[model.ITEM_SEQ_LEN].sum()),
+          "train_labels": int(item_seq.shape[0])}
+per_epoch = []
 
+
+def timed(name, method):
+    """Wrap a trainer method: its wall and CPU seconds go into this epoch's record."""
+
+    def wrapper(*a, **kw):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = method(*a, **kw)
+        if name == "train":
+            per_epoch.append({})
+        per_epoch[-1].update({f"{name}_s": time.perf_counter() - wall, f"{name}_cpu_s": time.process_time() - cpu})
+        if name == "valid":
+            per_epoch[-1]["valid_ndcg@10"] = float(out[0])  # (valid score = NDCG@10, all metrics)
+        return out
+
+    return wrapper
+
+
+trainer._train_epoch = timed("train", trainer._train_epoch)
+trainer._valid_epoch = timed("valid", trainer._valid_epoch)
 
 def test_lists(k=50):
     """Each test user's top-k under both rules, from the best model's full-sort scores. A user's
@@ -95,20 +129,16 @@ def test_lists(k=50):
     return lists
 
 
-if args.epochs == 1:
-    started = time.perf_counter()
-    trainer._train_epoch(train, 0, show_progress=False)
-    result["s_per_epoch"] = time.perf_counter() - started
-    result["epochs"] = 1
-else:
-    started = time.perf_counter()
-    trainer.fit(train, valid, saved=True, show_progress=False)
-    result["train_s"] = time.perf_counter() - started
-    result["epochs"] = len(trainer.train_loss_dict)
-    own = trainer.evaluate(test, load_best_model=True, show_progress=False)
-    result["recbole_own.test_ndcg@10"] = float(own["ndcg@10"])  # RecBole's evaluator (seen items ranked)
-    lists = test_lists()
-    if args.lists:
-        with open(args.lists, "w") as f:
-            json.dump(lists, f)
+started = time.perf_counter()
+trainer.fit(train, valid, saved=True, show_progress=False)
+result["train_s"] = time.perf_counter() - started  # everything fit did: epochs, validations, checkpoints
+result["epochs"] = len(trainer.train_loss_dict)
+result["per_epoch"] = per_epoch
+result["s_per_epoch"] = sum(e["train_s"] for e in per_epoch) / len(per_epoch)  # the training passes alone
+own = trainer.evaluate(test, load_best_model=True, show_progress=False)
+result["recbole_own.test_ndcg@10"] = float(own["ndcg@10"])  # RecBole's evaluator (seen items ranked)
+lists = test_lists()
+if args.lists:
+    with open(args.lists, "w") as f:
+        json.dump(lists, f)
 print(json.dumps(result))
