@@ -190,7 +190,7 @@ def full_data_epoch_steps(cfg, run_dir: Path) -> int:
     prepared = load_prepared(run_dir)
     seqs = target_sequences(prepared, "target")
     users = seqs.training_users(1.0, cfg.seed)
-    windows = domain_windows(seqs.domain, [seqs.train[u] for u in users], cfg.model.max_seq_len,
+    windows = domain_windows(seqs.domain, seqs.train.take(users), cfg.model.max_seq_len,
                              cfg.finetune.train, torch.device("cpu")).windows
     return max(1, len(epoch_batches([np.arange(len(windows))], cfg.finetune.train.batch_size, cfg.seed, 0)))
 

@@ -24,6 +24,7 @@ os.environ.setdefault("TRECSYS_THREADS", "1")
 
 from trecsys.artifacts import stage_output, write_manifest, write_parquet  # noqa: E402
 from trecsys.config import EmbeddingConfig  # noqa: E402
+from trecsys.prepared.sequences import write_sequences  # noqa: E402
 
 TINY_DOMAINS = {"Books": ("source", 30), "Games": ("source", 24), "Food": ("target", 16)}
 TINY_TEXT_DIM = 16
@@ -66,12 +67,16 @@ def write_tiny_prepared(run_dir: Path, n_users: int = 60, seed: int = 0,
             "item_idx": pa.array(idx, pa.int32()), "item_id": ids, "domain": doms, "title": titles, "text": titles,
         }), tmp / "items.parquet")
         users, user_ids, item_idx, row_domains, stamps, split = zip(*rows, strict=True)
-        write_parquet(pa.table({
+        interactions = pa.table({
             "user_idx": pa.array(users, pa.int64()), "user_id": user_ids,
             "item_idx": pa.array(item_idx, pa.int32()), "domain": row_domains,
             "timestamp": pa.array(stamps, pa.int64()), "rating": pa.array([None] * len(rows), pa.float32()),
             "split": split,
-        }), tmp / "interactions.parquet")
+        })
+        write_parquet(interactions, tmp / "interactions.parquet")
+        source = [n for n, (r, _) in TINY_DOMAINS.items() if r == "source"]
+        write_sequences(tmp, interactions, {n: (d["item_start"], d["item_stop"]) for n, d in domains.items()},
+                        source, "Food", n_items)
         flat = pa.array(embeddings.reshape(-1), pa.float32())
         write_parquet(pa.table({
             "item_idx": pa.array(np.arange(n_items), pa.int32()),
@@ -79,7 +84,7 @@ def write_tiny_prepared(run_dir: Path, n_users: int = 60, seed: int = 0,
         }), tmp / "item_embeddings.parquet")
         encoder_info = {"name": encoder, "revision": "test", "pooling": "mean", "dim": TINY_TEXT_DIM}
         write_manifest(tmp, "prepare", {}, inputs=[], extra={
-            "seed": seed, "domains": domains, "source": [n for n, (r, _) in TINY_DOMAINS.items() if r == "source"],
+            "seed": seed, "domains": domains, "source": source,
             "target": "Food", "encoder": encoder_info, "n_users": n_users, "n_items": n_items,
         })
     return folder

@@ -17,6 +17,7 @@ from trecsys.artifacts import write_manifest, write_parquet
 from trecsys.cli import app
 from trecsys.config import load_config
 from trecsys.errors import ArtifactError, ConfigError, DataError
+from trecsys.prepared.sequences import write_sequences
 from trecsys.stages import evaluate as stage
 from trecsys.stages.finetune_target import FinetuneManifest
 
@@ -38,9 +39,12 @@ def evaluate(run_dir: Path, **kwargs) -> pd.DataFrame:
 def rewrite_prepared(run_dir: Path, name: str, change) -> None:
     """Apply `change` to one prepared table and re-write the manifest, as a re-run of prepare would."""
     folder = run_dir / "prepared"
-    table = change(pd.read_parquet(folder / name))
-    write_parquet(pa.Table.from_pandas(table, preserve_index=False), folder / name)
+    table = pa.Table.from_pandas(change(pd.read_parquet(folder / name)), preserve_index=False)
+    write_parquet(table, folder / name)
     manifest = json.loads((folder / "manifest.json").read_text())
+    if name == "interactions.parquet":  # prepare writes the same interactions as flat arrays too
+        ranges = {n: (d["item_start"], d["item_stop"]) for n, d in manifest["domains"].items()}
+        write_sequences(folder, table, ranges, manifest["source"], manifest["target"], manifest["n_items"])
     generated = {"trecsys_version", "stage", "created_at", "host", "config", "inputs", "outputs"}
     write_manifest(folder, "prepare", manifest["config"], manifest["inputs"],
                    {k: v for k, v in manifest.items() if k not in generated})

@@ -19,6 +19,7 @@ from trecsys.artifacts import read_parquet, stage_output, write_manifest, write_
 from trecsys.cli import app
 from trecsys.model.checkpoint import load_checkpoint
 from trecsys.prepared.context import histories_for, target_sequences
+from trecsys.prepared.sequences import write_sequences
 from trecsys.prepared.tables import load_prepared
 from trecsys.rank.metrics import full_ranking_topk
 from trecsys.rank.rankers import Ranker, make_scorer
@@ -122,7 +123,10 @@ def rewrite_test_items(src: Path, dst: Path, new_items: dict[int, int]) -> None:
     with stage_output(dst / "prepared") as tmp:
         for name in ("items.parquet", "item_embeddings.parquet"):
             shutil.copy2(prepared / name, tmp / name)
-        write_parquet(pa.Table.from_pandas(interactions, preserve_index=False), tmp / "interactions.parquet")
+        table = pa.Table.from_pandas(interactions, preserve_index=False)
+        write_parquet(table, tmp / "interactions.parquet")
+        write_sequences(tmp, table, {n: (d["item_start"], d["item_stop"]) for n, d in old["domains"].items()},
+                        old["source"], old["target"], old["n_items"])
         keep = ("seed", "domains", "source", "target", "encoder", "n_users", "n_items")
         write_manifest(tmp, "prepare", {}, inputs=[], extra={k: old[k] for k in keep})
 

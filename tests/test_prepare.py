@@ -21,6 +21,7 @@ from trecsys.ingest import synthetic
 from trecsys.ingest.clean import clean_interactions, k_core, sort_by_user_time
 from trecsys.ingest.split import assign_split, leave_one_out, temporal
 from trecsys.ingest.synthetic import COLD_ITEM_RELEASE, SPAN_S, START_UNIX_S, generate_domains
+from trecsys.prepared.sequences import FILES as SEQUENCE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TRECSYS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -229,7 +230,7 @@ def fake_encoder(monkeypatch):
 
 def prepared_files(run_dir: Path) -> dict[str, bytes]:
     folder = run_dir / "prepared"
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_prepare_writes_the_artifact_contract(tmp_path, fake_encoder, capsys):
@@ -237,7 +238,10 @@ def test_prepare_writes_the_artifact_contract(tmp_path, fake_encoder, capsys):
     fake_encoder.run(cfg)
     folder = Path(cfg.run_dir) / "prepared"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.yaml", "interactions.parquet", "item_embeddings.parquet", "items.parquet", "manifest.json"]
+        "config.yaml", "interactions.parquet", "item_embeddings.parquet", "items.parquet", "manifest.json",
+        "sequences"]
+    listed = {entry["path"] for entry in json.loads((folder / "manifest.json").read_text())["outputs"]}
+    assert {f"sequences/{name}" for name in SEQUENCE_FILES} <= listed  # in the manifest like every output
     assert not list(folder.parent.glob(".prepared.tmp-*"))
 
     items = pq.read_table(folder / "items.parquet")

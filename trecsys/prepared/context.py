@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trecsys.prepared.sequences import Ragged
 from trecsys.prepared.tables import DomainRange, Prepared, domain_split
 
 SPLITS = ("valid", "test")
@@ -25,9 +26,9 @@ class TargetSequences:
     domain: DomainRange
     history: str
     user_idx: np.ndarray
-    train: list[np.ndarray]
-    histories: dict[str, list[np.ndarray]]
-    targets: dict[str, list[np.ndarray]]
+    train: Ragged
+    histories: dict[str, Ragged]
+    targets: dict[str, Ragged]
     n_target_train: np.ndarray  # target-domain training items per user
 
     def training_users(self, fraction: float, seed: int) -> np.ndarray:
@@ -48,51 +49,20 @@ def subset_users(users: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def target_sequences(prepared: Prepared, history: str = "target") -> TargetSequences:
-    """The target domain's users; `history` is `target` or `all_domains` (source items as context)."""
+    """The target domain's users; `history` is `target` or `all_domains` (source items as context),
+    memory-mapped from `prepared/sequences/` (all_domains.* there: trecsys/prepared/sequences.py)."""
     split = domain_split(prepared, prepared.target)
     targets = {name: split.targets(name) for name in SPLITS}
-    n_train = np.array([len(t) for t in split.train], dtype=np.int64)
+    n_train = split.train.lengths()
     if history == "target":
         return TargetSequences(split.domain, history, split.user_idx, split.train,
                                {name: split.history(name) for name in SPLITS}, targets, n_train)
     if history != "all_domains":
         raise ValueError(f"unknown history {history!r}")
-    domains = [*prepared.source, prepared.target]
-    rows = prepared.interactions
-    rows = rows[rows["domain"].isin(domains) & rows["user_idx"].isin(split.user_idx)]
-    users = rows["user_idx"].to_numpy()
-    items = rows["item_idx"].to_numpy().astype(np.int64)
-    in_target = ((items >= split.domain.item_start) & (items < split.domain.item_stop))
-    row_split = rows["split"].to_numpy()
-    starts = np.searchsorted(users, split.user_idx)  # rows are sorted by user_idx
-    stops = np.searchsorted(users, split.user_idx, side="right")
-    train, histories = [], {name: [] for name in SPLITS}
-    for lo, hi in zip(starts, stops, strict=True):
-        seq, target, kind = items[lo:hi], in_target[lo:hi], row_split[lo:hi]
-        train.append(_before_last_train(seq, target, kind))
-        for name in SPLITS:
-            histories[name].append(_history_before(seq, target, kind, name))
-    return TargetSequences(split.domain, history, split.user_idx, train, histories, targets, n_train)
-
-
-def _before_last_train(seq: np.ndarray, target: np.ndarray, kind: np.ndarray) -> np.ndarray:
-    """Everything up to the user's last target training item, without held-out target items:
-    context after it could never precede a training label."""
-    train_positions = np.flatnonzero(target & (kind == "train"))
-    if len(train_positions) == 0:
-        return seq[:0]
-    end = train_positions[-1] + 1
-    return seq[:end][~(target[:end] & (kind[:end] != "train"))]
-
-
-def _history_before(seq: np.ndarray, target: np.ndarray, kind: np.ndarray, split: str) -> np.ndarray:
-    """What the user did before their first `split` target item: items of every domain, target
-    items only from the splits that precede it (train; train and valid for test)."""
-    held = np.flatnonzero(target & (kind == split))
-    end = held[0] if len(held) else len(seq)
-    visible = ("train", "input") if split == "valid" else ("train", "input", "valid")
-    keep = ~target[:end] | np.isin(kind[:end], visible)
-    return seq[:end][keep]
+    store = prepared.sequences
+    parts = {name: store.part(f"all_domains.{name}") for name in ("train", *SPLITS)}
+    return TargetSequences(split.domain, history, split.user_idx, parts["train"],
+                           {name: parts[name] for name in SPLITS}, targets, n_train)
 
 
 def histories_for(prepared: Prepared, history: str, split: str, user_idx: np.ndarray) -> list[np.ndarray]:

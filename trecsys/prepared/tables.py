@@ -6,22 +6,26 @@ Artifact contract (written by trecsys/stages/prepare.py):
   test, or input: a held-out user's history); rows sorted by (user_idx, timestamp), ties in input
   order, domains interleaved.
 - item_embeddings.parquet: item_idx, embedding (fixed-size list of float32); encoder info in metadata.
+- sequences/*.npy: the same interactions as flat per-user arrays, memory-mapped by `domain_split` and
+  trecsys/prepared/context.py (trecsys/prepared/sequences.py).
 - manifest.json: `domains` {name: {role, item_start, item_stop, ...}}, `source`, `target`, `encoder`,
   ... (trecsys/prepared/manifest.py's `PreparedManifest`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from trecsys.artifacts import MANIFEST, read_manifest, read_parquet, verify_outputs
 from trecsys.errors import ArtifactError, ConfigError
 from trecsys.prepared.manifest import DomainRange, PreparedManifest
+from trecsys.prepared.sequences import Ragged, Sequences, concat_rows, domain_rows
 from trecsys.stage_table import PREPARE
 
 PREPARED = PREPARE.folder
@@ -33,9 +37,20 @@ class Prepared:
     manifest: PreparedManifest
     outputs: list[dict]  # the manifest's record of the files (path, size, mtime_ns, sha256)
     items: pd.DataFrame
-    interactions: pd.DataFrame
     embeddings: np.ndarray  # (n_items, dim) float32, row i is item_idx i
     domains: dict[str, DomainRange]
+    sequences: Sequences  # the memory-mapped per-user arrays (training reads only these)
+    _interactions: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def interactions(self) -> pd.DataFrame:
+        """interactions.parquet, read on first use: stages that need only sequences never hold it."""
+        if self._interactions is None:
+            path = self.folder / "interactions.parquet"
+            interactions = _checked(read_parquet(path), path).to_pandas()
+            _check_values(interactions, len(self.items), path)
+            self._interactions = interactions
+        return self._interactions
 
     @property
     def target(self) -> str:
@@ -70,13 +85,11 @@ def load_prepared(run_dir: str | Path, verify: bool = False) -> Prepared:
     record = read_manifest(folder, stage=PREPARE.name)
     verify_outputs(folder, record, full_hash=verify, complete=verify)
     items = _checked(read_parquet(folder / "items.parquet"), folder / "items.parquet").to_pandas()
-    interactions = _checked(read_parquet(folder / "interactions.parquet"), folder / "interactions.parquet")
-    interactions = interactions.to_pandas()
+    _checked(_schema(folder / "interactions.parquet"), folder / "interactions.parquet")  # rows: on first use
     emb_table = _checked(read_parquet(folder / "item_embeddings.parquet"), folder / "item_embeddings.parquet")
-    _check_values(interactions, len(items), folder / "interactions.parquet")
     embeddings = _embedding_matrix(emb_table, len(items), folder / "item_embeddings.parquet")
     manifest = PreparedManifest.from_json(record, folder / MANIFEST)
-    return Prepared(folder, manifest, record["outputs"], items, interactions, embeddings, manifest.ranges)
+    return Prepared(folder, manifest, record["outputs"], items, embeddings, manifest.ranges, Sequences(folder))
 
 
 # The columns each prepared file must have, and the type test each must pass (the contract above).
@@ -91,15 +104,23 @@ _SCHEMA = {
 SPLITS = ("train", "valid", "test", "input")
 
 
-def _checked(table: pa.Table, path: Path) -> pa.Table:
+def _checked(table: pa.Table | pa.Schema, path: Path) -> pa.Table | pa.Schema:
     """Refuse a prepared file that lacks a contract column or holds it with the wrong type."""
+    schema = table if isinstance(table, pa.Schema) else table.schema
     for column, is_ok in _SCHEMA[path.name].items():
-        if column not in table.column_names:
+        if column not in schema.names:
             raise ArtifactError(f"{path}: no column {column!r}; not a prepared file: re-run `trec prepare`")
-        if not is_ok(table.schema.field(column).type):
-            raise ArtifactError(f"{path}: column {column!r} has type {table.schema.field(column).type}, "
+        if not is_ok(schema.field(column).type):
+            raise ArtifactError(f"{path}: column {column!r} has type {schema.field(column).type}, "
                                 "not the prepared contract's: re-run `trec prepare`")
     return table
+
+
+def _schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtifactError(f"{path}: unreadable Parquet ({str(exc).splitlines()[0]})") from None
 
 
 def _check_values(interactions: pd.DataFrame, n_items: int, path: Path) -> None:
@@ -135,43 +156,37 @@ class DomainSplit:
 
     domain: DomainRange
     user_idx: np.ndarray
-    train: list[np.ndarray]
-    valid: list[np.ndarray]
-    test: list[np.ndarray]
-    input: list[np.ndarray] | None = None
+    train: Ragged
+    valid: Ragged
+    test: Ragged
+    input: Ragged | None = None
 
-    def history(self, split: str) -> list[np.ndarray]:
-        before = self.train if self.input is None else [
-            np.concatenate([i, t]) for i, t in zip(self.input, self.train, strict=True)]
+    def history(self, split: str) -> Ragged:
+        before = self.train if self.input is None else concat_rows(self.input, self.train)
         if split == "valid":
             return before
         if split == "test":
-            return [np.concatenate([b, v]) for b, v in zip(before, self.valid, strict=True)]
+            return concat_rows(before, self.valid)
         raise ValueError(f"unknown split {split!r}")
 
-    def targets(self, split: str) -> list[np.ndarray]:
+    def targets(self, split: str) -> Ragged:
         return {"valid": self.valid, "test": self.test}[split]
 
 
 def seen_items(sequences) -> np.ndarray:
     """The distinct item_idx of some training sequences: the items a model's ID table needs."""
+    if isinstance(sequences, Ragged):
+        return np.unique(sequences.flat())
     parts = [np.asarray(seq, dtype=np.int64) for seq in sequences]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
 def domain_split(prepared: Prepared, name: str) -> DomainSplit:
-    """Group a domain's interactions by user, keeping the prepared sequence order."""
+    """A domain's users and their items per split, in the prepared sequence order, memory-mapped
+    from `prepared/sequences/` (the rows of the domain there)."""
     domain = prepared.domain(name)
-    rows = prepared.interactions[prepared.interactions["domain"] == name]
-    users = rows["user_idx"].to_numpy()
-    items = rows["item_idx"].to_numpy().astype(np.int64)
-    split = rows["split"].to_numpy()
-    user_idx, starts = np.unique(users, return_index=True)  # rows are sorted by user_idx
-    bounds = np.append(starts, len(users))
-    out: dict[str, list[np.ndarray]] = {name_: [] for name_ in SPLITS}
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        user_items, user_split = items[lo:hi], split[lo:hi]
-        for name_ in out:
-            out[name_].append(user_items[user_split == name_])
-    return DomainSplit(domain, user_idx.astype(np.int64), out["train"], out["valid"], out["test"],
-                       out["input"] if any(len(i) for i in out["input"]) else None)
+    store = prepared.sequences
+    rows = store.rows(sorted(prepared.domains.values(), key=lambda d: d.item_start).index(domain))
+    parts = {part: domain_rows(store.part(part), rows) for part in SPLITS}
+    return DomainSplit(domain, np.asarray(store.users[rows], dtype=np.int64), parts["train"], parts["valid"],
+                       parts["test"], parts["input"] if parts["input"].any_items() else None)

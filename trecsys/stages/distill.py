@@ -134,7 +134,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
 
         seed_everything(cfg.seed)
         student = SeqRecModel(dc.student, prepared.embeddings.shape[1], prepared.n_items,
-                              id_items=seen_items(seq for s in splits for seq in s.train))
+                              id_items=seen_items([seen_items(s.train) for s in splits]))
         student.set_item_text(torch.from_numpy(prepared.embeddings))
         module = Distillation(student, teacher.config.d_model, dc.hidden_weight > 0)
         teacher.to(dist.device).eval().requires_grad_(False)

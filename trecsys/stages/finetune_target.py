@@ -149,7 +149,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
         dist.barrier()
         # An ID table only for the items in the training sequences (the target's, and with
         # history all_domains the source items read as context): other items are ranked by text.
-        id_items = seen_items(seqs.train[u] for u in train_users)
+        id_items = seen_items(seqs.train.take(train_users))
         results = []
         for strategy in trained:
             candidate = build_candidate(strategy, init, base, torch.from_numpy(prepared.embeddings),
@@ -209,7 +209,7 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
         result = CandidateResult(spec.name, metrics or {}, 0, 0, NOT_TRAINED, model.num_parameters(), 0,
                                  round(time.perf_counter() - t0, 3), model.parameter_counts(trainable_only=True))
     else:
-        parts = [domain_windows(seqs.domain, [seqs.train[u] for u in train_users], model.config.max_seq_len,
+        parts = [domain_windows(seqs.domain, seqs.train.take(train_users), model.config.max_seq_len,
                                 ft.train, dist.device)]
         if len(parts[0].windows) == 0:
             raise ConfigError(

@@ -1,7 +1,7 @@
 """`trec prepare`: read every domain, clean, split, map ids, embed item text → <run_dir>/prepared/.
 
-The folder is the contract every later stage reads (items, interactions, item embeddings, config,
-manifest); it is built under a temporary name and swapped in only when complete.
+The folder is the contract every later stage reads (items, interactions, item embeddings, the
+per-user sequences as flat arrays, config, manifest); it is built under a temporary name and swapped in only when complete.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from trecsys.ingest.split import SPLITS, assign_split
 from trecsys.ingest.synthetic import generate_domains
 from trecsys.ingest.text import compose_text
 from trecsys.prepared.manifest import PreparedManifest
+from trecsys.prepared.sequences import write_sequences
 from trecsys.runtime import StopRequest, apply_threads, resolve_device
 from trecsys.stage_table import PREPARE
 
@@ -69,6 +70,9 @@ def run(cfg: ExperimentConfig) -> None:
             write_parquet(embeddings_table(items["item_idx"].to_numpy(), embeddings), folder / "item_embeddings.parquet",
                           metadata=encoder_metadata(encoder))
             write_text(folder / "config.yaml", to_yaml(cfg))
+            # The same interactions as flat per-user arrays: what training memory-maps.
+            write_sequences(folder, interactions, {n: (d["item_start"], d["item_stop"]) for n, d in stats.items()},
+                            list(cfg.data.source), cfg.data.target, len(items))
             timings["write"] = _since(clock)
             write_manifest(
                 folder, PREPARE.name, to_dict(cfg),

@@ -60,7 +60,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
         seed_everything(cfg.seed)
         # IDs only for the source items it trains on: other items are ranked by their text.
         model = SeqRecModel(cfg.model, prepared.embeddings.shape[1], prepared.n_items,
-                            id_items=seen_items(seq for s in splits.values() for seq in s.train))
+                            id_items=seen_items([seen_items(s.train) for s in splits.values()]))
         model.set_item_text(torch.from_numpy(prepared.embeddings))
         prepared_sha = prepared_fingerprint(prepared)
         extra = {"stage": STAGE, "source": sources, **trained_on(prepared)}

@@ -4,7 +4,7 @@ distill and finetune-target hand the engine (a batch holds one domain's windows,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,55 +12,68 @@ import torch
 
 from trecsys.config import TrainConfig
 from trecsys.model.seqrec import SeqRecModel
+from trecsys.prepared.sequences import Ragged
 from trecsys.prepared.tables import DomainRange
 from trecsys.train.engine import TrainData
 from trecsys.train.losses import chunked_cross_entropy, proposal_log_q, sampled_softmax_loss
-from trecsys.train.windows import label_counts, training_windows, trim_left_padding, window_tensors
+from trecsys.train.windows import WindowIndex, label_counts, trim_left_padding, window_index, window_tensors
 
 
 @dataclass
 class DomainWindows:
     """Training windows whose labels are ranked against one domain's catalogue; items of other
-    domains in them are context only (never labels)."""
+    domains in them are context only (never labels). The windows are positions in the (memory-mapped)
+    sequence arrays, cut per batch."""
 
     domain: DomainRange
-    windows: np.ndarray
-    new: np.ndarray  # labels per window that carry the loss, counted from its end (training_windows)
+    windows: WindowIndex
     log_q: torch.Tensor | None = None  # proposal of `loss: sampled`, over the domain's items
 
-    def label_counts(self) -> np.ndarray:
-        return label_counts(self.windows, self.domain.item_start, self.domain.item_stop, self.new)
+    @property
+    def new(self) -> np.ndarray:  # labels per window that carry the loss, counted from its end
+        return self.windows.new
+
+    def label_counts(self, chunk: int = 1 << 15) -> np.ndarray:
+        """Loss terms per window, computed a chunk of windows at a time (memory flat in their number)."""
+        counts = [label_counts(self.windows.gather(rows), self.domain.item_start, self.domain.item_stop,
+                               self.windows.new[rows])
+                  for rows in np.array_split(np.arange(len(self.windows)), max(1, -(-len(self.windows) // chunk)))]
+        return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
 
 
 def window_stride(train: TrainConfig, max_seq_len: int) -> int:
-    """`train.window_stride` as the stride of training_windows (0 or above max_seq_len: max_seq_len)."""
+    """`train.window_stride` as the stride of window_index (0 or above max_seq_len: max_seq_len)."""
     return max_seq_len if train.window_stride in (0, None) else min(train.window_stride, max_seq_len)
 
 
-def domain_windows(domain: DomainRange, sequences: Sequence[np.ndarray], max_seq_len: int,
+def domain_windows(domain: DomainRange, sequences: Ragged | list[np.ndarray], max_seq_len: int,
                    train: TrainConfig, device: torch.device) -> DomainWindows:
     """Windows of `sequences` that hold at least one label in `domain`."""
-    windows, new = training_windows(list(sequences), max_seq_len, window_stride(train, max_seq_len))
-    part = DomainWindows(domain, windows, new)
-    has_label = part.label_counts() > 0
-    part.windows, part.new = windows[has_label], new[has_label]
+    if not isinstance(sequences, Ragged):
+        sequences = Ragged.from_lists(sequences)
+    part = DomainWindows(domain, window_index(sequences, max_seq_len, window_stride(train, max_seq_len)))
+    part.windows = part.windows.select(part.label_counts() > 0)
     if train.loss == "sampled":  # proposal from training popularity within the domain
-        flat = np.concatenate(list(sequences)) if len(sequences) else np.zeros(0, dtype=np.int64)
+        flat = sequences.flat()
         flat = flat[(flat >= domain.item_start) & (flat < domain.item_stop)] - domain.item_start
         part.log_q = proposal_log_q(np.bincount(flat, minlength=domain.n_items)).to(device)
     return part
 
 
 def window_train_data(parts: list[DomainWindows]) -> TrainData:
-    """Every part's windows; a batch holds one part's windows (so one catalogue per batch)."""
-    windows = np.concatenate([p.windows for p in parts])
-    new = np.concatenate([p.new for p in parts])
-    groups = np.repeat(np.arange(len(parts)), [len(p.windows) for p in parts])
+    """Every part's windows; a batch holds one part's windows (so one catalogue per batch), gathered
+    from the sequence arrays when the batch is made (on each rank, only its micro-batches)."""
+    sizes = [len(p.windows) for p in parts]
+    first = np.concatenate([[0], np.cumsum(sizes)])
+    groups = np.repeat(np.arange(len(parts)), sizes)
     n_terms = np.concatenate([p.label_counts() for p in parts])
 
     def make_batch(indices: np.ndarray) -> dict:
-        return {"windows": trim_left_padding(torch.from_numpy(windows[indices])),
-                "new": torch.from_numpy(new[indices]), "group": int(groups[indices[0]])}
+        group = int(groups[indices[0]])
+        rows = indices - first[group]
+        windows = parts[group].windows
+        return {"windows": trim_left_padding(torch.from_numpy(windows.gather(rows))),
+                "new": torch.from_numpy(windows.new[rows]), "group": group}
 
     return TrainData(n_terms=n_terms, make_batch=make_batch, groups=groups)
 

@@ -8,15 +8,48 @@ All arrays hold global item_idx, left-padded with -1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from trecsys.model.seqrec import PAD
+from trecsys.prepared.sequences import Ragged
 
 
-def training_windows(sequences: list[np.ndarray], max_seq_len: int, stride: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's sequence as windows of `max_seq_len + 1` items: (windows (n, max_seq_len + 1), new (n,)).
+@dataclass
+class WindowIndex:
+    """Training windows as positions in a flat item array, cut on the fly by `gather`.
+
+    Window i is `items[lo[i]:end[i]]` left-padded with -1 to `width` items; only its last `new[i]`
+    labels carry the loss. `items` is usually the memory-mapped array of trecsys/prepared/sequences.py,
+    so the windows' items are read from disk per batch and never held all at once.
+    """
+
+    items: np.ndarray
+    lo: np.ndarray  # int64, first item of each window (the user's first item when the window reaches it)
+    end: np.ndarray  # int64, exclusive end
+    new: np.ndarray  # int64
+    width: int
+
+    def __len__(self) -> int:
+        return len(self.end)
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """Windows `indices` as an int64 array (len(indices), width), left-padded with -1."""
+        lo, end = self.lo[indices], self.end[indices]
+        columns = end[:, None] - self.width + np.arange(self.width)[None, :]
+        inside = columns >= lo[:, None]
+        values = np.asarray(self.items[np.where(inside, columns, 0)] if len(self.items) else
+                            np.zeros(columns.shape, dtype=np.int64), dtype=np.int64)
+        return np.where(inside, values, PAD)
+
+    def select(self, keep: np.ndarray) -> WindowIndex:
+        return WindowIndex(self.items, self.lo[keep], self.end[keep], self.new[keep], self.width)
+
+
+def window_index(sequences: Ragged | list[np.ndarray], max_seq_len: int, stride: int | None = None) -> WindowIndex:
+    """Each user's sequence as windows of `max_seq_len + 1` items (positions only: see `WindowIndex`).
 
     Windows are cut from the end backwards every `stride` items (default `max_seq_len`: windows
     share one item), so the latest items form a full window. Only a window's last `new[i]` labels
@@ -33,21 +66,28 @@ def training_windows(sequences: list[np.ndarray], max_seq_len: int, stride: int 
     if not 1 <= stride <= max_seq_len:
         raise ValueError(f"stride must be in [1, max_seq_len={max_seq_len}], got {stride}")
     width = max_seq_len + 1
-    kept = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) >= 2]
-    if not kept:
-        return np.full((0, width), PAD, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    lengths = np.array([len(s) for s in kept], dtype=np.int64)
-    flat = np.concatenate(kept)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    if not isinstance(sequences, Ragged):
+        sequences = Ragged.from_lists(sequences)
+    lengths = sequences.lengths()
+    kept = lengths >= 2
+    lengths, starts = lengths[kept], np.asarray(sequences.starts, dtype=np.int64)[kept]
     per_user = (lengths - 2) // stride + 1  # ceil((length - 1) / stride) windows
-    user = np.repeat(np.arange(len(kept)), per_user)
+    user = np.repeat(np.arange(len(lengths)), per_user)
     first_window = np.repeat(np.cumsum(per_user) - per_user, per_user)
     back = np.arange(len(user)) - first_window  # 0 = the user's latest window
     end = lengths[user] - back * stride  # exclusive end within the user's sequence
-    columns = (starts[user] + end)[:, None] - width + np.arange(width)[None, :]
-    inside = columns >= starts[user][:, None]
     new = np.minimum(stride, end - 1)  # labels at sequence positions [max(1, end - stride), end)
-    return np.where(inside, flat[np.maximum(columns, 0)], PAD), new
+    absolute_end = starts[user] + end
+    return WindowIndex(sequences.items, np.maximum(starts[user], absolute_end - width), absolute_end,
+                       new.astype(np.int64), width)
+
+
+def training_windows(sequences: Ragged | list[np.ndarray], max_seq_len: int, stride: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Every window of `window_index` at once: (windows (n, max_seq_len + 1), new (n,)); for small
+    inputs (tests, studies). Training gathers each batch's windows instead."""
+    index = window_index(sequences, max_seq_len, stride)
+    return index.gather(np.arange(len(index))), index.new
 
 
 def _loss_mask(inputs, labels, new, item_start: int, item_stop: int | None):
