@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import tiny_config, write_tiny_prepared
 from typer.testing import CliRunner
 
@@ -16,7 +17,8 @@ from trecsys.model.seqrec import PAD
 from trecsys.prepared import sequences as sequences_module
 from trecsys.prepared.context import target_sequences
 from trecsys.prepared.sequences import Ragged, concat_rows
-from trecsys.prepared.tables import domain_split, load_prepared
+from trecsys.prepared.tables import domain_split, load_prepared, seen_items
+from trecsys.train.losses import proposal_log_q
 from trecsys.train.next_item import domain_windows, window_train_data
 from trecsys.train.windows import training_windows, window_index
 
@@ -195,6 +197,12 @@ def test_training_batches_are_gathered_from_the_memory_map(tiny_prepared, monkey
     width = batch["windows"].shape[1]
     np.testing.assert_array_equal(batch["windows"].numpy(), want[[3, 0, 7]][:, -width:])
     np.testing.assert_array_equal(data.n_terms, part.label_counts())
+    # loss: sampled's proposal counts the domain's training items as the concatenated lists did.
+    sampled = domain_windows(split.domain, split.train, 5, TrainConfig(loss="sampled"), "cpu")
+    flat = np.concatenate(list(split.train))
+    counts = np.bincount(flat[(flat >= split.domain.item_start) & (flat < split.domain.item_stop)]
+                         - split.domain.item_start, minlength=split.domain.n_items)
+    assert torch.equal(sampled.log_q, proposal_log_q(counts))
 
 
 def test_ragged_helpers():
@@ -204,6 +212,13 @@ def test_ragged_helpers():
     same_rows(a.take(np.array([2, 0])), [[3], [1, 2]])
     np.testing.assert_array_equal(a.take(np.array([2, 0])).flat(), [3, 1, 2])
     assert not Ragged.from_lists([np.array([], dtype=np.int64)]).any_items()
+    # Passes over every item go a block of rows at a time, with the same result as all at once.
+    rows = [np.array([5, 1, 5]), np.array([], dtype=np.int64), np.array([2]), np.array([7, 5])]
+    many = Ragged.from_lists(rows)
+    assert [len(block) for block in many.chunks(rows_per_chunk=2)] == [3, 3]
+    np.testing.assert_array_equal(many.item_counts(1, 6), [1, 1, 0, 0, 3])
+    np.testing.assert_array_equal(seen_items(many), [1, 2, 5, 7])
+    np.testing.assert_array_equal(seen_items(many), seen_items(rows))
 
 
 def test_old_prepared_folder_without_arrays_says_rerun_prepare(tmp_path, monkeypatch):

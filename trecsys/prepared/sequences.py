@@ -81,6 +81,19 @@ class Ragged:
         """Every row's items in row order (int64, in memory)."""
         return np.asarray(self.items[self.positions()], dtype=np.int64)
 
+    def chunks(self, rows_per_chunk: int = 1 << 16) -> Iterator[np.ndarray]:
+        """`flat()` a block of rows at a time, so a pass over every item holds one block in memory."""
+        for first in range(0, len(self), rows_per_chunk):
+            yield Ragged(self.items, self.starts[first:first + rows_per_chunk],
+                         self.stops[first:first + rows_per_chunk]).flat()
+
+    def item_counts(self, start: int, stop: int) -> np.ndarray:
+        """How often each item of [start, stop) occurs in all rows: (stop - start,) int64."""
+        counts = np.zeros(stop - start, dtype=np.int64)
+        for flat in self.chunks():
+            counts += np.bincount(flat[(flat >= start) & (flat < stop)] - start, minlength=stop - start)
+        return counts
+
     def any_items(self) -> bool:
         return bool((self.lengths() > 0).any())
 

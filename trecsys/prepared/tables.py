@@ -175,8 +175,8 @@ class DomainSplit:
 
 def seen_items(sequences) -> np.ndarray:
     """The distinct item_idx of some training sequences: the items a model's ID table needs."""
-    if isinstance(sequences, Ragged):
-        return np.unique(sequences.flat())
+    if isinstance(sequences, Ragged):  # a block of rows at a time: memory grows with items, not interactions
+        return seen_items([np.unique(block) for block in sequences.chunks()])
     parts = [np.asarray(seq, dtype=np.int64) for seq in sequences]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 

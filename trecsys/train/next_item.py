@@ -33,7 +33,7 @@ class DomainWindows:
     def new(self) -> np.ndarray:  # labels per window that carry the loss, counted from its end
         return self.windows.new
 
-    def label_counts(self, chunk: int = 1 << 15) -> np.ndarray:
+    def label_counts(self, chunk: int = 1 << 12) -> np.ndarray:
         """Loss terms per window, computed a chunk of windows at a time (memory flat in their number)."""
         counts = [label_counts(self.windows.gather(rows), self.domain.item_start, self.domain.item_stop,
                                self.windows.new[rows])
@@ -54,9 +54,7 @@ def domain_windows(domain: DomainRange, sequences: Ragged | list[np.ndarray], ma
     part = DomainWindows(domain, window_index(sequences, max_seq_len, window_stride(train, max_seq_len)))
     part.windows = part.windows.select(part.label_counts() > 0)
     if train.loss == "sampled":  # proposal from training popularity within the domain
-        flat = sequences.flat()
-        flat = flat[(flat >= domain.item_start) & (flat < domain.item_stop)] - domain.item_start
-        part.log_q = proposal_log_q(np.bincount(flat, minlength=domain.n_items)).to(device)
+        part.log_q = proposal_log_q(sequences.item_counts(domain.item_start, domain.item_stop)).to(device)
     return part
 
 
