@@ -126,11 +126,11 @@ def trecsys_work(overrides: list[str], epochs: int) -> dict:
     ft = cfg.finetune
     seqs = target_sequences(load_prepared(cfg.run_dir), ft.history)
     users = seqs.training_users(ft.train_fraction, cfg.seed)
-    part = domain_windows(seqs.domain, [seqs.train[u] for u in users], cfg.model.max_seq_len, ft.train,
-                          torch.device("cpu"))
+    part = domain_windows(seqs.domain, seqs.train.take(users), cfg.model.max_seq_len, ft.train, torch.device("cpu"))
     data = window_train_data([part])
     members = data.group_members()
-    per_epoch = [epoch_work(part.windows, epoch_batches(members, ft.train.batch_size, cfg.seed, e))
+    windows = part.windows.gather(np.arange(len(part.windows)))  # every window at once: ml-100k is small
+    per_epoch = [epoch_work(windows, epoch_batches(members, ft.train.batch_size, cfg.seed, e))
                  for e in range(max(epochs, 1))]
     mean = {k: float(np.mean([w[k] for w in per_epoch])) for k in per_epoch[0]}
     return {**mean, "labels": int(data.n_terms.sum()),
