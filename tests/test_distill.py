@@ -108,6 +108,18 @@ def test_distill_reports_teacher_and_student_side_by_side(run_copy, tmp_path):
     assert len(list(read_log(out / LOG))) == 4
 
 
+def test_distilling_twice_writes_identical_files(run_copy, tmp_path):
+    """Same config, same seed: the same student, byte for byte (its sha256 is what manifests and
+    --resume compare)."""
+    cfg = distill_config(run_copy, tmp_path / "cfg.yaml", data="target", hidden_weight=0.5)
+    weights = []
+    for _ in range(3):
+        result = trec("distill", "-c", str(cfg), "distill.train.epochs=2")
+        assert result.exit_code == 0, result.output
+        weights.append((run_copy / "distill" / "model.safetensors").read_bytes())
+    assert weights[1] == weights[0] and weights[2] == weights[0]
+
+
 def test_resume_with_hidden_matching_finishes_like_an_uninterrupted_run(run_copy, tmp_path):
     cfg = distill_config(run_copy, tmp_path / "cfg.yaml", data="target", hidden_weight=1.0)
     assert trec("distill", "-c", str(cfg)).exit_code == 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from trecsys.config import ExperimentConfig, ModelConfig, build
 from trecsys.errors import ArtifactError, ConfigError
-from trecsys.model.checkpoint import load_checkpoint, save_checkpoint
+from trecsys.model.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from trecsys.model.seqrec import SeqRecModel
 from trecsys.train.losses import (
     chunked_cross_entropy,
@@ -382,6 +382,27 @@ def test_checkpoint_round_trip(tmp_path):
     seq = random_seq()
     assert torch.equal(loaded.encode(seq), model.encode(seq))
     assert torch.equal(loaded.item_reps(0, N_ITEMS), model.item_reps(0, N_ITEMS))
+
+
+def test_saving_the_same_model_twice_writes_the_same_bytes(tmp_path):
+    """The weights' sha256 is the checkpoint's fingerprint (stage manifests, exact resume): safetensors
+    wrote its metadata in a random order per call (a Rust HashMap), so equal weights hashed apart."""
+    from safetensors import safe_open
+
+    model = make_model(item_ids=True)
+    save_checkpoint(model, tmp_path / "first")
+    first = (tmp_path / "first" / "model.safetensors").read_bytes()
+    metadata = {f"key{i}": str(i) for i in range(6)}  # 720 orders: a random one would not repeat
+    save_weights(model, tmp_path, "meta.safetensors", metadata)
+    for i in range(8):
+        save_checkpoint(model, tmp_path / "again")
+        assert (tmp_path / "again" / "model.safetensors").read_bytes() == first, f"save {i + 2} differs"
+        save_weights(model, tmp_path, "meta2.safetensors", dict(reversed(metadata.items())))
+        assert (tmp_path / "meta2.safetensors").read_bytes() == (tmp_path / "meta.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "meta.safetensors"), "pt") as f:  # still a valid file, metadata kept
+        assert f.metadata() == metadata and set(f.keys()) == set(model.state_dict())
+    loaded, _ = load_checkpoint(tmp_path / "again")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_bad_checkpoints_raise_artifact_errors(tmp_path):

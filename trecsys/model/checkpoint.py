@@ -7,12 +7,13 @@ check of whether a checkpoint fits a run's prepared catalogue.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from trecsys import __version__
@@ -87,8 +88,28 @@ class CheckpointInfo:
 def save_weights(module: nn.Module, folder: Path, name: str = WEIGHTS, metadata: dict | None = None) -> None:
     """`module`'s state dict as safetensors in `folder/name`, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    data = sorted_metadata(save(tensors, metadata=metadata))
     with atomic_path(Path(folder) / name) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(data)
+
+
+def sorted_metadata(data: bytes) -> bytes:
+    """The safetensors bytes `data` with the header's `__metadata__` in key order.
+
+    Why: safetensors builds `__metadata__` as a Rust HashMap, whose iteration order is random per
+    map (per process and per call), so the same weights were written with `{"format", "trecsys_version"}`
+    in either order: different bytes, so a different sha256 (the checkpoint fingerprint that exact
+    resume and stage manifests compare). The tensors' entries and data are already in a fixed order
+    (by dtype alignment, then name) and stay as they are; the header is re-padded with spaces to a
+    multiple of 8 bytes, as safetensors pads it.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def load_weights(module: nn.Module, folder: Path, name: str = WEIGHTS) -> None:
