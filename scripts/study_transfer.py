@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from trecsys.artifacts import read_json, write_parquet, write_text  # noqa: E402
 from trecsys.config import load_config, to_dict  # noqa: E402
 from trecsys.errors import TrecError  # noqa: E402
+from trecsys.model.manifests import DistillManifest, FinetuneManifest  # noqa: E402
 from trecsys.model.strategies import STRATEGIES  # noqa: E402
 from trecsys.prepared.context import target_sequences  # noqa: E402
 from trecsys.prepared.tables import load_prepared  # noqa: E402
@@ -50,9 +51,7 @@ from trecsys.rank import metrics as M  # noqa: E402
 from trecsys.rank.rankers import Ranker, make_scorer  # noqa: E402
 from trecsys.runtime import resolve_device  # noqa: E402
 from trecsys.stages import distill, finetune_target, prepare, pretrain_source  # noqa: E402
-from trecsys.stages.distill import DistillManifest  # noqa: E402
 from trecsys.stages.evaluate import eval_users, ranking_inputs  # noqa: E402
-from trecsys.stages.finetune_target import FinetuneManifest  # noqa: E402
 from trecsys.train.engine import epoch_batches  # noqa: E402
 from trecsys.train.next_item import domain_windows  # noqa: E402
 

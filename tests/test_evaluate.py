@@ -17,9 +17,9 @@ from trecsys.artifacts import write_manifest, write_parquet
 from trecsys.cli import app
 from trecsys.config import load_config
 from trecsys.errors import ArtifactError, ConfigError, DataError
+from trecsys.model.manifests import FinetuneManifest
 from trecsys.prepared.sequences import write_sequences
 from trecsys.stages import evaluate as stage
-from trecsys.stages.finetune_target import FinetuneManifest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KS = [1, 5, 10]  # the tiny target catalogue has 16 items

@@ -62,8 +62,7 @@ def test_a_malformed_pipeline_state_is_refused_naming_the_file(tmp_path, text, m
 
 
 def test_a_malformed_finetune_or_distill_record_is_refused_naming_the_file(tmp_path):
-    from trecsys.stages.distill import DistillManifest
-    from trecsys.stages.finetune_target import FinetuneManifest
+    from trecsys.model.manifests import DistillManifest, FinetuneManifest
 
     finetune = {"seed": 0, "target": "Food", "strategy": "auto", "chosen": "full", "chosen_by": "valid ndcg@10",
                 "metrics": {}, "candidates": {"full": {"strategy": "full"}}, "init_from": "pretrain",

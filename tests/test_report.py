@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from trecsys.artifacts import write_manifest
+from trecsys.model.manifests import FinetuneManifest
 from trecsys.rank import report
 
 STRATEGIES = ("full", "adaptor", "zero_shot", "scratch", "id_only")
@@ -43,7 +45,10 @@ def test_learning_curves_show_every_candidate_distinctly_with_labels_and_an_outs
     for i, strategy in enumerate(STRATEGIES):
         _write_log(run / "finetune" / "candidates" / strategy / "train_log.jsonl", 6, 1.0 + i)
     _write_log(run / "finetune" / "train_log.jsonl", 6, 9.0)  # the kept copy: not drawn twice
-    (run / "finetune" / "manifest.json").write_text(json.dumps({"chosen": "adaptor"}))
+    write_manifest(run / "finetune", "finetune-target", {}, [], FinetuneManifest(
+        seed=0, target="Food", strategy="auto", chosen="adaptor", chosen_by="valid ndcg@10", metrics={},
+        candidates={}, init_from=None, history="target", train_fraction=1.0, n_train_users=0, n_parameters=0,
+        n_trainable=0, timings_s={}).to_json())
 
     logs = report.training_logs([run])
     assert list(logs) == ["demo/pretrain", "demo/distill", "demo/finetune/adaptor (kept)", "demo/finetune/full",

@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from trecsys.artifacts import write_text
+from trecsys.errors import ArtifactError
+from trecsys.model.manifests import FinetuneManifest
 from trecsys.stage_table import FINETUNE, TRAINING
 
 CURVE_METRICS = ("recall", "ndcg", "mrr", "hit")
@@ -202,8 +204,8 @@ def training_logs(run_dirs: Sequence[Path]) -> dict[str, Path]:
             candidates = sorted((folder / "candidates").glob("*/train_log.jsonl")) if stage == FINETUNE.folder else []
             if candidates:
                 try:
-                    kept = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("chosen")
-                except (OSError, ValueError):
+                    kept = FinetuneManifest.read(folder).chosen
+                except ArtifactError:  # no readable record: the curves are shown, none marked kept
                     kept = None
                 for log in candidates:
                     strategy = log.parent.name

@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from trecsys.artifacts import describe_file, read_record, run_lock
+from trecsys.artifacts import describe_file, run_lock
 from trecsys.config import ExperimentConfig, to_dict
 from trecsys.console import log
 from trecsys.errors import ConfigError
@@ -34,6 +33,7 @@ from trecsys.model.checkpoint import (
     save_weights,
     trained_on,
 )
+from trecsys.model.manifests import DistillManifest
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.prepared.identity import prepared_fingerprint, prepared_input
 from trecsys.prepared.tables import domain_split, load_prepared, seen_items
@@ -73,35 +73,6 @@ def load_distillation(module: Distillation, folder: Path) -> None:
     load_weights(module.student, folder)
     if module.project is not None:
         load_weights(module.project, folder, PROJECTION)
-
-
-@dataclass
-class DistillManifest:
-    """What distill/manifest.json records beside the config and files (evaluate and the study read it)."""
-
-    seed: int
-    teacher: str  # the teacher's checkpoint folder
-    data: list[str]  # the domains whose train sequences it distilled on
-    metrics: dict[str, float] | None  # the best student's validation metrics
-    best_step: int | None
-    steps: int
-    stopped: str
-    n_parameters: int
-    comparison: dict  # {"teacher": ..., "student": ...} from measure()
-    precision: str
-    world_size: int
-    timings_s: dict[str, float]
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> DistillManifest:
-        return cls(**data)
-
-    @classmethod
-    def read(cls, folder: Path) -> DistillManifest:
-        return read_record(cls, folder, STAGE)
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:

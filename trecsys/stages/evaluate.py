@@ -35,6 +35,7 @@ from trecsys.model.checkpoint import (
     is_checkpoint,
     latest_checkpoint,
 )
+from trecsys.model.manifests import DistillManifest, FinetuneManifest
 from trecsys.prepared.context import histories_for
 from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
 from trecsys.prepared.tables import PREPARED, Prepared, domain_split, load_prepared
@@ -46,8 +47,6 @@ from trecsys.rank.rankers import BASELINES, Ranker, RankingInputs, make_scorer
 from trecsys.rank.scorers import item_counts, to_local
 from trecsys.runtime import Threads, apply_threads, resolve_device
 from trecsys.stage_table import DISTILL, EVALUATE, FINETUNE, PRETRAIN
-from trecsys.stages.distill import DistillManifest
-from trecsys.stages.finetune_target import FinetuneManifest
 from trecsys.track import tracking
 
 EVAL = EVALUATE.folder

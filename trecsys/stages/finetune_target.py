@@ -14,7 +14,7 @@ import contextlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,6 @@ import torch
 from trecsys.artifacts import (
     describe_file,
     read_json,
-    read_record,
     run_lock,
     stage_output,
     write_json,
@@ -44,6 +43,7 @@ from trecsys.model.checkpoint import (
     trained_on,
     weights_sha256,
 )
+from trecsys.model.manifests import CandidateResult, FinetuneManifest
 from trecsys.model.seqrec import SeqRecModel, describe_parameters
 from trecsys.model.strategies import Candidate, build_candidate, l2sp_penalty, transfers_any
 from trecsys.prepared.context import TargetSequences, target_sequences
@@ -66,53 +66,6 @@ FUSION = "fusion"  # the candidate that fuses the best trained one with item-kNN
 RESULT = "result.json"  # a finished candidate's summary in its work folder (a resume skips it)
 NOT_TRAINED = "not_trained"  # `stopped` of a strategy that does not train (zero_shot): only validated
 FUSED = "fused"  # `stopped` of the fusion candidate: its network is another candidate's, not trained again
-
-
-@dataclass
-class CandidateResult:
-    strategy: str
-    valid: dict[str, float]
-    best_step: int | None
-    steps: int
-    stopped: str  # the engine's FitResult.stopped, or NOT_TRAINED
-    n_parameters: int
-    n_trainable: int
-    train_s: float
-    # Trainable parameters per part (text tower, ids, sequence tower).
-    trainable_by_part: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class FinetuneManifest:
-    """What finetune/manifest.json records beside the config and files (evaluate and the study read it)."""
-
-    seed: int
-    target: str
-    strategy: str  # finetune.strategy as configured (auto, or one strategy)
-    chosen: str  # the strategy whose model is in the folder
-    chosen_by: str
-    metrics: dict[str, float]  # the chosen candidate's validation metrics
-    candidates: dict[str, CandidateResult]
-    init_from: str | None
-    history: str
-    train_fraction: float
-    n_train_users: int
-    n_parameters: int
-    n_trainable: int
-    timings_s: dict[str, float]
-    # The chosen model's trainable parameters per part (text tower, ids, sequence tower).
-    n_trainable_by_part: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> FinetuneManifest:
-        return cls(**{**data, "candidates": {k: CandidateResult(**v) for k, v in data["candidates"].items()}})
-
-    @classmethod
-    def read(cls, folder: Path) -> FinetuneManifest:
-        return read_record(cls, folder, STAGE)
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, verify: bool = False) -> None:
