@@ -19,6 +19,7 @@ from trecsys.config import load_config
 from trecsys.errors import ArtifactError, ConfigError, DataError
 from trecsys.model.manifests import FinetuneManifest
 from trecsys.prepared.sequences import write_sequences
+from trecsys.rank.report import EvalContext, read_context
 from trecsys.stages import evaluate as stage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -113,6 +114,16 @@ def test_baselines_write_metrics_report_and_plots(tiny_prepared, capsys):
         assert f"]({png.name})" in report
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "evaluate" and {o["path"] for o in manifest["outputs"]} >= {"metrics.parquet", "report.md"}
+    # Its context (report.EvalContext), keys in the order the file has always had, read back typed.
+    assert list(manifest["context"]) == ["run_dir", "target", "split", "n_users", "n_items", "ks", "exclude_seen",
+                                         "bootstrap", "seed", "cold_item_interactions", "history_buckets", "models",
+                                         "seconds"]
+    context = read_context(manifest, out / "manifest.json")
+    assert isinstance(context, EvalContext) and context.to_json() == manifest["context"]
+    assert context.n_users == sizes["all"] and context.ks == KS and set(context.seconds) == set(metrics["run"])
+    manifest["context"].pop("seed")
+    with pytest.raises(ArtifactError, match=r"manifest.json: malformed evaluate context .*seed"):
+        read_context(manifest, out / "manifest.json")
 
     printed = capsys.readouterr()  # the table is the result (stdout), "wrote" a log line (stderr)
     assert "popularity" in printed.out and "ndcg@10" in printed.out and "wrote" in printed.err

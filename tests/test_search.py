@@ -20,6 +20,7 @@ from trecsys.prepared.tables import load_prepared
 from trecsys.rank import search as S
 from trecsys.rank import search_protocol as P
 from trecsys.rank.metrics import ranking_metrics
+from trecsys.rank.report import SearchContext, read_context
 
 
 def test_category_query_keeps_each_word_once_without_stop_words():
@@ -232,3 +233,8 @@ def test_evaluate_search_task_reports_the_model_beside_the_floors(search_run):
     report = (search_run / "eval_search" / "report.md").read_text()
     assert "category path" in report and "lexical_weight=" in report
     assert not (search_run / "eval").exists()  # the recommendation evaluation is left alone
+    manifest = read_json(search_run / "eval_search" / "manifest.json")
+    context = read_context(manifest, search_run / "eval_search" / "manifest.json")
+    assert isinstance(context, SearchContext) and context.to_json() == manifest["context"]
+    assert list(manifest["context"])[:5] == ["task", "run_dir", "target", "split", "n_users"]
+    assert context.n_queries == context.n_users and "finetune + relevance" in context.mixes

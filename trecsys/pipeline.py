@@ -189,10 +189,10 @@ def results(cfg: ExperimentConfig, selected: list[Stage], show: int) -> str:
     if EVALUATE.name in names and (eval_dir / "metrics.parquet").is_file():
         import pandas as pd
 
-        from trecsys.rank.report import terminal_table
+        from trecsys.rank.report import read_context, terminal_table
 
         manifest = eval_dir / "manifest.json"
-        context = check_manifest(read_json(manifest), manifest).get("context", {})
+        context = read_context(check_manifest(read_json(manifest), manifest), manifest)
         parts.append(terminal_table(pd.read_parquet(eval_dir / "metrics.parquet"), context)
                      + f"\n(full report: {eval_dir / 'report.md'})")
     if RECOMMEND.name in names and show > 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -66,17 +67,97 @@ def _pivot(metrics: pd.DataFrame, slice_name: str, k: int) -> dict[tuple[str, st
 
 
 # ---------------------------------------------------------------------------------------------
+# What was evaluated: eval/manifest.json's `context`
+
+
+@dataclass
+class EvalContext:
+    """`trec evaluate`'s context (eval/manifest.json `context`): what the tables describe. The terminal
+    table, report.md and `trec run`'s closing summary read it."""
+
+    run_dir: str
+    target: str
+    split: str
+    n_users: int
+    n_items: int
+    ks: list[int]
+    exclude_seen: bool
+    bootstrap: int
+    seed: int
+    cold_item_interactions: int
+    history_buckets: list[int]
+    models: dict[str, str]  # run label -> checkpoint folder
+    seconds: dict[str, float]  # run label -> seconds to rank and score it
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvalContext:
+        return cls(**data)
+
+
+@dataclass
+class SearchContext:
+    """The search task's context (evaluate.task: search, eval_search/manifest.json `context`): the
+    fields of EvalContext the terminal table reads, and what the search protocol adds. Fields in
+    the order the file has always had."""
+
+    task: str  # "search"
+    run_dir: str
+    target: str
+    split: str
+    n_users: int
+    n_queries: int
+    n_distinct_queries: int
+    n_without_category: int
+    n_items: int
+    ks: list[int]
+    exclude_seen: bool
+    bootstrap: int
+    seed: int
+    cold_item_interactions: int
+    history_buckets: list[int]
+    models: dict[str, str]
+    mixes: dict[str, str]  # run label -> the lexical/personal mix chosen on validation
+    valid_ndcg: dict[str, float]
+    n_valid_queries: int
+    fields: list[str]
+    max_candidates: int
+    seconds: float
+    choose_seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SearchContext:
+        return cls(**data)
+
+
+def read_context(manifest: dict, path: Path) -> EvalContext | SearchContext:
+    """The `context` of the evaluate manifest at `path` (either task); a malformed one is refused
+    naming the file."""
+    data = manifest.get("context")
+    kind = SearchContext if isinstance(data, dict) and data.get("task") == "search" else EvalContext
+    try:
+        return kind.from_json(data)
+    except TypeError as exc:
+        raise ArtifactError(f"{path}: malformed evaluate context ({exc}): re-run `trec evaluate` to rewrite it") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Terminal and Markdown
 
 
-def terminal_table(metrics: pd.DataFrame, context: dict) -> str:
-    k = headline_k(context["ks"])
+def terminal_table(metrics: pd.DataFrame, context: EvalContext | SearchContext) -> str:
+    k = headline_k(context.ks)
     cells = _pivot(metrics, "all", k)
     runs = list(dict.fromkeys(metrics["run"]))
     columns = [m for m in ("recall", "ndcg", "mrr", "hit", "coverage") if (runs[0], m) in cells]
-    ci = f"95% CI from {context['bootstrap']} bootstrap resamples" if context["bootstrap"] else "no CIs"
-    lines = [f"evaluate: target {context['target']!r}, split {context['split']}, {context['n_users']} users, "
-             f"{context['n_items']} items, {protocol(context['exclude_seen'])}, K={k} ({ci})"]
+    ci = f"95% CI from {context.bootstrap} bootstrap resamples" if context.bootstrap else "no CIs"
+    lines = [f"evaluate: target {context.target!r}, split {context.split}, {context.n_users} users, "
+             f"{context.n_items} items, {protocol(context.exclude_seen)}, K={k} ({ci})"]
     width = max(len(r) for r in runs) + 2
     lines.append("run".ljust(width) + "".join(f"{m}@{k}".ljust(26) for m in columns))
     for run in runs:
@@ -86,21 +167,21 @@ def terminal_table(metrics: pd.DataFrame, context: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, metrics: pd.DataFrame, comparison: pd.DataFrame, context: dict,
+def write_report(path: Path, metrics: pd.DataFrame, comparison: pd.DataFrame, context: EvalContext,
                  plots: list[str]) -> None:
-    ks, k = context["ks"], headline_k(context["ks"])
+    ks, k = context.ks, headline_k(context.ks)
     runs = list(dict.fromkeys(metrics["run"]))
     out = [
-        f"# Evaluation: {context['run_dir']}",
+        f"# Evaluation: {context.run_dir}",
         "",
-        f"Target domain **{context['target']}**, split **{context['split']}**: {context['n_users']} users with "
-        f"held-out items, full ranking of {context['n_items']} items, "
-        f"**{protocol(context['exclude_seen'])}** (evaluate.exclude_seen: {str(context['exclude_seen']).lower()}). "
-        f"Intervals: 95% bootstrap over users ({context['bootstrap']} resamples, seed {context['seed']}).",
+        f"Target domain **{context.target}**, split **{context.split}**: {context.n_users} users with "
+        f"held-out items, full ranking of {context.n_items} items, "
+        f"**{protocol(context.exclude_seen)}** (evaluate.exclude_seen: {str(context.exclude_seen).lower()}). "
+        f"Intervals: 95% bootstrap over users ({context.bootstrap} resamples, seed {context.seed}).",
         "",
     ]
-    if context["models"]:
-        out += ["Models: " + "; ".join(f"`{label}` from `{folder}`" for label, folder in context["models"].items()), ""]
+    if context.models:
+        out += ["Models: " + "; ".join(f"`{label}` from `{folder}`" for label, folder in context.models.items()), ""]
     out += ["Baselines: `popularity` (training counts) and `item-knn` (cosine of item co-occurrence in "
             "training sequences).", ""]
     for kk in ks:
@@ -120,7 +201,7 @@ def write_report(path: Path, metrics: pd.DataFrame, comparison: pd.DataFrame, co
             f"`train items:a-b` slices group users by their number of training interactions in the target, "
             f"from a to b (the smallest and largest count among the slice's users); "
             f"`source:shared` users also have interactions in a source domain; target slices keep only the "
-            f"held-out items that had no (`unseen`) or fewer than {context['cold_item_interactions']} (`cold`) "
+            f"held-out items that had no (`unseen`) or fewer than {context.cold_item_interactions} (`cold`) "
             "training interactions.", ""]
     sliced = metrics[(metrics["k"] == k) & metrics["metric"].isin(["ndcg", "recall"])]
     header = ["slice", "users"] + [f"{run} {m}" for run in runs for m in ("ndcg", "recall")]
@@ -133,7 +214,7 @@ def write_report(path: Path, metrics: pd.DataFrame, comparison: pd.DataFrame, co
     if plots:
         out += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
     out += ["Tie rule: equal scores rank by the lower item index, so every number is reproducible. "
-            f"Seconds per run: {', '.join(f'{r} {s}' for r, s in context['seconds'].items())}.", ""]
+            f"Seconds per run: {', '.join(f'{r} {s}' for r, s in context.seconds.items())}.", ""]
     write_text(path, "\n".join(out))
 
 

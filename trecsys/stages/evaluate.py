@@ -239,7 +239,7 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], s
     comparison_df = pd.DataFrame(comparison_rows, columns=list(E.COMPARISON_COLUMNS))
     for frame in (metrics_df, comparison_df):  # every row says which rule made it
         frame.insert(frame.columns.get_loc("split") + 1, "exclude_seen", ev.exclude_seen)
-    context = dict(run_dir=str(cfg.run_dir), target=prepared.target, split=split, n_users=len(users.targets),
+    context = report.EvalContext(run_dir=str(cfg.run_dir), target=prepared.target, split=split, n_users=len(users.targets),
                    n_items=n_items, ks=ks, exclude_seen=ev.exclude_seen, bootstrap=ev.bootstrap, seed=cfg.seed,
                    cold_item_interactions=ev.cold_item_interactions, history_buckets=ev.history_buckets,
                    models={s.label: str(s.checkpoint) for s in systems}, seconds=timings)
@@ -255,7 +255,7 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], s
         inputs += [describe_file(s.checkpoint / WEIGHTS) for s in systems if s.checkpoint is not None]
         inputs += [describe_file(s.checkpoint / FUSION_FILE) for s in systems
                    if s.checkpoint is not None and (s.checkpoint / FUSION_FILE).is_file()]
-        write_manifest(out, EVALUATE.name, to_dict(cfg), inputs, {"context": context})
+        write_manifest(out, EVALUATE.name, to_dict(cfg), inputs, {"context": context.to_json()})
     print(report.terminal_table(metrics_df, context))
     log(f"wrote {final}: metrics.parquet, comparison.parquet, report.md, {len(plots)} plots; {threads.line()}")
     return metrics_df

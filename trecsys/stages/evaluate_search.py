@@ -79,7 +79,7 @@ def evaluate_search(cfg: ExperimentConfig, prepared: Prepared, systems: list, sp
     metrics_df = pd.DataFrame(metric_rows, columns=list(E.METRICS_COLUMNS))
     comparison_df = pd.DataFrame(comparison_rows, columns=list(E.COMPARISON_COLUMNS))
     mixes = {label: mix.describe() for label, personal, mix in runs}
-    context = dict(task="search", run_dir=str(cfg.run_dir), target=prepared.target, split=split,
+    context = report.SearchContext(task="search", run_dir=str(cfg.run_dir), target=prepared.target, split=split,
                    n_users=len(rows.queries), n_queries=len(rows.queries), n_distinct_queries=len(set(rows.queries)),
                    n_without_category=rows.n_without_category, n_items=domain.n_items, ks=ks,
                    exclude_seen=ev.exclude_seen, bootstrap=ev.bootstrap, seed=cfg.seed,
@@ -96,7 +96,7 @@ def evaluate_search(cfg: ExperimentConfig, prepared: Prepared, systems: list, sp
         write_text(out / "report.md", search_report(metrics_df, comparison_df, context))
         inputs = prepared_file_inputs(prepared)
         inputs += [describe_file(s.checkpoint / WEIGHTS) for s in systems]
-        write_manifest(out, EVALUATE.name, to_dict(cfg), inputs, {"context": context})
+        write_manifest(out, EVALUATE.name, to_dict(cfg), inputs, {"context": context.to_json()})
     print(report.terminal_table(metrics_df, context))
     if not comparison_df.empty:
         print(comparison_lines(comparison_df, labels[0], report.headline_k(ks)))
@@ -111,8 +111,8 @@ def comparison_lines(comparison: pd.DataFrame, reference: str, k: int) -> str:
     return "\n".join(lines)
 
 
-def search_report(metrics: pd.DataFrame, comparison: pd.DataFrame, context: dict) -> str:
-    k = report.headline_k(context["ks"])
+def search_report(metrics: pd.DataFrame, comparison: pd.DataFrame, context: report.SearchContext) -> str:
+    k = report.headline_k(context.ks)
     runs = list(dict.fromkeys(metrics["run"]))
     cells = metrics[(metrics["slice"] == "all") & (metrics["k"] == k)].set_index(["run", "metric"])
 
@@ -121,22 +121,22 @@ def search_report(metrics: pd.DataFrame, comparison: pd.DataFrame, context: dict
         return f"{r.value:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]"
 
     out = [
-        f"# Search evaluation: {context['run_dir']}",
+        f"# Search evaluation: {context.run_dir}",
         "",
-        f"Personalised product search protocol (Van Gysel et al. 2016; Ai et al. 2017) on **{context['target']}**, "
-        f"split **{context['split']}**: for each held-out purchase the query is the purchased item's category path "
+        f"Personalised product search protocol (Van Gysel et al. 2016; Ai et al. 2017) on **{context.target}**, "
+        f"split **{context.split}**: for each held-out purchase the query is the purchased item's category path "
         f"(words deduplicated, stop words dropped), the history is the user's earlier purchases, and all "
-        f"{context['n_items']} items are ranked{', history items excluded' if context['exclude_seen'] else ''}. "
-        f"{context['n_queries']} queries ({context['n_distinct_queries']} distinct); "
-        f"{context['n_without_category']} held-out purchases had no category and were left out. "
-        f"Intervals: 95% bootstrap over queries ({context['bootstrap']} resamples, seed {context['seed']}).",
+        f"{context.n_items} items are ranked{', history items excluded' if context.exclude_seen else ''}. "
+        f"{context.n_queries} queries ({context.n_distinct_queries} distinct); "
+        f"{context.n_without_category} held-out purchases had no category and were left out. "
+        f"Intervals: 95% bootstrap over queries ({context.bootstrap} resamples, seed {context.seed}).",
         "",
-        f"Lexical index over item fields {context['fields']}; at most {context['max_candidates']} candidates per "
-        f"query. Mixes chosen on {context['n_valid_queries']} validation queries by NDCG@10"
-        f"{' (the evaluated split itself: optimistic)' if context['split'] == 'valid' else ''}:",
+        f"Lexical index over item fields {context.fields}; at most {context.max_candidates} candidates per "
+        f"query. Mixes chosen on {context.n_valid_queries} validation queries by NDCG@10"
+        f"{' (the evaluated split itself: optimistic)' if context.split == 'valid' else ''}:",
         "",
     ]
-    out += [f"- `{run}`: {mix}" for run, mix in context["mixes"].items()]
+    out += [f"- `{run}`: {mix}" for run, mix in context.mixes.items()]
     out += ["", f"## All queries, K={k}", "", "| run | ndcg | recall | mrr |", "|---|---|---|---|"]
     out += [f"| {run} | {cell(run, 'ndcg')} | {cell(run, 'recall')} | {cell(run, 'mrr')} |" for run in runs]
     if not comparison.empty:
@@ -146,5 +146,5 @@ def search_report(metrics: pd.DataFrame, comparison: pd.DataFrame, context: dict
                 "| run | metric | delta [95% CI] | p |", "|---|---|---|---|"]
         out += [f"| {r.run} | {r.metric}@{r.k} | {r.delta:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | {r.p_value:.3g} |"
                 for r in rows.itertuples(index=False)]
-    out += ["", f"Seconds: {context['seconds']} (choosing the mixes: {context['choose_seconds']}).", ""]
+    out += ["", f"Seconds: {context.seconds} (choosing the mixes: {context.choose_seconds}).", ""]
     return "\n".join(out)
