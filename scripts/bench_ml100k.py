@@ -57,6 +57,10 @@ import pandas as pd
 from bench_env import child_env, load_line, setting_line
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trecsys.stage_table import EVALUATE, FINETUNE, PREPARE  # noqa: E402
+
 CONFIG = REPO / "configs" / "ml100k_sasrec.yaml"
 RULES = {"exclude_seen": "true", "seen_ranked": "false"}  # rule name -> evaluate.exclude_seen
 ANCHOR_RULE = "seen_ranked"  # RecBole's own evaluation: time to quality is measured under it
@@ -182,21 +186,21 @@ class Trecsys:
     def finetune(self, max_steps: int, resume: bool) -> bool:
         """Train until `max_steps` (0: the end of the schedule); True when the schedule is done."""
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.trec("finetune-target", "-c", str(CONFIG), *self.overrides, f"finetune.train.max_steps={max_steps}",
+        self.trec(FINETUNE.name, "-c", str(CONFIG), *self.overrides, f"finetune.train.max_steps={max_steps}",
                   *(["--resume"] if resume else []))
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.cpu_s += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        manifest = json.loads((self.run_dir / "finetune" / "manifest.json").read_text())
+        manifest = json.loads((self.run_dir / FINETUNE.folder / "manifest.json").read_text())
         return all(c["stopped"] != "max_steps" for c in manifest["candidates"].values())
 
     def log(self) -> list[dict]:
-        return [json.loads(line) for line in (self.run_dir / "finetune" / "train_log.jsonl").read_text().splitlines()]
+        return [json.loads(line) for line in (self.run_dir / FINETUNE.folder / "train_log.jsonl").read_text().splitlines()]
 
     def test_metrics(self, rule: str) -> dict:
         """Test NDCG@10 and Recall@10 of the run's kept model under `rule`."""
-        self.trec("evaluate", "-c", str(CONFIG), *self.overrides, f"evaluate.exclude_seen={RULES[rule]}",
+        self.trec(EVALUATE.name, "-c", str(CONFIG), *self.overrides, f"evaluate.exclude_seen={RULES[rule]}",
                   "evaluate.candidates=false")
-        metrics = pd.read_parquet(self.run_dir / "eval" / "metrics.parquet")
+        metrics = pd.read_parquet(self.run_dir / EVALUATE.folder / "metrics.parquet")
         model = metrics["run"].iloc[0]  # the run's model comes first, then the baselines
         ours = metrics[(metrics["run"] == model) & (metrics["slice"] == "all") & (metrics["k"] == 10)]
         value = dict(zip(ours["metric"], ours["value"], strict=True))
@@ -204,7 +208,7 @@ class Trecsys:
 
 
 def run_trecsys(side: Trecsys, anchor: float | None, settings: str) -> dict:
-    side.trec("prepare", "-c", str(CONFIG), *side.overrides)
+    side.trec(PREPARE.name, "-c", str(CONFIG), *side.overrides)
     planned = trecsys_work(side.overrides, 1)
     curve, reached, epoch, done = [], None, 0, False
     while not done:

@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trecsys.stage_table import PREPARE  # noqa: E402
 
 
 def shared_data() -> Path:
@@ -40,7 +43,7 @@ def main() -> int:
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    manifest = json.loads((REPO / args.run_dir / "prepared" / "manifest.json").read_text())
+    manifest = json.loads((REPO / args.run_dir / PREPARE.folder / "manifest.json").read_text())
     timings = manifest["timings_s"]
     n_interactions = sum(d["n_interactions"] for d in manifest["domains"].values())
     without_encoder = sum(v for k, v in timings.items() if k != "embed")

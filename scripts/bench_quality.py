@@ -49,11 +49,13 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_ml100k import find_ml100k  # noqa: E402
 
-from trecsys.artifacts import read_json  # noqa: E402
+from trecsys.artifacts import MANIFEST  # noqa: E402
+from trecsys.model.manifests import FinetuneManifest  # noqa: E402
 from trecsys.prepared.tables import load_prepared  # noqa: E402
 from trecsys.rank import metrics as M  # noqa: E402
 from trecsys.rank.rankers import Ranker, make_scorer  # noqa: E402
 from trecsys.rank.report import protocol  # noqa: E402
+from trecsys.stage_table import FINETUNE, PREPARE, PRETRAIN  # noqa: E402
 from trecsys.stages.evaluate import eval_users, ranking_inputs  # noqa: E402
 
 RULES = {"exclude_seen": True, "seen_ranked": False}
@@ -106,13 +108,13 @@ def train(ds: Dataset, run_dir: Path, schedule: dict, retrain: bool) -> dict[str
     """prepare (reused), pretrain when there is a source, finetune auto over the candidates."""
     base = ["-c", ds.config, f"run_dir={run_dir}", *ds.overrides]
     seconds = {}
-    if not (run_dir / "prepared" / "manifest.json").is_file():
-        seconds["prepare"] = trec("prepare", *base)
-    if ds.has_source and (retrain or not (run_dir / "pretrain" / "manifest.json").is_file()):
-        seconds["pretrain"] = trec("pretrain-source", *base, *schedule["pretrain"])
-    if retrain or not (run_dir / "finetune" / "manifest.json").is_file():
+    if not (run_dir / PREPARE.folder / MANIFEST).is_file():
+        seconds["prepare"] = trec(PREPARE.name, *base)
+    if ds.has_source and (retrain or not (run_dir / PRETRAIN.folder / MANIFEST).is_file()):
+        seconds["pretrain"] = trec(PRETRAIN.name, *base, *schedule["pretrain"])
+    if retrain or not (run_dir / FINETUNE.folder / MANIFEST).is_file():
         candidates = "finetune.candidates=[" + ", ".join(ds.candidates) + "]"
-        seconds["finetune"] = trec("finetune-target", *base, "finetune.strategy=auto", candidates,
+        seconds["finetune"] = trec(FINETUNE.name, *base, "finetune.strategy=auto", candidates,
                                    *schedule["finetune"])
     return seconds
 
@@ -237,8 +239,7 @@ def bench_dataset(ds: Dataset, out: Path, args) -> str:
     schedule = SCHEDULES[args.schedule]
     seconds = train(ds, run_dir, schedule, args.retrain)
     prepared = load_prepared(run_dir)
-    manifest = read_json(run_dir / "finetune" / "manifest.json")
-    kept = manifest["chosen"]
+    kept = FinetuneManifest.read(run_dir / FINETUNE.folder).chosen
     recbole = lists = None
     missing = 0
     if args.recbole_python:
@@ -246,10 +247,10 @@ def bench_dataset(ds: Dataset, out: Path, args) -> str:
     users = eval_users(prepared, "test")
     n_items = prepared.domain(prepared.target).n_items
     systems = [Ranker("popularity"), Ranker("item-knn")]
-    candidates = run_dir / "finetune" / "candidates"
+    candidates = run_dir / FINETUNE.folder / "candidates"
     names = sorted(p.name for p in candidates.iterdir()) if candidates.is_dir() else [kept]
     for name in names:
-        folder = candidates / name if candidates.is_dir() else run_dir / "finetune"
+        folder = candidates / name if candidates.is_dir() else run_dir / FINETUNE.folder
         label = {"full": "trecsys transfer (full)", "scratch": "trecsys scratch"}.get(name, f"trecsys {name}")
         systems.append(Ranker(label + (" ← auto keeps" if name == kept else ""), folder))
     depth = max(KS)

@@ -39,24 +39,25 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from trecsys.artifacts import read_json
+    from trecsys.artifacts import MANIFEST, read_json
     from trecsys.config import ModelConfig, load_config
-    from trecsys.model.checkpoint import save_checkpoint
+    from trecsys.model.checkpoint import is_checkpoint, save_checkpoint
     from trecsys.model.seqrec import SeqRecModel
     from trecsys.prepared.tables import load_prepared
+    from trecsys.stage_table import PREPARE, PRETRAIN
     from trecsys.stages import recommend
 
     run_dir = REPO / args.run_dir
     overrides = [f"data.root={root}", f"run_dir={run_dir}", "data.target=Kitchen", "data.source=[Food]"]
     config = REPO / "configs" / "kitchen_to_food.yaml"
-    if not (run_dir / "prepared" / "manifest.json").is_file():
+    if not (run_dir / PREPARE.folder / MANIFEST).is_file():
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "trecsys", "prepare", "-c", str(config), *overrides], check=True,
                        cwd=REPO, stdout=subprocess.DEVNULL)
         print(f"recommend.prepare_s: {time.perf_counter() - started:.1f}")
     prepared = load_prepared(run_dir)
-    model_dir = run_dir / "pretrain"
-    if not (model_dir / "model.safetensors").is_file():
+    model_dir = run_dir / PRETRAIN.folder
+    if not is_checkpoint(model_dir):
         torch.manual_seed(0)
         save_checkpoint(SeqRecModel(ModelConfig(), prepared.embeddings.shape[1], prepared.n_items), model_dir)
     kitchen = prepared.domains["Kitchen"]

@@ -35,8 +35,12 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trecsys.stage_table import EVALUATE, FINETUNE, PREPARE, PRETRAIN, RECOMMEND  # noqa: E402
+
 SCRIPTS = REPO / "scripts"
-STAGES = ("prepare", "pretrain-source", "finetune-target", "evaluate", "recommend")
+STAGES = tuple(s.name for s in (PREPARE, PRETRAIN, FINETUNE, EVALUATE, RECOMMEND))  # distill is not measured
 SOURCES = ("Home_and_Kitchen", "Office_Products")
 TARGET = "Grocery_and_Gourmet_Food"
 
@@ -101,7 +105,7 @@ def write_config(path: Path, data: Path, run_dir: Path, encoder: str, cache: Pat
 
 
 def counts(run_dir: Path) -> dict:
-    manifest = run_dir / "prepared" / "manifest.json"
+    manifest = run_dir / PREPARE.folder / "manifest.json"
     if not manifest.is_file():
         return {}
     m = json.loads(manifest.read_text(encoding="utf-8"))

@@ -34,12 +34,14 @@ def main() -> int:
 
     from trecsys.artifacts import read_json
     from trecsys.config import load_config
+    from trecsys.model.checkpoint import is_checkpoint
     from trecsys.prepared.tables import load_prepared
+    from trecsys.stage_table import FINETUNE
     from trecsys.stages import recommend
 
     config = REPO / "configs" / "demo.yaml"
     run_dir = REPO / "runs" / "demo"
-    if not (run_dir / "finetune" / "model.safetensors").is_file():
+    if not is_checkpoint(run_dir / FINETUNE.folder):
         subprocess.run([sys.executable, "-m", "trecsys", "run", "-c", str(config), "--show", "0",
                         f"run_dir={run_dir}"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     items = load_prepared(run_dir).items

@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from trecsys.artifacts import read_json, write_parquet, write_text  # noqa: E402
 from trecsys.config import load_config, to_dict  # noqa: E402
 from trecsys.errors import TrecError  # noqa: E402
+from trecsys.model.checkpoint import is_checkpoint  # noqa: E402
 from trecsys.model.manifests import DistillManifest, FinetuneManifest  # noqa: E402
 from trecsys.model.strategies import STRATEGIES  # noqa: E402
 from trecsys.prepared.context import target_sequences  # noqa: E402
@@ -50,6 +51,7 @@ from trecsys.prepared.tables import load_prepared  # noqa: E402
 from trecsys.rank import metrics as M  # noqa: E402
 from trecsys.rank.rankers import Ranker, make_scorer  # noqa: E402
 from trecsys.runtime import resolve_device  # noqa: E402
+from trecsys.stage_table import DISTILL, FINETUNE, PREPARE, PRETRAIN  # noqa: E402
 from trecsys.stages import distill, finetune_target, prepare, pretrain_source  # noqa: E402
 from trecsys.stages.evaluate import eval_users, ranking_inputs  # noqa: E402
 from trecsys.train.engine import epoch_batches  # noqa: E402
@@ -116,11 +118,11 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"study_transfer: {name} took {timings[name]:.0f} s", flush=True)
 
-    if not (run_dir / "prepared" / "manifest.json").is_file():
+    if not (run_dir / PREPARE.folder / "manifest.json").is_file():
         timed("prepare", prepare.run, cfg())
-    if args.retrain or not (run_dir / "pretrain" / "model.safetensors").is_file():
+    if args.retrain or not is_checkpoint(run_dir / PRETRAIN.folder):
         timed("pretrain", pretrain_source.run, cfg(*caps("pretrain", args.pretrain_epochs)))
-    if args.retrain or not (run_dir / "distill" / "model.safetensors").is_file():
+    if args.retrain or not is_checkpoint(run_dir / DISTILL.folder):
         timed("distill", distill.run, cfg(*caps("distill", args.distill_epochs)))
 
     # Every variant says whether it adds target item IDs and which history it reads, whatever the
@@ -129,7 +131,7 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     # the same in both).
     variants = {"auto": dict(strategy="auto", candidates=STRATEGY_NAMES, item_ids=False),
                 "auto+ids": dict(strategy="auto", candidates=STRATEGY_NAMES, item_ids=True),
-                "student": dict(strategy="full", init_from=str(run_dir / "distill"), item_ids=False)}
+                "student": dict(strategy="full", init_from=str(run_dir / DISTILL.folder), item_ids=False)}
     # Few-shot: full vs scratch, text only and with IDs, on a seeded fraction of the target's training
     # users (nested fractions), with as many optimizer steps as the full-data run (epochs / fraction)
     # and validation as often in steps: the config's epochs on 10% of the users are a tenth of the
@@ -151,26 +153,26 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
         del variants[name]
     for name, settings in variants.items():
         folder = study / "runs" / name.replace("@", "_frac").replace("+", "_")
-        settings = {"init_from": str(run_dir / "pretrain"), "history": "target", **settings}
+        settings = {"init_from": str(run_dir / PRETRAIN.folder), "history": "target", **settings}
         extra = [f"run_dir={folder}", *caps("finetune", args.epochs)]
         extra += [f"finetune.{k}={v if not isinstance(v, list) else '[' + ','.join(v) + ']'}" for k, v in settings.items()]
         variant_cfg = cfg(*extra)
-        if not args.retrain and trained_with(folder / "finetune", variant_cfg, "finetune"):
-            print(f"study_transfer: {name}: reusing {folder / 'finetune'} (--retrain to train it again)")
+        if not args.retrain and trained_with(folder / FINETUNE.folder, variant_cfg, "finetune"):
+            print(f"study_transfer: {name}: reusing {folder / FINETUNE.folder} (--retrain to train it again)")
             continue
         variant_run_dir(folder, run_dir)
         timed(name, finetune_target.run, variant_cfg)
-        shutil.rmtree(folder / ".finetune.work", ignore_errors=True)  # max_steps leaves resumable state
+        shutil.rmtree(folder / finetune_target.WORK, ignore_errors=True)  # max_steps leaves resumable state
 
     # The classic distillation: the target-tuned teacher (auto's `full` candidate) teaches the small
     # student on the target's own sequences, labels and soft targets both.
     folder = variant_run_dir(study / "runs" / STUDENT_KD, run_dir)
-    teacher = study / "runs" / "auto" / "finetune" / "candidates" / "full"
+    teacher = study / "runs" / "auto" / FINETUNE.folder / "candidates" / "full"
     kd_cfg = cfg(f"run_dir={folder}", *caps("distill", args.kd_epochs), f"distill.teacher={teacher}",
                  "distill.data=target")
-    if args.retrain or not trained_with(folder / "distill", kd_cfg, "distill"):
+    if args.retrain or not trained_with(folder / DISTILL.folder, kd_cfg, "distill"):
         timed(STUDENT_KD, distill.run, kd_cfg)
-        shutil.rmtree(folder / ".distill.work", ignore_errors=True)
+        shutil.rmtree(folder / distill.WORK, ignore_errors=True)
 
     table, n_shared = evaluate_variants(base, run_dir, study, variants)
     write_tables(study, run_dir, table, n_shared, timings, args)
@@ -197,9 +199,9 @@ def full_data_epoch_steps(cfg, run_dir: Path) -> int:
 def variant_run_dir(folder: Path, run_dir: Path) -> Path:
     """A variant's own run folder, reading the run's prepared data through a link (never a copy)."""
     folder.mkdir(parents=True, exist_ok=True)
-    link = folder / "prepared"
+    link = folder / PREPARE.folder
     if not link.exists():
-        link.symlink_to(run_dir / "prepared", target_is_directory=True)
+        link.symlink_to(run_dir / PREPARE.folder, target_is_directory=True)
     return folder
 
 
@@ -227,7 +229,7 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple
         return row
 
     for name in variants:
-        out = study / "runs" / name.replace("@", "_frac").replace("+", "_") / "finetune"
+        out = study / "runs" / name.replace("@", "_frac").replace("+", "_") / FINETUNE.folder
         manifest = FinetuneManifest.read(out)
         init = "student" if name == "student" else "teacher"
         kept = manifest.chosen
@@ -244,7 +246,7 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple
                          "history": manifest.history, "train_fraction": manifest.train_fraction,
                          "n_trainable": cand.n_trainable, "valid_ndcg@10": cand.valid["ndcg@10"],
                          **test_metrics(Ranker(label, folder)), "train_s": cand.train_s})
-    out = study / "runs" / STUDENT_KD / "distill"
+    out = study / "runs" / STUDENT_KD / DISTILL.folder
     student = DistillManifest.read(out)
     rows.append({"variant": "student (KD from full, on target)", "strategy": "distill", "init_from": "full",
                  "history": "target", "train_fraction": 1.0, "n_trainable": student.n_parameters,
