@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from trecsys.errors import ConfigError
+from trecsys.stage_table import PRETRAIN
 
 
 @dataclass
@@ -300,7 +301,7 @@ class FinetuneConfig:
 
     # The checkpoint to adapt: a stage of this run (pretrain, distill, finetune = <run_dir>/<name>) or
     # a checkpoint folder. scratch and id_only only borrow its architecture (and fall back to `model`).
-    init_from: str = "pretrain"
+    init_from: str = PRETRAIN.folder
     # full: all weights; adaptor: sequence tower frozen, item adaptor and norms trained; zero_shot: no
     # training; scratch: same architecture, random init; id_only: item-ID SASRec on the target alone;
     # auto: every strategy in `candidates`, the best by validation NDCG@10 is kept (candidate `fusion`:
@@ -351,7 +352,7 @@ class DistillConfig:
 
     # The teacher: a stage of this run (pretrain, distill, finetune) or a checkpoint folder. With
     # finetune (compress the target-tuned model) `trec run` runs distill after finetune-target.
-    teacher: str = "pretrain"
+    teacher: str = PRETRAIN.folder
     # The student's architecture (any width, depth or adaptor; the text encoder is the prepared one).
     student: ModelConfig = field(default_factory=_small_student)
     # Loss = (1 - kd_ratio) * CE(labels) + kd_ratio * T^2 * KL(teacher/T || student/T) over the catalogue.
