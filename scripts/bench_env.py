@@ -25,11 +25,18 @@ def allocator_env(tuned: bool) -> dict[str, str]:
     return {**env, **ALLOCATOR_ENV} if tuned else env
 
 
+def wait_policy() -> str:
+    """OpenMP's idle-thread policy of both sides: the caller's, else PASSIVE (trecsys's own default,
+    trecsys/__init__.py), so RecBole's idle threads do not spin either."""
+    return os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def child_env(threads: int, tuned: bool) -> dict[str, str]:
-    """The environment of one side's process: the allocator settings and every thread pool at `threads`."""
+    """The environment of one side's process: the allocator settings, every thread pool at `threads`
+    and the same OpenMP wait policy."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    return {**allocator_env(tuned), **{name: str(threads) for name in THREAD_ENV}}
+    return {**allocator_env(tuned), **{name: str(threads) for name in THREAD_ENV}, "OMP_WAIT_POLICY": wait_policy()}
 
 
 def allocator_line(tuned: bool) -> str:
@@ -44,4 +51,4 @@ def load_line() -> str:
 
 def setting_line(threads: int, tuned: bool) -> str:
     """What a timing was taken under: printed next to each one."""
-    return f"{threads} thread(s), allocator {allocator_line(tuned)}, {load_line()}"
+    return f"{threads} thread(s) (OMP_WAIT_POLICY={wait_policy()}), allocator {allocator_line(tuned)}, {load_line()}"

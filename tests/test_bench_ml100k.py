@@ -72,7 +72,7 @@ def test_both_sides_get_the_same_threads_and_allocator(tmp_path, monkeypatch):
     env = bench_env.child_env(3, tuned=True)
     assert {k: env[k] for k in bench_env.ALLOCATOR_ENV} == bench_env.ALLOCATOR_ENV
     assert "MALLOC_ARENA_MAX" not in env
-    assert all(env[name] == "3" for name in bench_env.THREAD_ENV)
+    assert all(env[name] == "3" for name in bench_env.THREAD_ENV) and env["OMP_WAIT_POLICY"]
     assert not any(k.startswith("MALLOC_") for k in bench_env.child_env(1, tuned=False))
     # RecBole's side: a stand-in interpreter that reports its arguments and environment.
     fake = tmp_path / "python"
@@ -85,8 +85,8 @@ def test_both_sides_get_the_same_threads_and_allocator(tmp_path, monkeypatch):
     # trecsys's side: the same environment, and runtime.threads on every command.
     side = B.Trecsys(tmp_path / "ml-100k", tmp_path / "run", 3, True, ["finetune.train.epochs=2"])
     assert "runtime.threads=3" in side.overrides and "finetune.train.epochs=2" in side.overrides
-    assert {k: side.env[k] for k in (*bench_env.ALLOCATOR_ENV, *bench_env.THREAD_ENV)} == \
-        {k: env[k] for k in (*bench_env.ALLOCATOR_ENV, *bench_env.THREAD_ENV)}
+    shared = (*bench_env.ALLOCATOR_ENV, *bench_env.THREAD_ENV, "OMP_WAIT_POLICY")
+    assert {k: side.env[k] for k in shared} == {k: env[k] for k in shared}
 
 
 def test_skips_without_data_and_rejects_zero_epochs(tmp_path, monkeypatch, capsys):
