@@ -22,6 +22,7 @@ BENCHMARKS = {
     # malloc tuned as RecBole's reference runs had it (bench_env.ALLOCATOR_ENV), and the same threads.
     "ml100k": ["--tuned-malloc"],
     "eval": [],
+    "rank": ["kitchen", "--model", "--threads", "1"],  # ranking's costs split, the README's table
     "recommend": [],
     "search": [],  # on the demo run (built when absent)
 }

@@ -77,10 +77,12 @@ def model_states(histories, n_items: int):
 
     torch.manual_seed(0)
     model = SeqRecModel(ModelConfig(), TEXT_DIM, n_items).eval()
-    text = np.random.default_rng(0).standard_normal((n_items, TEXT_DIM)).astype(np.float32)
-    cpu = time.process_time()
-    scorer = ModelScorer(model, histories, DomainRange("items", "target", 0, n_items), text, torch.device("cpu"))
-    encoding["cpu_s"] = time.process_time() - cpu
+    text = np.random.default_rng(0).standard_normal((n_items, TEXT_DIM), dtype=np.float32)
+    with PeakAnon() as anon:
+        cpu = time.process_time()
+        scorer = ModelScorer(model, histories, DomainRange("items", "target", 0, n_items), text, torch.device("cpu"))
+        encoding["cpu_s"] = time.process_time() - cpu
+    encoding["peak_mib"] = (anon.peak - anon.base) / 2**20
     return scorer.states, scorer.reps
 
 
@@ -129,7 +131,8 @@ def main() -> None:
     print(f"rank.setup_cpu_s: {time.process_time() - cpu0 - encoding['cpu_s']:.2f}")
     if args.model:
         print(f"rank.encode_users_cpu_s: {encoding['cpu_s']:.2f} (item tower and user states, untrained default-size "
-              f"model over {TEXT_DIM}-d text vectors)")
+              f"model over {TEXT_DIM}-d text vectors; +{encoding['peak_mib']:.0f} MiB anonymous memory above the "
+              f"{n_items * TEXT_DIM * 4 / 2**20:,.0f} MiB of text vectors)")
     print(f"rank.item_reps_mib: {reps.numel() * 4 / 2**20:.0f}")
 
     spent = {"score": 0.0, "exclude": 0.0}
