@@ -206,7 +206,11 @@ def table_for_rule(rows: dict[str, dict[str, np.ndarray]], kept: str | None, n_b
     frame = pd.DataFrame(records)
     paired = {}
     if kept in rows:
-        others = frame[frame["row"] != kept].sort_values("ndcg@10", ascending=False)
+        # A row that ranks every user exactly as the kept model (the fusion candidate when no fused
+        # point passed validation: its base model alone) is the same model, not another row to beat.
+        same = [name for name, values in rows.items() if name != kept and
+                all(np.array_equal(values[key], rows[kept][key], equal_nan=True) for key in SHOWN)]
+        others = frame[~frame["row"].isin([kept, *same])].sort_values("ndcg@10", ascending=False)
         best = others["row"].iloc[0]
         delta = rows[kept]["ndcg@10"][keep] - rows[best]["ndcg@10"][keep]
         point, low, high = ci(delta, n_boot, seed)
