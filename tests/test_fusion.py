@@ -69,14 +69,21 @@ def fused_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_fused_scores_are_the_weighted_sum_of_z_scores(fused_run):
-    prepared = load_prepared(fused_run)
+def scratch_scorer(run_dir: Path, split: str):
+    """The run's prepared data, its target sequences, and the scratch candidate's model and scorer
+    over `split`'s histories."""
+    prepared = load_prepared(run_dir)
     seqs = target_sequences(prepared)
+    model, _ = load_checkpoint(run_dir / "finetune" / "candidates" / "scratch")
+    scorer = ModelScorer(model, seqs.histories[split], seqs.domain, prepared.embeddings, torch.device("cpu"))
+    return prepared, seqs, model, scorer
+
+
+def test_fused_scores_are_the_weighted_sum_of_z_scores(fused_run):
+    prepared, seqs, _, scorer = scratch_scorer(fused_run, "test")
     domain = seqs.domain
-    model, _ = load_checkpoint(fused_run / "finetune" / "candidates" / "scratch")
     histories = seqs.histories["test"]
     local, train = to_local(histories, domain), to_local(seqs.train, domain)
-    scorer = ModelScorer(model, histories, domain, prepared.embeddings, torch.device("cpu"))
     weights = {"model": 0.7, "item-knn": 0.5, "popularity": 0.2}
     rows = torch.arange(len(histories))
     scratch = fused_run / "finetune" / "candidates" / "scratch"
@@ -89,12 +96,9 @@ def test_fused_scores_are_the_weighted_sum_of_z_scores(fused_run):
 
 
 def test_weights_are_the_best_grid_point_on_validation(fused_run):
-    prepared = load_prepared(fused_run)
-    seqs = target_sequences(prepared)
+    prepared, seqs, model, scorer = scratch_scorer(fused_run, "valid")
     domain = seqs.domain
-    model, _ = load_checkpoint(fused_run / "finetune" / "candidates" / "scratch")
     histories = seqs.histories["valid"]
-    scorer = ModelScorer(model, histories, domain, prepared.embeddings, torch.device("cpu"))
     weights, grid = choose_weights(scorer, to_local(seqs.train, domain), to_local(histories, domain),
                                    to_local(seqs.targets["valid"], domain), domain.n_items, user_batch=7)
     chosen = GRID.index(tuple(weights.values()))
