@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from bench_env import child_env  # noqa: E402
 from bench_ml100k import find_ml100k  # noqa: E402
 
 from trecsys.artifacts import MANIFEST  # noqa: E402
@@ -143,11 +144,14 @@ def run_recbole(python: str, prepared, epochs: int) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         export_for_recbole(prepared, work / "data", "bench")
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # RecBole's process gets the thread environment every RecBole run of the benchmarks gets
+        # (bench_env.child_env: each pool at this process's OMP_NUM_THREADS, default 1; glibc malloc).
+        threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
         started = time.perf_counter()
         done = subprocess.run([python, str(REPO / "scripts" / "recbole_sasrec.py"), str(work / "data"), str(epochs),
-                               str(work / "ckpt"), "--dataset", "bench", "--lists", str(work / "lists.json")],
-                              capture_output=True, text=True, cwd=work, env=env)
+                               str(work / "ckpt"), "--dataset", "bench", "--lists", str(work / "lists.json"),
+                               "--threads", str(threads)],
+                              capture_output=True, text=True, cwd=work, env=child_env(threads, tuned=False))
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise SystemExit(f"bench_quality: RecBole failed ({done.returncode}): {tail}")
