@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -78,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain", action="store_true",
                         help="retrain the teacher, the student and every variant even when present")
     parser.add_argument("--skip", default="", help="variants to leave out, e.g. full+source_history,scratch+source_history")
+    parser.add_argument("--only", default="",
+                        help="run and tabulate only these variants, e.g. full@0.1,scratch@0.1 (the students "
+                             "and their distillation only when named: student, " + STUDENT_KD + ")")
+    parser.add_argument("--lever", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                        help="a transfer variant beside full at every few-shot fraction, e.g. "
+                             "whiten:finetune.adaptor_init=whiten gives full[whiten]@0.1 and full[whiten]+ids@0.1; "
+                             "a key finetune.init_from=FOLDER fine-tunes another teacher; repeatable")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. device=cuda")
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -122,7 +130,9 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
         timed("prepare", prepare.run, cfg())
     if args.retrain or not is_checkpoint(run_dir / PRETRAIN.folder):
         timed("pretrain", pretrain_source.run, cfg(*caps("pretrain", args.pretrain_epochs)))
-    if args.retrain or not is_checkpoint(run_dir / DISTILL.folder):
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    students = not only or "student" in only
+    if students and (args.retrain or not is_checkpoint(run_dir / DISTILL.folder)):
         timed("distill", distill.run, cfg(*caps("distill", args.distill_epochs)))
 
     # Every variant says whether it adds target item IDs and which history it reads, whatever the
@@ -138,24 +148,38 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
     # steps, and would compare two under-trained models.
     epochs = args.epochs or base.finetune.train.epochs
     epoch_steps = full_data_epoch_steps(cfg(), run_dir)
+    try:
+        levers = dict(parse_lever(text) for text in args.lever)
+    except ValueError as exc:
+        print(f"error: --lever {exc}", file=sys.stderr)
+        return 2
+    lever_overrides = {}
     for fraction in [f for f in fractions if f < 1.0]:
-        for strategy in ("full", "scratch"):
+        for strategy in ("full", "scratch", *(f"full[{label}]" for label in levers)):
             for item_ids in (False, True):
-                variants[f"{strategy}{'+ids' if item_ids else ''}@{fraction:g}"] = dict(
-                    strategy=strategy, train_fraction=fraction, item_ids=item_ids,
+                name = f"{strategy}{'+ids' if item_ids else ''}@{fraction:g}"
+                variants[name] = dict(
+                    strategy=strategy.split("[")[0], train_fraction=fraction, item_ids=item_ids,
                     **{"train.epochs": math.ceil(epochs / fraction), "train.eval_every_steps": epoch_steps})
+                if "[" in strategy:
+                    lever_overrides[name] = levers[strategy[len("full["):-1]]
     for strategy in ("full", "scratch"):
         variants[f"{strategy}+source_history"] = dict(strategy=strategy, history="all_domains", item_ids=False)
-    for name in [n.strip() for n in args.skip.split(",") if n.strip()]:
-        if name not in variants:
-            print(f"error: --skip {name}: not a variant; variants: {', '.join(variants)}", file=sys.stderr)
-            return 2
-        del variants[name]
+    for option, names in (("--skip", args.skip.split(",")), ("--only", only - {"student", STUDENT_KD})):
+        for name in [n.strip() for n in names if n.strip()]:
+            if name not in variants:
+                print(f"error: {option} {name}: not a variant; variants: {', '.join(variants)}", file=sys.stderr)
+                return 2
+            if option == "--skip":
+                del variants[name]
+    if only:
+        variants = {name: v for name, v in variants.items() if name in only}
     for name, settings in variants.items():
-        folder = study / "runs" / name.replace("@", "_frac").replace("+", "_")
+        folder = study / "runs" / variant_folder(name)
         settings = {"init_from": str(run_dir / PRETRAIN.folder), "history": "target", **settings}
         extra = [f"run_dir={folder}", *caps("finetune", args.epochs)]
         extra += [f"finetune.{k}={v if not isinstance(v, list) else '[' + ','.join(v) + ']'}" for k, v in settings.items()]
+        extra += lever_overrides.get(name, [])
         variant_cfg = cfg(*extra)
         if not args.retrain and trained_with(folder / FINETUNE.folder, variant_cfg, "finetune"):
             print(f"study_transfer: {name}: reusing {folder / FINETUNE.folder} (--retrain to train it again)")
@@ -166,17 +190,34 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
 
     # The classic distillation: the target-tuned teacher (auto's `full` candidate) teaches the small
     # student on the target's own sequences, labels and soft targets both.
-    folder = variant_run_dir(study / "runs" / STUDENT_KD, run_dir)
-    teacher = study / "runs" / "auto" / FINETUNE.folder / "candidates" / "full"
-    kd_cfg = cfg(f"run_dir={folder}", *caps("distill", args.kd_epochs), f"distill.teacher={teacher}",
-                 "distill.data=target")
-    if args.retrain or not trained_with(folder / DISTILL.folder, kd_cfg, "distill"):
-        timed(STUDENT_KD, distill.run, kd_cfg)
-        shutil.rmtree(folder / distill.WORK, ignore_errors=True)
+    kd_student = not only or STUDENT_KD in only
+    if kd_student:
+        folder = variant_run_dir(study / "runs" / STUDENT_KD, run_dir)
+        teacher = study / "runs" / "auto" / FINETUNE.folder / "candidates" / "full"
+        kd_cfg = cfg(f"run_dir={folder}", *caps("distill", args.kd_epochs), f"distill.teacher={teacher}",
+                     "distill.data=target")
+        if args.retrain or not trained_with(folder / DISTILL.folder, kd_cfg, "distill"):
+            timed(STUDENT_KD, distill.run, kd_cfg)
+            shutil.rmtree(folder / distill.WORK, ignore_errors=True)
 
-    table, n_shared = evaluate_variants(base, run_dir, study, variants)
-    write_tables(study, run_dir, table, n_shared, timings, args)
+    table, per_user, n_shared = evaluate_variants(base, run_dir, study, variants, kd_student)
+    paired = paired_gains(per_user, seed=base.seed, n_samples=base.evaluate.bootstrap)
+    write_tables(study, run_dir, table, n_shared, timings, args, paired)
     return 0
+
+
+def parse_lever(text: str) -> tuple[str, list[str]]:
+    """`LABEL:KEY=VALUE[,KEY=VALUE]` -> (LABEL, ["KEY=VALUE", ...]): a --lever option."""
+    label, _, overrides = text.partition(":")
+    pairs = [o.strip() for o in overrides.split(",") if o.strip()]
+    if not label.strip() or not pairs or not all("=" in o for o in pairs) or any(c in label for c in "[]@+/ "):
+        raise ValueError(f"{text!r}: expected LABEL:KEY=VALUE[,KEY=VALUE], e.g. whiten:finetune.adaptor_init=whiten")
+    return label.strip(), pairs
+
+
+def variant_folder(name: str) -> str:
+    """A variant's folder name under study/runs/: `full[whiten]+ids@0.1` -> `full_whiten_ids_frac0.1`."""
+    return name.replace("@", "_frac").replace("+", "_").replace("[", "_").replace("]", "")
 
 
 def trained_with(output: Path, cfg, section: str) -> bool:
@@ -205,31 +246,34 @@ def variant_run_dir(folder: Path, run_dir: Path) -> Path:
     return folder
 
 
-def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple[pd.DataFrame, int]:
-    """Test NDCG@10 / Recall@10 of every checkpoint, with the evaluate stage's users and scorers, and
-    how many of those users also have source interactions."""
+def evaluate_variants(base, run_dir: Path, study: Path, variants: dict, kd_student: bool = True
+                      ) -> tuple[pd.DataFrame, dict[str, np.ndarray], int]:
+    """Test NDCG@10 / Recall@10 of every checkpoint, with the evaluate stage's users and scorers, each
+    row's per-user NDCG@10 (the same users in the same order: paired comparisons), and how many of
+    those users also have source interactions."""
     prepared = load_prepared(run_dir)
     users = eval_users(prepared, "test")
     n_items = prepared.domain(prepared.target, key="data.target").n_items
     device = resolve_device(base.device)
     # The slice user-profile transfer can help: test users who also have source interactions.
     shared = users.in_source if users.in_source is not None else np.zeros(len(users.targets), dtype=bool)
-    rows = []
+    rows, per_user_ndcg = [], {}
 
     inputs = ranking_inputs(prepared, users, device, base.evaluate.user_batch, base.evaluate.item_chunk)
 
-    def test_metrics(system: Ranker) -> dict:
+    def test_metrics(system: Ranker, label: str) -> dict:
         scorer = make_scorer(system, inputs)
         _, top = M.full_ranking_topk(scorer.score_chunk, len(users.targets), n_items, 10, exclude=users.histories,
                                      user_batch=base.evaluate.user_batch, item_chunk=base.evaluate.item_chunk,
                                      device=scorer.device)
         per_user = M.ranking_metrics(top, users.targets, ks=(10,))
+        per_user_ndcg[label] = np.asarray(per_user["ndcg@10"], dtype=np.float64)
         row = {f"test_{k}": float(np.nanmean(v)) for k, v in per_user.items() if k in ("ndcg@10", "recall@10")}
         row["shared_ndcg@10"] = float(np.nanmean(per_user["ndcg@10"][shared])) if shared.any() else float("nan")
         return row
 
     for name in variants:
-        out = study / "runs" / name.replace("@", "_frac").replace("+", "_") / FINETUNE.folder
+        out = study / "runs" / variant_folder(name) / FINETUNE.folder
         manifest = FinetuneManifest.read(out)
         init = "student" if name == "student" else "teacher"
         kept = manifest.chosen
@@ -245,18 +289,44 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict) -> tuple
                          "init_from": init if STRATEGIES[strategy].transfers else "none",
                          "history": manifest.history, "train_fraction": manifest.train_fraction,
                          "n_trainable": cand.n_trainable, "valid_ndcg@10": cand.valid["ndcg@10"],
-                         **test_metrics(Ranker(label, folder)), "train_s": cand.train_s})
-    out = study / "runs" / STUDENT_KD / DISTILL.folder
-    student = DistillManifest.read(out)
-    rows.append({"variant": "student (KD from full, on target)", "strategy": "distill", "init_from": "full",
-                 "history": "target", "train_fraction": 1.0, "n_trainable": student.n_parameters,
-                 "valid_ndcg@10": student.metrics["ndcg@10"], **test_metrics(Ranker(STUDENT_KD, out)),
-                 "train_s": student.timings_s["train"]})
+                         **test_metrics(Ranker(label, folder), label), "train_s": cand.train_s})
+    if kd_student:
+        out = study / "runs" / STUDENT_KD / DISTILL.folder
+        student = DistillManifest.read(out)
+        label = "student (KD from full, on target)"
+        rows.append({"variant": label, "strategy": "distill", "init_from": "full",
+                     "history": "target", "train_fraction": 1.0, "n_trainable": student.n_parameters,
+                     "valid_ndcg@10": student.metrics["ndcg@10"], **test_metrics(Ranker(STUDENT_KD, out), label),
+                     "train_s": student.timings_s["train"]})
     for baseline in ("popularity", "item-knn"):
         rows.append({"variant": baseline, "strategy": baseline, "init_from": "none", "history": "target",
                      "train_fraction": 1.0, "n_trainable": 0, "valid_ndcg@10": float("nan"),
-                     **test_metrics(Ranker(baseline)), "train_s": 0.0})
-    return pd.DataFrame(rows, columns=COLUMNS), int(shared.sum())
+                     **test_metrics(Ranker(baseline), baseline), "train_s": 0.0})
+    return pd.DataFrame(rows, columns=COLUMNS), per_user_ndcg, int(shared.sum())
+
+
+def paired_gains(per_user: dict[str, np.ndarray], seed: int, n_samples: int = 1000) -> pd.DataFrame:
+    """Every transfer row against the scratch row it is compared with (same fraction, same item
+    tower: `full@0.1` and `full[whiten]@0.1` against `scratch@0.1`, `full+ids` against `scratch+ids`):
+    the test users' mean NDCG@10 difference with its 95% paired-bootstrap CI (the same user
+    resamples for both rows) and the relative gain."""
+    rows = []
+    for name in per_user:
+        match = re.fullmatch(r"full(\[[^\]]+\])?(\+ids)?(@[0-9.]+)?", name)
+        scratch = f"scratch{match.group(2) or ''}{match.group(3) or ''}" if match else None
+        if scratch not in per_user:
+            continue
+        delta = per_user[name] - per_user[scratch]
+        if n_samples:
+            lo, hi = (float(v[0]) for v in M.percentile_interval(M.bootstrap_means(delta, n_samples, seed)))
+        else:
+            lo = hi = float("nan")
+        base = float(per_user[scratch].mean())
+        rows.append({"transfer": name, "scratch": scratch, "transfer_ndcg@10": float(per_user[name].mean()),
+                     "scratch_ndcg@10": base, "delta": float(delta.mean()), "ci_low": lo, "ci_high": hi,
+                     "gain": float(delta.mean()) / base if base else float("nan"), "n_users": len(delta)})
+    return pd.DataFrame(rows, columns=["transfer", "scratch", "transfer_ndcg@10", "scratch_ndcg@10", "delta",
+                                       "ci_low", "ci_high", "gain", "n_users"])
 
 
 def goals(table: pd.DataFrame) -> str:
@@ -287,9 +357,25 @@ def goals(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int, timings: dict, args) -> None:
+def paired_lines(paired: pd.DataFrame) -> str:
+    """The paired comparisons as results.md lines."""
+    if paired.empty:
+        return ""
+    lines = [f"Transfer − scratch, paired over the {int(paired['n_users'].iloc[0]):,} test users (mean test "
+             "NDCG@10 difference, 95% bootstrap CI):"]
+    lines += [f"- {r['transfer']} {r['transfer_ndcg@10']:.4f} vs {r['scratch']} {r['scratch_ndcg@10']:.4f}: "
+              f"{r['delta']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] ({r['gain']:+.1%})"
+              for _, r in paired.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int, timings: dict, args,
+                 paired: pd.DataFrame | None = None) -> None:
     table = table.assign(exclude_seen=True)  # the rule of every test number here (test_metrics)
     write_parquet(pa.Table.from_pandas(table, preserve_index=False), study / "results.parquet")
+    paired = paired if paired is not None else paired_gains({}, 0)
+    write_parquet(pa.Table.from_pandas(paired.assign(exclude_seen=True), preserve_index=False),
+                  study / "paired.parquet")
     shown = table.copy()
     for col in ("valid_ndcg@10", "test_ndcg@10", "test_recall@10", "shared_ndcg@10"):
         shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
@@ -307,7 +393,7 @@ def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int,
     text = (f"# Transfer study: {run_dir.name}\n\nTest split of the target, full ranking, history items "
             f"excluded (the evaluate stage's code). Valid NDCG@10 is what `auto` chose by; shared_ndcg@10 is "
             f"test NDCG@10 on the {n_shared:,} users who also have source interactions.\n\n{header}{body}\n"
-            f"{goals(table)}\nBudget: {caps}.\n\nWall time (s): {times}; total {sum(timings.values()):.0f} s.\n")
+            f"{goals(table)}\n{paired_lines(paired)}\nBudget: {caps}.\n\nWall time (s): {times}; total {sum(timings.values()):.0f} s.\n")
     write_text(study / "results.md", text)
     # The few-shot curves: full and scratch, text only and +ids, at each fraction (auto's and
     # auto+ids's candidates at 1.0).

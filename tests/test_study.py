@@ -4,7 +4,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 from conftest import tiny_config, write_tiny_prepared
 
 from trecsys.config import load_config
@@ -42,3 +44,31 @@ def test_goals_compare_like_with_like():
     assert "- 10% of the target users: full 0.0300 vs scratch 0.0400 (-25%); full+ids 0.0330 vs scratch+ids 0.0300 (+10%)" in text
     assert "- full reading the source history: 0.0660 vs 0.0600 (users also in the source: 0.0760 vs 0.0700)" in text
     assert "- student: 90% of the fine-tuned teacher's (full) NDCG with 25% of its parameters" in text
+
+
+def test_levers_parse_and_name_their_own_folders():
+    assert study.parse_lever("whiten:finetune.adaptor_init=whiten") == ("whiten", ["finetune.adaptor_init=whiten"])
+    assert study.parse_lever("cl:finetune.init_from=/t/pretrain, finetune.adaptor_init=reinit") == (
+        "cl", ["finetune.init_from=/t/pretrain", "finetune.adaptor_init=reinit"])
+    for bad in ("whiten", "whiten:", ":a=b", "a[b]:x=y", "w:finetune.adaptor_init"):
+        with pytest.raises(ValueError):
+            study.parse_lever(bad)
+    assert study.variant_folder("full[whiten]+ids@0.1") == "full_whiten_ids_frac0.1"
+    assert study.variant_folder("scratch@0.1") == "scratch_frac0.1"
+
+
+def test_paired_gains_compare_each_transfer_row_with_its_own_scratch_row():
+    rng = np.random.default_rng(0)
+    scratch = rng.random(400) * 0.2
+    per_user = {"scratch@0.1": scratch, "full@0.1": scratch + 0.01, "full[w]@0.1": scratch - 0.01 * (rng.random(400) > 0.5),
+                "scratch+ids@0.1": scratch, "full+ids@0.1": scratch + rng.normal(0, 0.05, 400),
+                "full": scratch, "scratch": scratch * 0.5, "item-knn": scratch}
+    table = study.paired_gains(per_user, seed=0, n_samples=200).set_index("transfer")
+    assert set(table.index) == {"full@0.1", "full[w]@0.1", "full+ids@0.1", "full"}
+    assert table.loc["full+ids@0.1", "scratch"] == "scratch+ids@0.1" and table.loc["full", "scratch"] == "scratch"
+    row = table.loc["full@0.1"]  # a constant gain: the CI is the point
+    assert row["delta"] == pytest.approx(0.01) and row["ci_low"] == pytest.approx(0.01) and row["ci_high"] == pytest.approx(0.01)
+    assert row["gain"] == pytest.approx(0.01 / scratch.mean())
+    row = table.loc["full[w]@0.1"]
+    assert row["ci_low"] < row["delta"] < row["ci_high"] < 0
+    assert "full@0.1 " in study.paired_lines(table.reset_index())

@@ -234,6 +234,30 @@ class PretrainConfig:
 
     # Optimiser, schedule, precision, loss and validation of the pretraining run.
     train: TrainConfig = field(default_factory=TrainConfig)
+    # UniSRec's contrastive objectives (Hou et al., KDD 2022), added to the next-item loss with these
+    # weights (0 = off). Sequence-item: each window's last state against its next item, the other
+    # windows' next items in the batch as negatives (a batch holds one source domain's windows).
+    seq_item_weight: float = 0.0
+    # Sequence-sequence: each window's last state against that of an augmented view of the same
+    # window, the batch's other windows' views as negatives; one more sequence-tower pass per batch.
+    seq_seq_weight: float = 0.0
+    # Both contrastive terms score cos(a, b) / contrastive_temperature.
+    contrastive_temperature: float = 0.07
+    # The augmented view drops each history item (not the last) with this probability ...
+    item_drop: float = 0.2
+    # ... and each entry of the items' text vectors with this one (dropout; UniSRec's word drop).
+    text_drop: float = 0.2
+
+    def validate(self, prefix: str = "pretrain.", where: str = "") -> None:
+        for name in ("seq_item_weight", "seq_seq_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 0, got {getattr(self, name)}")
+        if self.contrastive_temperature <= 0:
+            raise ConfigError(f"config key '{prefix}contrastive_temperature'{where}: must be > 0, "
+                              f"got {self.contrastive_temperature}")
+        for name in ("item_drop", "text_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"config key '{prefix}{name}'{where}: must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -313,6 +337,12 @@ class FinetuneConfig:
     item_ids: bool = False
     # L2-SP: add l2sp * ||w - w_pretrained||^2 over the transferred weights to the loss (0 = off).
     l2sp: float = 0.0
+    # What a transferring strategy that trains (full, adaptor) does with init_from's text adaptor
+    # first: keep it as trained on the source; whiten: re-fit the moe adaptor's whitening to the
+    # target, every expert's b_k in (x - b_k) W_k set to the mean text vector of the target
+    # catalogue; reinit: a fresh adaptor, initialised as scratch's (only the sequence tower is
+    # transferred). zero_shot always ranks with the adaptor as trained.
+    adaptor_init: Literal["keep", "whiten", "reinit"] = "keep"
     # Learning rate of parameters that init_from does not have (new item-ID embeddings), as a
     # multiple of train.lr; transferred weights train at train.lr.
     new_params_lr_scale: float = 1.0

@@ -162,13 +162,17 @@ class SeqRecModel(nn.Module):
             )
         self.item_text = emb.to(device=self.position.weight.device, dtype=torch.float32)
 
-    def _item_features(self, idx: torch.Tensor) -> torch.Tensor:
-        """Item tower before dropout, for any valid item indices."""
+    def _item_features(self, idx: torch.Tensor, text_drop: float = 0.0) -> torch.Tensor:
+        """Item tower before dropout, for any valid item indices; `text_drop`: dropout on the text
+        vectors first (in training mode; an augmented view for a contrastive objective)."""
         x = 0
         if self.adaptor is not None:
             if self.item_text is None:
                 raise RuntimeError("call model.set_item_text(embeddings) before using a text item tower")
-            x = self.adaptor(self.item_text[idx])
+            text = self.item_text[idx]
+            if text_drop > 0.0 and self.training:
+                text = Dropout(text_drop)(text)
+            x = self.adaptor(text)
         if self.item_id is not None:
             x = x + self.item_id(self.id_row[idx])
         return self.item_norm(x)
@@ -181,14 +185,14 @@ class SeqRecModel(nn.Module):
         """Item tower output for the given global item indices (what a sampled loss needs)."""
         return self.drop(self._item_features(idx))
 
-    def encode(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, seq: torch.Tensor, item_table: torch.Tensor | None = None, text_drop: float = 0.0) -> torch.Tensor:
         """States after every prefix: (B, L) left-padded item_idx (-1 = padding) -> (B, L, d_model).
 
         Padding is inert: real positions never attend to it, positions count from the first real
         item, and padded positions return zeros — so an all-padding row (no history) is all zeros.
         With `item_table` (the item tower's output, in eval mode, for every item `seq` holds), `seq`
         holds row numbers of that table instead of item_idx: ranking encodes many batches over the
-        same items and computes their tower once.
+        same items and computes their tower once. `text_drop`: see `_item_features`.
         """
         B, L = seq.shape
         if L > self.config.max_seq_len:
@@ -198,7 +202,7 @@ class SeqRecModel(nn.Module):
         unique, inverse = torch.unique(seq.clamp(min=0), return_inverse=True)
         # index_select, not `[inverse]`: the backward of advanced indexing adds a repeated item's
         # gradients with atomic adds on several CPU threads, in an order that changes from run to run.
-        features = self._item_features(unique) if item_table is None else item_table.index_select(0, unique)
+        features = self._item_features(unique, text_drop) if item_table is None else item_table.index_select(0, unique)
         x = self.drop(features.index_select(0, inverse.flatten()).view(B, L, -1))
         positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
         x = x + self.position(positions)

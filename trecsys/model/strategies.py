@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from trecsys.config import STRATEGY_NAMES, ModelConfig
-from trecsys.model.seqrec import SeqRecModel
+from trecsys.errors import ConfigError
+from trecsys.model.seqrec import MoEAdaptor, SeqRecModel
 from trecsys.runtime import seed_everything
 
 
@@ -90,11 +91,14 @@ class Candidate:
 
 
 def build_candidate(name: str, init: SeqRecModel | None, base: ModelConfig, item_text: torch.Tensor,
-                    n_items: int, item_ids: bool, seed: int, id_items: Sequence[int] | None = None) -> Candidate:
+                    n_items: int, item_ids: bool, seed: int, id_items: Sequence[int] | None = None,
+                    adaptor_init: str = "keep", target_text: torch.Tensor | None = None) -> Candidate:
     """The model strategy `name` starts from. `init` (the init_from model) is required by the
     transferring strategies; `base` is the architecture (init's when there is one). An ID table has
     rows for `id_items` only (the items the candidate trains on); rows of items init_from has an ID
-    for are copied from it, the others are new."""
+    for are copied from it, the others are new. `adaptor_init` (`finetune.adaptor_init`) is what a
+    transferring strategy that trains does with init's text adaptor: keep it, `whiten` it on
+    `target_text` (the target catalogue's text vectors: `rewhiten`), or `reinit` it as scratch's."""
     spec = STRATEGIES[name]
     if spec.transfers and init is None:
         raise ValueError(f"strategy {name!r} needs an init_from model")
@@ -108,6 +112,14 @@ def build_candidate(name: str, init: SeqRecModel | None, base: ModelConfig, item
     if not spec.transfers:
         return Candidate(spec, model, new_params=[param for param, _ in model.named_parameters()])
     loaded = {k: v for k, v in init.state_dict().items() if k not in ("item_id.weight", "id_row")}
+    if adaptor_init == "reinit":  # left as the seeded random init above: the same start as scratch's
+        loaded = {k: v for k, v in loaded.items() if not k.startswith("adaptor.")}
+    elif adaptor_init == "whiten":
+        if target_text is None:
+            raise ValueError("adaptor_init 'whiten' needs the target catalogue's text vectors")
+        loaded["adaptor.bias"] = rewhiten(model, target_text)
+    elif adaptor_init != "keep":
+        raise ValueError(f"unknown adaptor_init {adaptor_init!r}")
     missing, unexpected = model.load_state_dict(loaded, strict=False)
     if unexpected:  # the architectures match but for the ID table; a mismatch is a bug
         raise RuntimeError(f"init_from tensors not in the {name} model: {unexpected}")
@@ -120,6 +132,19 @@ def build_candidate(name: str, init: SeqRecModel | None, base: ModelConfig, item
     anchors = {param: loaded[param].detach().clone() for param, p in model.named_parameters()
                if p.requires_grad and param not in missing}
     return Candidate(spec, model, new_params=list(missing), anchors=anchors)
+
+
+def rewhiten(model: SeqRecModel, target_text: torch.Tensor) -> torch.Tensor:
+    """The moe adaptor's whitening biases re-fitted to a catalogue: every expert's b_k in
+    (x - b_k) W_k set to the mean of `target_text` (n, text_dim), so the experts' projections, learnt
+    on the source, see the target's text vectors centred. Trained from b = 0 on one domain, b_k
+    stays near 0 while a catalogue's mean text vector is far from it (sentence encoders share a
+    large common component), and that offset differs between domains."""
+    if not isinstance(model.adaptor, MoEAdaptor):
+        raise ConfigError("config key 'finetune.adaptor_init': whiten re-fits the moe adaptor's whitening; "
+                          f"init_from's adaptor is {model.config.adaptor!r}: use keep or reinit")
+    mean = target_text.to(model.adaptor.bias).mean(dim=0)
+    return mean.expand_as(model.adaptor.bias).clone()
 
 
 def copy_id_rows(init: SeqRecModel, model: SeqRecModel) -> bool:

@@ -105,8 +105,9 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
         id_items = seen_items(seqs.train.take(train_users))
         results = []
         for strategy in trained:
-            candidate = build_candidate(strategy, init, base, torch.from_numpy(prepared.embeddings),
-                                        prepared.n_items, ft.item_ids, cfg.seed, id_items)
+            text = torch.from_numpy(prepared.embeddings)
+            candidate = build_candidate(strategy, init, base, text, prepared.n_items, ft.item_ids, cfg.seed, id_items,
+                                        ft.adaptor_init, text[domain.item_start:domain.item_stop])
             results.append(run_candidate(candidate, cfg, seqs, train_users, validate, work / strategy,
                                          {**context, "strategy": strategy}, init_dir, resume, dist,
                                          on_log=lambda record, s=strategy: tracker.log_training(record, s)))
@@ -175,6 +176,7 @@ def run_candidate(candidate: Candidate, cfg: ExperimentConfig, seqs: TargetSeque
         fingerprint = {
             "model": to_dict(model.config), "strategy": spec.name, "history": ft.history,
             "train_fraction": ft.train_fraction, "item_ids": ft.item_ids, "l2sp": ft.l2sp,
+            "adaptor_init": ft.adaptor_init if spec.transfers else None,
             "prepared": extra[PREPARED_KEY],
             "init": weights_sha256(init_dir) if init_dir and spec.transfers else None,
         }

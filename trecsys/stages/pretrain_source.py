@@ -71,7 +71,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
             model, data, loss_fn, validate, cfg.pretrain.train, work, seed=cfg.seed, dist=dist,
             save_model=lambda m, folder: save_checkpoint(m, folder, extra), monitor=MONITOR,
             config_key=TRAIN_KEY, fingerprint={"model": to_dict(cfg.model), "data.source": sources,
-                                               "prepared": prepared_sha},
+                                               "prepared": prepared_sha, "objectives": objectives(cfg)},
             resume=resume, resume_hint=f"run `trec {STAGE}` again with --resume to continue",
             on_log=tracker.log_training,
         )
@@ -104,7 +104,12 @@ def training_setup(splits: dict[str, DomainSplit], cfg: ExperimentConfig, device
     if not any(len(p.windows) for p in parts):
         raise ConfigError("config key 'data.source': the source domains have no user with 2+ training items")
     parts = [p for p in parts if len(p.windows)]
-    return window_train_data(parts), ce_loss_fn(parts, train)
+    return window_train_data(parts), ce_loss_fn(parts, train, contrastive=cfg.pretrain)
+
+
+def objectives(cfg: ExperimentConfig) -> dict:
+    """The pretrain keys besides `train` (the contrastive objectives): a resume must keep them."""
+    return {k: v for k, v in to_dict(cfg.pretrain).items() if k != "train"}
 
 
 def make_validate(splits: dict[str, DomainSplit], item_text: np.ndarray, user_batch: int, device: torch.device):

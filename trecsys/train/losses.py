@@ -1,6 +1,7 @@
 """Next-item losses over a catalogue: exact full-softmax cross-entropy computed in item chunks, sampled
-softmax with logQ correction for catalogues too large to score in full, and the distillation KL
-between a teacher's and a student's softmax over the catalogue, chunked the same way.
+softmax with logQ correction for catalogues too large to score in full, the distillation KL
+between a teacher's and a student's softmax over the catalogue, chunked the same way, and the
+in-batch contrastive loss (InfoNCE) of UniSRec's pretraining objectives.
 
 `score_fn(states (..., N, d), item_reps (..., n, d)) -> (..., N, n)` is a pure function of its two
 inputs (e.g. `SeqRecModel.score`) that broadcasts leading dimensions like matmul, so that
@@ -127,6 +128,20 @@ def softmax_over_candidates(states: torch.Tensor, targets: torch.Tensor, item_re
     negative = negative.masked_fill(negatives[None, :] == targets[:, None], -torch.inf)
     logits = torch.cat([positive[:, None], negative], dim=1)
     return (torch.logsumexp(logits, dim=1) - positive).mean()
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float,
+             same: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean InfoNCE of row i of `queries` against row i of `keys`, every other row of `keys` a
+    negative (in-batch negatives), on cos(q, k) / temperature: UniSRec's contrastive loss.
+    `same` (N, N) bool marks pairs that are not negatives (e.g. two rows with the same next item:
+    UniSRec's same_pos_id); they are left out of the softmax. Needs N >= 2."""
+    q, k = F.normalize(queries.float(), dim=-1), F.normalize(keys.float(), dim=-1)
+    logits = q @ k.T / temperature
+    if same is not None:
+        eye = torch.eye(len(q), dtype=torch.bool, device=q.device)
+        logits = logits.masked_fill(same & ~eye, -torch.inf)
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
 
 
 def proposal_log_q(item_counts: np.ndarray | torch.Tensor, power: float = 0.75) -> torch.Tensor:

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trecsys.config import TrainConfig
+from trecsys.config import PretrainConfig, TrainConfig
 from trecsys.model.seqrec import SeqRecModel
 from trecsys.prepared.sequences import Ragged
 from trecsys.prepared.tables import DomainRange
+from trecsys.train.contrastive import contrastive_loss
 from trecsys.train.engine import TrainData
 from trecsys.train.losses import chunked_cross_entropy, proposal_log_q, sampled_softmax_loss
 from trecsys.train.windows import WindowIndex, label_counts, trim_left_padding, window_index, window_tensors
@@ -100,12 +101,18 @@ def next_item_loss(model: SeqRecModel, states: torch.Tensor, labels: torch.Tenso
 
 
 def ce_loss_fn(parts: list[DomainWindows], train: TrainConfig,
-               extra: Callable[[SeqRecModel], torch.Tensor] | None = None):
-    """loss_fn for the engine: the summed next-item loss of a batch (+ `extra(model)` per label)."""
+               extra: Callable[[SeqRecModel], torch.Tensor] | None = None,
+               contrastive: PretrainConfig | None = None):
+    """loss_fn for the engine: the summed next-item loss of a batch (+ `extra(model)` per label,
+    + UniSRec's contrastive terms per label when `contrastive` weighs them: train/contrastive.py)."""
+    contrastive = contrastive if contrastive and (contrastive.seq_item_weight or contrastive.seq_seq_weight) else None
 
     def loss_fn(model: SeqRecModel, batch: dict) -> torch.Tensor:
         part, inputs, labels = batch_inputs(parts, batch)
-        mean = next_item_loss(model, model.encode(inputs), labels, part, train)
+        states = model.encode(inputs)
+        mean = next_item_loss(model, states, labels, part, train)
+        if contrastive is not None:
+            mean = mean + contrastive_loss(model, inputs, states, labels, part.domain.item_start, contrastive)
         if extra is not None:
             mean = mean + extra(model)
         return mean * (labels >= 0).sum()  # the engine normalises by the global batch's label count
