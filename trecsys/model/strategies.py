@@ -137,9 +137,9 @@ def build_candidate(name: str, init: SeqRecModel | None, base: ModelConfig, item
 def rewhiten(model: SeqRecModel, target_text: torch.Tensor) -> torch.Tensor:
     """The moe adaptor's whitening biases re-fitted to a catalogue: every expert's b_k in
     (x - b_k) W_k set to the mean of `target_text` (n, text_dim), so the experts' projections, learnt
-    on the source, see the target's text vectors centred. Trained from b = 0 on one domain, b_k
-    stays near 0 while a catalogue's mean text vector is far from it (sentence encoders share a
-    large common component), and that offset differs between domains."""
+    on the source, see the target's text vectors centred as they saw the source's: trained from
+    b = 0, the b_k move toward the source catalogue's mean text vector (README, "Transfer levers"),
+    and catalogues' means differ."""
     if not isinstance(model.adaptor, MoEAdaptor):
         raise ConfigError("config key 'finetune.adaptor_init': whiten re-fits the moe adaptor's whitening; "
                           f"init_from's adaptor is {model.config.adaptor!r}: use keep or reinit")
