@@ -44,8 +44,9 @@ sys.path.insert(0, str(REPO))
 from trecsys.artifacts import read_json, write_parquet, write_text  # noqa: E402
 from trecsys.config import load_config, to_dict  # noqa: E402
 from trecsys.errors import TrecError  # noqa: E402
-from trecsys.model.checkpoint import is_checkpoint  # noqa: E402
+from trecsys.model.checkpoint import is_checkpoint, load_checkpoint  # noqa: E402
 from trecsys.model.manifests import DistillManifest, FinetuneManifest  # noqa: E402
+from trecsys.model.seqrec import MoEAdaptor  # noqa: E402
 from trecsys.model.strategies import STRATEGIES  # noqa: E402
 from trecsys.prepared.context import target_sequences  # noqa: E402
 from trecsys.prepared.tables import load_prepared  # noqa: E402
@@ -202,8 +203,37 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
 
     table, per_user, n_shared = evaluate_variants(base, run_dir, study, variants, kd_student)
     paired = paired_gains(per_user, seed=base.seed, n_samples=base.evaluate.bootstrap)
-    write_tables(study, run_dir, table, n_shared, timings, args, paired)
+    teachers = {"teacher": run_dir / PRETRAIN.folder}
+    teachers.update({label: Path(o.split("=", 1)[1]) for label, pairs in levers.items() for o in pairs
+                     if o.startswith("finetune.init_from=")})
+    write_tables(study, run_dir, table, n_shared, timings, args, paired, whitening_lines(run_dir, teachers))
     return 0
+
+
+def whitening_lines(run_dir: Path, teachers: dict[str, Path]) -> str:
+    """Where each teacher's moe whitening biases b_k ended up: their distance to the source and the
+    target catalogues' mean text vectors (what `finetune.adaptor_init: whiten` moves them to)."""
+    prepared = load_prepared(run_dir)
+    text = torch.from_numpy(np.asarray(prepared.embeddings, dtype=np.float32))
+    means = {}
+    for role, names in (("source", prepared.source), ("target", [prepared.target])):
+        rows = np.concatenate([np.arange(d.item_start, d.item_stop) for d in map(prepared.domain, names)])
+        means[role] = text[rows].mean(0)
+    lines = []
+    for label, folder in teachers.items():
+        if not is_checkpoint(folder):
+            continue
+        model, _ = load_checkpoint(folder)
+        if not isinstance(model.adaptor, MoEAdaptor):
+            continue
+        bias = model.adaptor.bias.detach().float()
+        dist = {role: float((bias - mean).norm(dim=1).mean()) for role, mean in means.items()}
+        lines.append(f"- {label} ({folder}): mean |b_k| {float(bias.norm(dim=1).mean()):.3f}, mean |b_k − source "
+                     f"mean| {dist['source']:.3f}, mean |b_k − target mean| {dist['target']:.3f} (|source mean − "
+                     f"target mean| {float((means['source'] - means['target']).norm()):.3f})")
+    if not lines:
+        return ""
+    return "Whitening biases of the moe adaptor, against the catalogues' mean text vectors:\n" + "\n".join(lines) + "\n"
 
 
 def parse_lever(text: str) -> tuple[str, list[str]]:
@@ -370,7 +400,7 @@ def paired_lines(paired: pd.DataFrame) -> str:
 
 
 def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int, timings: dict, args,
-                 paired: pd.DataFrame | None = None) -> None:
+                 paired: pd.DataFrame | None = None, notes: str = "") -> None:
     table = table.assign(exclude_seen=True)  # the rule of every test number here (test_metrics)
     write_parquet(pa.Table.from_pandas(table, preserve_index=False), study / "results.parquet")
     paired = paired if paired is not None else paired_gains({}, 0)
@@ -393,7 +423,7 @@ def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int,
     text = (f"# Transfer study: {run_dir.name}\n\nTest split of the target, full ranking, history items "
             f"excluded (the evaluate stage's code). Valid NDCG@10 is what `auto` chose by; shared_ndcg@10 is "
             f"test NDCG@10 on the {n_shared:,} users who also have source interactions.\n\n{header}{body}\n"
-            f"{goals(table)}\n{paired_lines(paired)}\nBudget: {caps}.\n\nWall time (s): {times}; total {sum(timings.values()):.0f} s.\n")
+            f"{goals(table)}\n{paired_lines(paired)}\n{notes}\nBudget: {caps}.\n\nWall time (s): {times}; total {sum(timings.values()):.0f} s.\n")
     write_text(study / "results.md", text)
     # The few-shot curves: full and scratch, text only and +ids, at each fraction (auto's and
     # auto+ids's candidates at 1.0).

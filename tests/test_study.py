@@ -72,3 +72,25 @@ def test_paired_gains_compare_each_transfer_row_with_its_own_scratch_row():
     row = table.loc["full[w]@0.1"]
     assert row["ci_low"] < row["delta"] < row["ci_high"] < 0
     assert "full@0.1 " in study.paired_lines(table.reset_index())
+
+
+def test_whitening_lines_say_how_far_a_teachers_biases_are_from_each_catalogues_mean(tmp_path):
+    import torch
+
+    from trecsys.config import ModelConfig
+    from trecsys.model.checkpoint import save_checkpoint
+    from trecsys.model.seqrec import SeqRecModel
+    from trecsys.prepared.tables import load_prepared
+
+    run_dir = tmp_path / "run"
+    write_tiny_prepared(run_dir)
+    prepared = load_prepared(run_dir)
+    text = torch.from_numpy(np.asarray(prepared.embeddings, dtype=np.float32))
+    model = SeqRecModel(ModelConfig(d_model=8, n_heads=2, n_layers=1, n_experts=2), text.shape[1], prepared.n_items)
+    rows = np.concatenate([np.arange(prepared.domain(d).item_start, prepared.domain(d).item_stop)
+                           for d in prepared.source])
+    with torch.no_grad():
+        model.adaptor.bias[:] = text[rows].mean(0)  # biases at the source catalogue's mean
+    save_checkpoint(model, tmp_path / "teacher", {})
+    text_out = study.whitening_lines(run_dir, {"teacher": tmp_path / "teacher", "absent": tmp_path / "none"})
+    assert "- teacher (" in text_out and "mean |b_k − source mean| 0.000" in text_out and "absent" not in text_out
