@@ -115,8 +115,10 @@ def tiny_config(run_dir: Path, path: Path, sections: dict | None = None, **train
     return path
 
 
-def fake_embed_texts(texts, cfg, device="cpu", progress=True, cache=True, stop=None):
+def fake_embed_texts(texts, cfg, device="cpu", progress=True, cache=True, stop=None, counts=None):
     """A deterministic stand-in for the encoder: a hash-seeded unit vector per text."""
+    if counts is not None:  # nothing is cached: every distinct text counts as embedded
+        counts.update(distinct=len(set(texts)), from_cache=0, embedded=len(set(texts)))
     rows = []
     for text in texts:
         seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")

@@ -94,7 +94,7 @@ def test_a_domain_template_field_its_item_file_lacks_is_a_config_error(tmp_path,
 
 
 def test_sigterm_stops_prepare_with_exit_130_and_writes_nothing(tmp_path, monkeypatch):
-    def embed_then_terminated(texts, cfg, device="cpu", progress=True, stop=None):
+    def embed_then_terminated(texts, cfg, device="cpu", progress=True, stop=None, counts=None):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while embedding
         assert stop is not None and stop()  # the embedder is asked to stop after its chunk
         return fake_embed_texts(texts, cfg)

@@ -54,7 +54,7 @@ class Encoder:
 
 def embed_texts(
     texts: list[str], cfg: EmbeddingConfig, device: str = "cpu", progress: bool = True, cache: bool = True,
-    stop: Callable[[], bool] | None = None,
+    stop: Callable[[], bool] | None = None, counts: dict | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Embed `texts` in order: an (n, dim) float32 array of unit rows, and the encoder_info dict.
 
@@ -64,14 +64,10 @@ def embed_texts(
     True raises InterruptedRun (SIGTERM in `trec prepare`). At the end this call's chunks are merged
     into one shard, so the cache does not grow one small file per chunk. `cache=False` (search
     queries: short-lived, and a shard per batch would make every later lookup scan them all) embeds
-    every distinct text and stores nothing.
+    every distinct text and stores nothing. `counts`, when given, receives `distinct` (texts),
+    `from_cache` and `embedded` (what this call ran through the encoder).
     """
-    if cfg.batch_size < 1:
-        raise ConfigError(f"embedding.batch_size must be at least 1, got {cfg.batch_size}")
-    if cfg.max_length < 2:
-        raise ConfigError(
-            f"embedding.max_length must be at least 2 (room for [CLS] and [SEP]), got {cfg.max_length}"
-        )
+    _check_settings(cfg)
     encoder = load_encoder(cfg.encoder, resolve_device(device), cfg.max_length)
     info = dict(encoder.info)
     dim = info["dim"]
@@ -87,8 +83,39 @@ def embed_texts(
     if misses:
         _embed_misses(encoder, unique, hashes, misses, vectors, cfg.batch_size, folder if cache else None,
                       progress, stop, cached=len(unique) - len(misses))
+    if counts is not None:
+        counts.update(distinct=len(unique), from_cache=len(unique) - len(misses), embedded=len(misses))
     row_of = {text: i for i, text in enumerate(unique)}
     return vectors[[row_of[t] for t in texts]], info
+
+
+def cache_misses(texts: list[str], cfg: EmbeddingConfig, device: str = "cpu") -> list[str]:
+    """The distinct texts of `texts` that are not in the cache, in the order `embed_texts` would
+    embed them (first occurrence): what a run on several processes splits among them."""
+    _check_settings(cfg)
+    info = load_encoder(cfg.encoder, resolve_device(device), cfg.max_length).info
+    unique = list(dict.fromkeys(texts))
+    hashes = [text_hash(t) for t in unique]
+    found = read_cache(_cache_folder(cfg, info), set(hashes), info["dim"])
+    return [t for t, h in zip(unique, hashes, strict=True) if h not in found]
+
+
+def share_of_misses(misses: list[str], rank: int, world_size: int) -> list[str]:
+    """Rank `rank`'s share of `misses` (from `cache_misses`): the chunks rank, rank + world_size, ...
+    of the CHUNK_TEXTS chunks one process would embed. `embed_texts` on a share cuts it into the
+    same chunks again (every chunk but the last is whole), so each text is embedded in the same
+    batch, with the same padding, as in one process, and its vector comes out the same bytes."""
+    starts = range(rank * CHUNK_TEXTS, len(misses), world_size * CHUNK_TEXTS)
+    return [text for start in starts for text in misses[start:start + CHUNK_TEXTS]]
+
+
+def _check_settings(cfg: EmbeddingConfig) -> None:
+    if cfg.batch_size < 1:
+        raise ConfigError(f"embedding.batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.max_length < 2:
+        raise ConfigError(
+            f"embedding.max_length must be at least 2 (room for [CLS] and [SEP]), got {cfg.max_length}"
+        )
 
 
 def _embed_misses(encoder: Encoder, unique: list[str], hashes: list[str], misses: list[int],

@@ -38,6 +38,9 @@ class PreparedManifest:
     encoder: dict | str | None
     n_users: int
     n_items: int | None
+    # The item texts: how many, distinct, embedded by this run, read from the embedding cache, on
+    # how many processes (torchrun), seconds and new items per second; None in older runs.
+    embedding: dict | None = None
 
     @property
     def ranges(self) -> dict[str, DomainRange]:
@@ -73,6 +76,7 @@ class PreparedManifest:
                 encoder=data.get("encoder"),
                 n_users=int(data["n_users"]),
                 n_items=None if data.get("n_items") is None else int(data["n_items"]),
+                embedding=None if data.get("embedding") is None else dict(data["embedding"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{path}: not a prepared manifest (bad or missing {exc!s}): re-run `trec prepare`"

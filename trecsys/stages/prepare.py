@@ -6,6 +6,7 @@ per-user sequences as flat arrays, config, manifest); it is built under a tempor
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,9 @@ from trecsys.ingest.synthetic import generate_domains
 from trecsys.ingest.text import compose_text
 from trecsys.prepared.manifest import PreparedManifest
 from trecsys.prepared.sequences import write_sequences
-from trecsys.runtime import StopRequest, apply_threads, resolve_device
+from trecsys.runtime import StopRequest, Threads, apply_threads, resolve_device
 from trecsys.stage_table import PREPARE
+from trecsys.stages import prepare_shards
 
 # Item metadata columns copied to items.parquet (as str) when a domain has them.
 ITEM_FIELDS = ("brand", "category", "price")
@@ -39,6 +41,22 @@ RESERVED_ITEM_COLUMNS = ("item_idx", "domain")
 
 def run(cfg: ExperimentConfig) -> None:
     threads = apply_threads(cfg.runtime.threads)
+    if not prepare_shards.is_sharded():
+        return _run(cfg, threads, None)
+    # torchrun: every rank embeds a share of the item texts; rank 0 alone does everything else.
+    if int(os.environ.get("RANK", "0")) != 0:
+        return prepare_shards.follow(cfg)
+    ranks = prepare_shards.Ranks.start()
+    try:
+        _run(cfg, threads, ranks)
+    except BaseException:
+        ranks.abort()
+        raise
+    finally:
+        ranks.stop()
+
+
+def _run(cfg: ExperimentConfig, threads: Threads, ranks: prepare_shards.Ranks | None) -> None:
     roles = domain_roles(cfg.data)
     out = Path(cfg.run_dir).expanduser() / PREPARE.folder
     started = time.perf_counter()
@@ -54,9 +72,9 @@ def run(cfg: ExperimentConfig) -> None:
         items["text"] = item_texts(items, cfg.data)
         for warning in check_item_text(items, raw, cfg.data):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-        _note(f"embedding {len(items):,} item texts with {cfg.embedding.encoder}")
-        embeddings, encoder = embed_texts(items["text"].tolist(), cfg.embedding, device=str(resolve_device(cfg.device)),
-                                          stop=stop.requested)
+        _note(f"embedding {len(items):,} item texts with {cfg.embedding.encoder}"
+              + (f" on {ranks.world_size} processes" if ranks else ""))
+        embeddings, encoder, embedding = embed_items(items["text"].tolist(), cfg, stop, ranks)
         if embeddings.shape[0] != len(items):
             raise DataError(f"the encoder returned {embeddings.shape[0]} embeddings for {len(items)} items")
         timings["embed"] = _since(clock)
@@ -87,6 +105,7 @@ def run(cfg: ExperimentConfig) -> None:
                     encoder=encoder,
                     n_users=int(pc.max(interactions["user_idx"]).as_py()) + 1,
                     n_items=len(items),
+                    embedding=embedding,
                 ).to_json(),
             )
     print(summary_table(stats))
@@ -96,6 +115,34 @@ def run(cfg: ExperimentConfig) -> None:
             examples = "; ".join(domain.skipped_examples[:3])
             log(f"{name}: skipped {domain.skipped_rows:,} bad input rows (data.on_bad_rows=skip), e.g. {examples}")
     log(f"prepared: {out} ({time.perf_counter() - started:.1f} s)")
+
+
+def embed_items(texts: list[str], cfg: ExperimentConfig, stop: StopRequest, ranks: prepare_shards.Ranks | None
+                ) -> tuple[np.ndarray, dict, dict]:
+    """(vectors, encoder record, what was embedded): the texts the cache lacks are embedded here, or
+    by every rank of a torchrun launch (stages/prepare_shards.py) and then read back from the cache."""
+    started = time.perf_counter()
+    counts: dict = {}
+    if ranks is None:
+        vectors, encoder = embed_texts(texts, cfg.embedding, device=str(resolve_device(cfg.device)),
+                                       stop=stop.requested, counts=counts)
+        embedded, per_rank = counts.get("embedded", 0), None
+    else:
+        shares = ranks.embed(texts, cfg, stop.requested)
+        vectors, encoder = embed_texts(texts, cfg.embedding, device=prepare_shards.rank_device(cfg.device),
+                                       stop=stop.requested, counts=counts)
+        # Nothing is left to embed here unless a rank could not write the cache (it warned).
+        embedded, per_rank = shares["embedded"] + counts.get("embedded", 0), shares["per_rank"]
+    seconds = time.perf_counter() - started
+    distinct = counts.get("distinct", len(set(texts)))
+    record = {"texts": len(texts), "distinct": distinct, "embedded": embedded, "from_cache": distinct - embedded, "processes": ranks.world_size if ranks else 1,
+              "seconds": round(seconds, 3), "items_per_s": round(embedded / seconds, 1) if embedded else None}
+    if per_rank is not None:
+        record["embedded_per_rank"] = per_rank
+    if embedded:
+        _note(f"embedded {embedded:,} new item texts in {seconds:.1f} s: {embedded / seconds:,.0f} items/s on "
+              f"{record['processes']} process(es); {record['from_cache']:,} from the cache")
+    return vectors, encoder, record
 
 
 def pandas_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float]]
