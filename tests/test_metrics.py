@@ -276,6 +276,26 @@ def test_item_knn_on_a_hand_example():
     assert topk.tolist() == [[1, 2], [1, 3], [0, 1]]
 
 
+def test_item_knn_in_column_blocks_gives_the_same_scores(monkeypatch):
+    """The similarity built a few columns at a time (memory near the matrix itself) scores exactly as
+    one product of the whole catalogue, for item chunks that cut across the blocks."""
+    rng = np.random.default_rng(3)
+    n_items = 23
+    train = [rng.choice(n_items, size=rng.integers(1, 9)) for _ in range(40)]
+    histories = [rng.choice(n_items, size=rng.integers(0, 6)) for _ in range(12)]
+    whole = ItemKNNScorer(train, histories, n_items)
+    monkeypatch.setattr(ItemKNNScorer, "block_items", 5)
+    blocked = ItemKNNScorer(train, histories, n_items)
+    assert len(blocked.blocks) == 5 and len(whole.blocks) == 1
+    assert blocked.n_similarities == whole.n_similarities
+    users = torch.arange(len(histories))
+    for start, stop in [(0, n_items), (3, 12), (4, 5), (9, 23)]:
+        assert torch.equal(blocked.score_chunk(users, start, stop), whole.score_chunk(users, start, stop))
+    assert (blocked.score_chunk(users, 0, n_items)[:, :] >= 0).all()
+    diagonal = sum(block.diagonal(k=-begin).sum() for begin, block in blocked.blocks)
+    assert diagonal == 0  # no item is its own neighbour
+
+
 def test_popularity_ranks_by_train_counts_with_index_ties():
     pop = PopularityScorer([np.array([3, 1]), np.array([3, 1, 2])], n_items=5)
     _, topk = M.full_ranking_topk(pop.score_chunk, 2, 5, 5, exclude=[np.array([3]), np.array([], dtype=np.int64)],

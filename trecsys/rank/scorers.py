@@ -60,24 +60,43 @@ class ItemKNNScorer:
     in the binary (train user × item) matrix, with self-similarity removed."""
 
     name = "item-knn"
+    # Similarity columns computed per product: one product of the whole catalogue builds its result
+    # with 64-bit indices and then converts it, about 2.7x the finished matrix at once (4.2 GiB for
+    # the 206M similarities of bench-scale's 10M target); blocks of columns peak near the matrix itself.
+    block_items = 4096
 
     def __init__(self, train_sequences: Sequence[np.ndarray], histories: Sequence[np.ndarray], n_items: int):
         self.device = torch.device("cpu")
         interactions = _binary_rows(train_sequences, n_items)
         norms = np.sqrt(np.asarray(interactions.multiply(interactions).sum(axis=0)).ravel())
         inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
-        unit_columns = interactions @ sp.diags(inverse)  # each item's user column scaled to length 1
-        similarity = (unit_columns.T @ unit_columns).tocsc()
-        similarity.setdiag(0.0)
-        similarity.eliminate_zeros()
-        self.similarity = similarity.astype(np.float32)
+        unit_columns = (interactions @ sp.diags(inverse)).tocsc()  # each item's user column scaled to length 1
+        transposed = unit_columns.T.tocsr()
+        # Each entry is the same sum in the same order as in one whole product (a column block
+        # only restricts which columns are computed), so the scores are identical.
+        self.blocks: list[tuple[int, sp.csc_matrix]] = []
+        for begin in range(0, n_items, self.block_items):
+            end = min(begin + self.block_items, n_items)
+            block = (transposed @ unit_columns[:, begin:end]).tocsc().astype(np.float32)
+            block.setdiag(0.0, k=-begin)  # self-similarity: row begin + j of column j
+            block.eliminate_zeros()
+            self.blocks.append((begin, block))
         self.histories = _binary_rows(histories, n_items)
         self._columns: tuple[int, int, sp.csc_matrix] | None = None
+
+    @property
+    def n_similarities(self) -> int:
+        return sum(block.nnz for _, block in self.blocks)
+
+    def _similarity_columns(self, start: int, stop: int) -> sp.csc_matrix:
+        parts = [block[:, max(start - begin, 0):min(stop - begin, block.shape[1])]
+                 for begin, block in self.blocks if begin < stop and begin + block.shape[1] > start]
+        return parts[0] if len(parts) == 1 else sp.hstack(parts, format="csc")
 
     def score_chunk(self, user_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         # Every user batch asks for the same item chunks: keep the last column slice.
         if self._columns is None or self._columns[:2] != (start, stop):
-            self._columns = (start, stop, self.similarity[:, start:stop])
+            self._columns = (start, stop, self._similarity_columns(start, stop))
         rows = self.histories[user_rows.cpu().numpy()]
         scores = (rows @ self._columns[2]).toarray()
         return torch.from_numpy(scores.astype(np.float32, copy=False))
