@@ -97,6 +97,19 @@ def test_shapes_for_each_adaptor(adaptor):
     assert (states[1, :3] == 0).all() and (states[1, 3:].abs().sum(-1) > 0).all()
 
 
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_user_state_is_the_last_state_bit_for_bit(n_layers):
+    # user_state runs the last block for the last position only; rankings rely on it giving the
+    # very same floats as the whole encoding (the tie rule orders equal scores by index).
+    model = make_model(n_layers=n_layers).eval()
+    seq = random_seq(batch=64, seed=1)
+    seq[5] = -1  # a user without history
+    with torch.no_grad():
+        assert torch.equal(model.user_state(seq), model.encode(seq)[:, -1])
+        table = model.item_reps(0, N_ITEMS)  # row i = item i: the ranking's precomputed tower
+        assert torch.equal(model.user_state(seq, table), model.encode(seq, table)[:, -1])
+
+
 def test_no_future_leakage():
     model = make_model()
     seq = random_seq()

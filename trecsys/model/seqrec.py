@@ -77,12 +77,17 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, L, d) -> (B, L, d); with `last_only`, (B, 1, d): the last position's output alone."""
         B, L, d = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
         )
+        if last_only:
+            # Attention still runs for every query: with one query, SDPA's CPU kernel rounds
+            # differently (last bits), and states must not depend on this shortcut.
+            y, L = y[:, :, -1:], 1
         return self.proj(y.transpose(1, 2).reshape(B, L, d))
 
 
@@ -97,8 +102,11 @@ class Block(nn.Module):
         )
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), allowed))
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """With `last_only`, only the last position's output (B, 1, d): attention runs over every
+        position, the projection and the MLP for the last one alone."""
+        h = self.attn(self.norm1(x), allowed, last_only)
+        x = (x[:, -1:] if last_only else x) + self.drop(h)
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -185,14 +193,17 @@ class SeqRecModel(nn.Module):
         """Item tower output for the given global item indices (what a sampled loss needs)."""
         return self.drop(self._item_features(idx))
 
-    def encode(self, seq: torch.Tensor, item_table: torch.Tensor | None = None, text_drop: float = 0.0) -> torch.Tensor:
+    def encode(self, seq: torch.Tensor, item_table: torch.Tensor | None = None, text_drop: float = 0.0,
+               last_only: bool = False) -> torch.Tensor:
         """States after every prefix: (B, L) left-padded item_idx (-1 = padding) -> (B, L, d_model).
 
         Padding is inert: real positions never attend to it, positions count from the first real
         item, and padded positions return zeros — so an all-padding row (no history) is all zeros.
         With `item_table` (the item tower's output, in eval mode, for every item `seq` holds), `seq`
         holds row numbers of that table instead of item_idx: ranking encodes many batches over the
-        same items and computes their tower once. `text_drop`: see `_item_features`.
+        same items and computes their tower once. `text_drop`: see `_item_features`. With `last_only`,
+        (B, 1, d_model): the state after the whole sequence alone (`user_state`), its last block run
+        for the last position only.
         """
         B, L = seq.shape
         if L > self.config.max_seq_len:
@@ -210,13 +221,17 @@ class SeqRecModel(nn.Module):
         causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
         diagonal = torch.eye(L, dtype=torch.bool, device=seq.device)
         allowed = (causal & (valid[:, None, :] | diagonal))[:, None]  # (B, 1, L, L) over heads
-        for block in self.blocks:
-            x = block(x, allowed)
-        return self.final_norm(x) * valid[..., None]
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, last_only and i == len(self.blocks) - 1)
+        return self.final_norm(x) * valid[:, -x.shape[1]:, None]
 
     def user_state(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
-        """State after the whole (left-padded) history: (B, L) -> (B, d_model); zeros for no history."""
-        return self.encode(seq, item_table)[:, -1]
+        """State after the whole (left-padded) history: (B, L) -> (B, d_model); zeros for no history.
+
+        The last block's projection and MLP run for the last position only (what ranking encodes
+        every user with); the result is `encode(seq)[:, -1]` bit for bit.
+        """
+        return self.encode(seq, item_table, last_only=True)[:, -1]
 
     def score(self, states: torch.Tensor, item_reps: torch.Tensor) -> torch.Tensor:
         """(B, d) states × (n, d) items -> (B, n): dot product, or cosine / temperature.
