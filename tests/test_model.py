@@ -108,6 +108,10 @@ def test_user_state_is_the_last_state_bit_for_bit(n_layers):
         assert torch.equal(model.user_state(seq), model.encode(seq)[:, -1])
         table = model.item_reps(0, N_ITEMS)  # row i = item i: the ranking's precomputed tower
         assert torch.equal(model.user_state(seq, table), model.encode(seq, table)[:, -1])
+        # Nor does a user's state depend on the batch it is encoded in (a shard's last one may hold one user).
+        states = model.user_state(seq)
+        for size in (1, 2, 3, 5):
+            assert torch.equal(model.user_state(seq[:size]), states[:size]), size
 
 
 def test_no_future_leakage():

@@ -18,6 +18,7 @@ from trecsys.config import ModelConfig
 from trecsys.errors import ArtifactError, ConfigError
 
 PAD = -1  # the item index of padding: sequences are left-padded with it
+MIN_ROWS = 4  # user_state's smallest batch (see there)
 
 
 class Dropout(nn.Dropout):
@@ -229,9 +230,14 @@ class SeqRecModel(nn.Module):
         """State after the whole (left-padded) history: (B, L) -> (B, d_model); zeros for no history.
 
         The last block's projection and MLP run for the last position only (what ranking encodes
-        every user with); the result is `encode(seq)[:, -1]` bit for bit.
+        every user with); the result is `encode(seq)[:, -1]` bit for bit. A user's state does not
+        depend on who shares the batch: on CPU a matrix product over 1-3 rows rounds differently
+        from one over more (MKL's sgemm, measured), so a smaller batch gets empty rows.
         """
-        return self.encode(seq, item_table, last_only=True)[:, -1]
+        n = len(seq)
+        if n < MIN_ROWS:
+            seq = torch.cat([seq, seq.new_full((MIN_ROWS - n, seq.shape[1]), PAD)])
+        return self.encode(seq, item_table, last_only=True)[:n, -1]
 
     def score(self, states: torch.Tensor, item_reps: torch.Tensor) -> torch.Tensor:
         """(B, d) states × (n, d) items -> (B, n): dot product, or cosine / temperature.
