@@ -39,6 +39,14 @@ RECBOLE_PYTHON, a recbole package importable here. Skips with a message when non
 
     python scripts/bench_ml100k.py [--threads N] [--tuned-malloc] [--recbole-epochs 1] [--data DIR]
                                    [--recbole-python PATH] [--set finetune.train.epochs=3 ...]
+                                   [--recbole-resume DIR --recbole-budget-s SECONDS]
+
+RecBole's converged schedule (--recbole-epochs 200: early stopping ends it) takes hours here. With
+--recbole-resume DIR its run continues over several invocations of the same command, each training it
+for about --recbole-budget-s seconds (its state kept in DIR after every epoch); the invocation that
+finishes it prints the whole table. Each epoch's seconds are those it took when it ran (process
+start-ups excluded), so the time to RecBole's best epoch adds up epochs run on different days: the
+printed per-epoch lines show them.
 """
 
 from __future__ import annotations
@@ -147,16 +155,26 @@ def per_million(seconds: float, positions: float) -> float:
 
 # -- the two sides ------------------------------------------------------------------------------
 
-def run_recbole(python: str, data: Path, epochs: int, threads: int, tuned: bool) -> dict:
+def run_recbole(python: str, data: Path, epochs: int, threads: int, tuned: bool,
+                resume: Path | None = None, budget_s: float = 0.0) -> dict:
+    """RecBole's run as one JSON record; with `resume`, a stage of a run that continues over several
+    invocations (recbole_sasrec.py --resume-dir): `"complete": false` until it has finished."""
+    extra = [] if resume is None else ["--resume-dir", str(resume), "--budget-s", str(budget_s)]
     with tempfile.TemporaryDirectory() as work:
         # RecBole writes its logs and tensorboard files into the working directory.
         done = checked(subprocess.run([python, str(REPO / "scripts" / "recbole_sasrec.py"), str(data.parent),
-                                       str(epochs), work, "--threads", str(threads)],
+                                       str(epochs), work, "--threads", str(threads), *extra],
                                       capture_output=True, text=True, cwd=work, env=child_env(threads, tuned)),
                        "RecBole run")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["load_after"] = load_line()
     return result
+
+
+def print_recbole_epochs(per_epoch: list[dict], first: int) -> None:
+    for i, e in enumerate(per_epoch[first - 1:], first):
+        print(f"ml100k.recbole.epoch {i}: training {e['train_s']:.1f} s (cpu {e['train_cpu_s']:.1f}), validation "
+              f"{e.get('valid_s', 0):.1f} s, valid NDCG@10 {e.get('valid_ndcg@10', float('nan')):.4f}", flush=True)
 
 
 def recbole_time_to_best(per_epoch: list[dict]) -> dict:
@@ -310,9 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for trecsys's side (e.g. finetune.train.epochs=3 for a quick look)")
     parser.add_argument("--run-dir", default=str(REPO / "runs" / "bench_ml100k"))
+    parser.add_argument("--recbole-resume", metavar="DIR", default=None,
+                        help="RecBole's run continues over several invocations, its state kept in DIR after every "
+                             "epoch: for a converged anchor that takes longer than one sitting (--recbole-epochs 200)")
+    parser.add_argument("--recbole-budget-s", type=float, default=0.0,
+                        help="with --recbole-resume: this invocation trains RecBole for about this many seconds, "
+                             "then stops; the invocation that finishes RecBole's run also runs trecsys's side")
     args = parser.parse_args(argv)
     if args.recbole_epochs < 1:
         parser.error("--recbole-epochs must be >= 1")
+    if args.recbole_budget_s and not args.recbole_resume:
+        parser.error("--recbole-budget-s needs --recbole-resume")
     data = find_ml100k(args.data, args.recbole_python)
     if data is None:
         print("ml100k: skipped (ml-100k not found: pass --data, set TRECSYS_ML100K or RECBOLE_PYTHON; "
@@ -327,13 +353,26 @@ def main(argv: list[str] | None = None) -> int:
     theirs: dict = {}
     if args.recbole_python:
         settings = setting_line(threads, args.tuned_malloc)
-        theirs = finish_recbole(run_recbole(args.recbole_python, data, args.recbole_epochs, threads, args.tuned_malloc))
+        resume = Path(args.recbole_resume).resolve() if args.recbole_resume else None
+        if resume is not None:
+            resume.mkdir(parents=True, exist_ok=True)
+        theirs = run_recbole(args.recbole_python, data, args.recbole_epochs, threads, args.tuned_malloc,
+                             resume, args.recbole_budget_s)
+        if not theirs.get("complete", True):
+            print_recbole_epochs(theirs["per_epoch"], theirs.get("resumed_from_epoch", 1))
+            print(f"ml100k.recbole: not finished after {theirs['epochs']} epoch(s) of at most {args.recbole_epochs} "
+                  f"(best valid NDCG@10 {theirs['best_valid_ndcg']:.4f} at epoch {theirs['best_epoch']}; "
+                  f"ended under {theirs['load_after']}); its state is in {resume}: run the same command again to "
+                  "continue. trecsys's side runs when RecBole's run has finished.")
+            return 0
+        theirs = finish_recbole(theirs)
         theirs["settings"] = settings
         print(f"ml100k.recbole: {theirs['epochs']} epoch(s) of at most {args.recbole_epochs}, {theirs['threads']} "
               f"torch thread(s); started under {settings}; ended under {theirs['load_after']}", flush=True)
-        for i, e in enumerate(theirs["per_epoch"], 1):
-            print(f"ml100k.recbole.epoch {i}: training {e['train_s']:.1f} s (cpu {e['train_cpu_s']:.1f}), validation "
-                  f"{e.get('valid_s', 0):.1f} s, valid NDCG@10 {e.get('valid_ndcg@10', float('nan')):.4f}")
+        if theirs.get("resumed_from_epoch"):
+            print(f"ml100k.recbole: resumed from {resume}; epochs {theirs['resumed_from_epoch']}-{theirs['epochs']} ran "
+                  "in this invocation, the epochs before them in earlier ones (each epoch's seconds as recorded then)")
+        print_recbole_epochs(theirs["per_epoch"], 1)
     else:
         print(f"ml100k.recbole: {NOT_MEASURED} (set RECBOLE_PYTHON)")
     anchor = theirs.get(f"{ANCHOR_RULE}.test_ndcg@10")

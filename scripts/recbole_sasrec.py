@@ -7,7 +7,7 @@ is test, the one before valid), full ranking, CE loss, 2 blocks × 64 dims × 2 
 history, batch 2048.
 
     RECBOLE_PYTHON scripts/recbole_sasrec.py DATA_PATH EPOCHS WORK_DIR [--dataset ml-100k] [--lists OUT.json]
-                                             [--threads N]
+                                             [--threads N] [--resume-dir DIR --budget-s SECONDS]
 
 DATA_PATH holds `<dataset>/<dataset>.inter`. Trains with RecBole's validation-based early stopping
 (patience 10) within EPOCHS and reports, per epoch, the wall and CPU seconds of its training pass and
@@ -18,16 +18,27 @@ Recall@10 of the best-validation model under both rules: `seen_ranked` (RecBole'
 evaluation: items the user already has are ranked like any other) and `exclude_seen` (those items masked, trecsys's default). --lists writes
 each test user's top-50 items under both rules ({rule: {user token: [item tokens]}}), so the caller
 can compute every metric, interval and paired difference with its own code.
+
+RecBole trains on every prefix, so its converged schedule takes hours on a 2-core machine (longer
+than one working session). With --resume-dir the run survives being stopped: after every validated
+epoch the trainer's whole state (weights, optimizer, early-stopping counters, the per-epoch record
+and every random generator, the training loader's shuffle included) goes to DIR/resume.pt, and the
+best model's checkpoint lives in DIR too; the next run with the same DIR continues from the epoch
+after. --budget-s ends this process after the first epoch that finishes past that many seconds and
+prints the record with `"complete": false`; a run that stops early (patience) or reaches EPOCHS prints
+`"complete": true` and the test numbers. Epoch seconds exclude the process start-ups either way.
 """
 
 import argparse
 import json
 import math
 import os
+import random
 import time
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RecBole's checkpoints pickle its Config
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from recbole.config import Config  # noqa: E402
 from recbole.data import create_dataset, data_preparation  # noqa: E402
@@ -41,12 +52,18 @@ parser.add_argument("--dataset", default="ml-100k")
 parser.add_argument("--lists", default=None)
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); the caller sets "
                     "OMP_NUM_THREADS and friends to the same number before this process starts")
+parser.add_argument("--resume-dir", default=None, help="keep the training state here after every epoch, and "
+                    "continue from it when it is there (see the module docstring)")
+parser.add_argument("--budget-s", type=float, default=0.0, help="with --resume-dir: stop after the first epoch "
+                    "that ends past this many seconds of this process (0: no limit)")
 args = parser.parse_args()
+if args.budget_s and not args.resume_dir:
+    parser.error("--budget-s needs --resume-dir (a stopped run must be able to continue)")
 if args.threads > 0:
     torch.set_num_threads(args.threads)
 
 config = Config(model="SASRec", dataset=args.dataset, config_dict={
-    "data_path": args.data_path, "checkpoint_dir": args.work_dir, "epochs": args.epochs, "stopping_step": 10,
+    "data_path": args.data_path, "checkpoint_dir": args.resume_dir or args.work_dir, "epochs": args.epochs, "stopping_step": 10,
     "train_batch_size": 2048, "eval_batch_size": 4096, "loss_type": "CE", "train_neg_sample_args": None,
     "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
     "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
@@ -129,15 +146,81 @@ def test_lists(k=50):
     return lists
 
 
+class OutOfBudget(Exception):
+    """This process's --budget-s is spent; the state of the last epoch is in --resume-dir."""
+
+
+RESUME = os.path.join(args.resume_dir, "resume.pt") if args.resume_dir else None
 started = time.perf_counter()
-trainer.fit(train, valid, saved=True, show_progress=False)
-result["train_s"] = time.perf_counter() - started  # everything fit did: epochs, validations, checkpoints
-result["epochs"] = len(trainer.train_loss_dict)
+
+
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "loader": train.generator.get_state(),
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
+
+
+def set_rng_states(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    train.generator.set_state(state["loader"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def keep_state(epoch_idx, valid_score):
+    """fit's end-of-epoch callback: everything the next process needs to carry on from here."""
+    # fit ends after this epoch anyway: the last one, or early stopping's patience is used up.
+    finished = epoch_idx + 1 >= trainer.epochs or trainer.cur_step > trainer.stopping_step
+    # Plain floats: RecBole keeps numpy scalars, which a weights-only load refuses.
+    state = {"epoch": epoch_idx, "cur_step": int(trainer.cur_step), "best_valid_score": float(trainer.best_valid_score),
+             "best_valid_result": {k: float(v) for k, v in (trainer.best_valid_result or {}).items()},
+             "best_file": trainer.saved_model_file,
+             "model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+             "per_epoch": json.dumps(per_epoch), "rng": rng_states(), "finished": finished}
+    torch.save(state, RESUME + ".tmp")
+    os.replace(RESUME + ".tmp", RESUME)  # a process stopped mid-write leaves the previous epoch's state
+    if args.budget_s and not finished and time.perf_counter() - started > args.budget_s:
+        raise OutOfBudget
+
+
+DONE = os.path.join(args.resume_dir, "complete.json") if args.resume_dir else None
+if DONE and os.path.exists(DONE):
+    raise SystemExit(f"{DONE}: this --resume-dir holds a finished run; give another folder (or delete this one)")
+if RESUME and os.path.exists(RESUME):
+    # Written by keep_state above (tensors, numbers, strings and lists only): weights_only suffices.
+    state = torch.load(RESUME, weights_only=True)
+    model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.start_epoch, trainer.cur_step = state["epoch"] + 1, state["cur_step"]
+    trainer.best_valid_score, trainer.best_valid_result = state["best_valid_score"], state["best_valid_result"]
+    trainer.saved_model_file = state["best_file"]
+    per_epoch.extend(json.loads(state["per_epoch"]))
+    set_rng_states(state["rng"])
+    result["resumed_from_epoch"] = state["epoch"] + 1
+
+try:
+    # A state that says the training had finished (the process stopped before its test): only the test
+    # is left; fit would otherwise save the last weights over the best model's file.
+    if not (RESUME and os.path.exists(RESUME) and state["finished"]):
+        trainer.fit(train, valid, saved=True, show_progress=False, callback_fn=keep_state if RESUME else None)
+    result["complete"] = True
+except OutOfBudget:
+    result["complete"] = False
+result["train_s"] = time.perf_counter() - started  # everything fit did in this process: epochs, validations, checkpoints
+result["epochs"] = len(per_epoch)
+if not result["complete"]:
+    scores = [e["valid_ndcg@10"] for e in per_epoch]
+    result.update(per_epoch=per_epoch, best_epoch=scores.index(max(scores)) + 1, best_valid_ndcg=max(scores))
+    print(json.dumps(result))
+    raise SystemExit(0)
 result["per_epoch"] = per_epoch
 result["s_per_epoch"] = sum(e["train_s"] for e in per_epoch) / len(per_epoch)  # the training passes alone
 own = trainer.evaluate(test, load_best_model=True, show_progress=False)
 result["recbole_own.test_ndcg@10"] = float(own["ndcg@10"])  # RecBole's evaluator (seen items ranked)
 lists = test_lists()
+if DONE:
+    with open(DONE, "w") as f:
+        json.dump(result, f)
 if args.lists:
     with open(args.lists, "w") as f:
         json.dump(lists, f)

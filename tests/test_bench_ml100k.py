@@ -4,11 +4,15 @@ RecBole's time to its best epoch, and the summary table says "not measured" rath
 
 from __future__ import annotations
 
+import json
+import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -100,3 +104,49 @@ def test_skips_without_data_and_rejects_zero_epochs(tmp_path, monkeypatch, capsy
         assert stop.code == 2
     else:
         raise AssertionError("--recbole-epochs 0 was accepted")
+
+
+def test_an_unfinished_resumable_recbole_run_stops_before_trecsys_side(tmp_path, monkeypatch, capsys):
+    (tmp_path / "ml-100k.inter").write_text("user_id:token\titem_id:token\n")
+    calls = []
+
+    def unfinished(python, data, epochs, threads, tuned, resume, budget_s):
+        calls.append((resume, budget_s))
+        return {"complete": False, "epochs": 2, "resumed_from_epoch": 2, "best_epoch": 1, "best_valid_ndcg": 0.05,
+                "load_after": "load 1.0", "per_epoch": [{"train_s": 1.0, "train_cpu_s": 1.0, "valid_ndcg@10": 0.05},
+                                                         {"train_s": 1.0, "train_cpu_s": 1.0, "valid_ndcg@10": 0.04}]}
+
+    monkeypatch.setattr(B, "run_recbole", unfinished)
+    monkeypatch.setattr(B, "run_trecsys", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trecsys ran")))
+    assert B.main(["--data", str(tmp_path), "--recbole-python", "python", "--recbole-resume", str(tmp_path / "state"),
+                   "--recbole-budget-s", "60", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [((tmp_path / "state").resolve(), 60.0)] and (tmp_path / "state").is_dir()
+    assert "ml100k.recbole.epoch 2:" in out and "ml100k.recbole.epoch 1:" not in out  # this invocation's epochs
+    assert "not finished after 2 epoch(s)" in out and "run the same command again" in out
+    with pytest.raises(SystemExit):
+        B.main(["--recbole-budget-s", "60"])  # a budget without a folder to continue from
+
+
+@pytest.mark.skipif(not os.environ.get("RECBOLE_PYTHON"), reason="RecBole's own environment (RECBOLE_PYTHON) absent")
+def test_recbole_resumed_one_epoch_per_process_equals_one_run(tmp_path):
+    """recbole_sasrec.py --resume-dir: the same per-epoch validation and test numbers as one run."""
+    rng = np.random.default_rng(0)
+    rows = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(80):
+        rows += [f"u{u}\ti{i}\t1\t{t}" for t, i in enumerate(rng.choice(150, rng.integers(5, 20), replace=False))]
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "tiny.inter").write_text("\n".join(rows) + "\n")
+
+    def run(*extra):
+        done = subprocess.run([os.environ["RECBOLE_PYTHON"], str(Path(B.__file__).parent / "recbole_sasrec.py"),
+                               str(tmp_path), "3", str(tmp_path), "--dataset", "tiny", "--threads", "1", *extra],
+                              capture_output=True, text=True, cwd=tmp_path, env=bench_env.child_env(1, tuned=False))
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    whole = run()
+    parts = [run("--resume-dir", str(tmp_path / "state"), "--budget-s", "0.001") for _ in range(3)]
+    assert [p["complete"] for p in parts] == [False, False, True]
+    assert [e["valid_ndcg@10"] for e in parts[-1]["per_epoch"]] == [e["valid_ndcg@10"] for e in whole["per_epoch"]]
+    assert parts[-1]["seen_ranked.test_ndcg@10"] == whole["seen_ranked.test_ndcg@10"]
