@@ -44,24 +44,29 @@ def reference_metrics(ranked: list[int], targets: list[int], k: int) -> dict[str
 
 
 def random_case(seed: int, n_users: int = 23, n_items: int = 37, tie_levels: int = 5, nan_fraction: float = 0.05,
-                max_excluded: int = 8):
+                max_excluded: int = 8, inf_fraction: float = 0.01):
     """Scores with many ties (few distinct levels, ±0.0), some NaN and ±inf; random exclusions and targets."""
     rng = np.random.default_rng(seed)
     scores = (rng.integers(0, tie_levels, size=(n_users, n_items)) - tie_levels // 2).astype(np.float32)
     scores[scores == 0] = np.where(rng.random((scores == 0).sum()) < 0.5, -0.0, 0.0)  # equal, not identical
     if tie_levels > 1000:
         scores += rng.random(scores.shape).astype(np.float32)  # practically no ties
-    scores[rng.random(scores.shape) < 0.01] = np.inf
-    scores[rng.random(scores.shape) < 0.01] = -np.inf
+    scores[rng.random(scores.shape) < inf_fraction] = np.inf
+    scores[rng.random(scores.shape) < inf_fraction] = -np.inf
     scores[rng.random(scores.shape) < nan_fraction] = np.nan
     exclude = [rng.choice(n_items, size=rng.integers(0, max_excluded), replace=False) for _ in range(n_users)]
     targets = [rng.choice(n_items, size=rng.integers(1, 6), replace=True) for _ in range(n_users)]
     return torch.from_numpy(scores), exclude, targets
 
 
-def rank(scores: torch.Tensor, k: int, exclude, user_batch: int = 7, item_chunk: int = 5):
+def rank(scores: torch.Tensor, k: int, exclude, user_batch: int = 7, item_chunk: int = 5, into: bool = False):
+    """full_ranking_topk over a score matrix; `into`: each block written into the ranking's buffer."""
+    def score_into(rows, a, b, out):
+        out.copy_(scores[rows][:, a:b])
+
     return M.full_ranking_topk(lambda rows, a, b: scores[rows][:, a:b], scores.shape[0], scores.shape[1], k,
-                               exclude=exclude, user_batch=user_batch, item_chunk=item_chunk)
+                               exclude=exclude, user_batch=user_batch, item_chunk=item_chunk,
+                               score_into=score_into if into else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,11 +106,12 @@ def test_excluded_items_rank_last_only_when_needed():
     assert topk.tolist() == [[1, 3, 0]]  # the third place must be an excluded item: the lower index
 
 
+@pytest.mark.parametrize("into", [False, True])
 @pytest.mark.parametrize("user_batch,item_chunk", [(1, 1), (2, 3), (5, 8), (100, 1000), (23, 37)])
-def test_results_identical_for_any_chunk_size(user_batch, item_chunk):
+def test_results_identical_for_any_chunk_size(user_batch, item_chunk, into):
     scores, exclude, _ = random_case(11, tie_levels=3)
     reference_values, reference_index = rank(scores, 15, exclude, user_batch=40, item_chunk=40)
-    values, index = rank(scores, 15, exclude, user_batch=user_batch, item_chunk=item_chunk)
+    values, index = rank(scores, 15, exclude, user_batch=user_batch, item_chunk=item_chunk, into=into)
     assert torch.equal(index, reference_index)
     assert torch.equal(values, reference_values)
 
@@ -137,17 +143,23 @@ def rising(n_users: int, n_items: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", [dict(tie_levels=3), dict(tie_levels=50), dict(tie_levels=10_000),
+                                  dict(tie_levels=50, nan_fraction=0.0, inf_fraction=0.0),
+                                  dict(tie_levels=10_000, nan_fraction=0.0, inf_fraction=0.0),
                                   dict(nan_fraction=0.3, max_excluded=300), "rising"])
 @pytest.mark.parametrize("k,user_batch,item_chunk", [(1, 64, 4096), (10, 16, 300), (10, 50, 128), (25, 7, 77),
-                                                     (100, 33, 1000), (1200, 64, 256)])
-def test_running_topk_equals_whole_catalogue_topk(case, k, user_batch, item_chunk):
-    """Blocks of many segments, with ties (few levels, ±0.0), NaN, ±inf and exclusions: the same
-    values and items, in the same order, as one exact top-k over each whole row."""
+                                                     (10, 16, 1000), (3, 50, 700), (100, 33, 1000),
+                                                     (1200, 64, 256)])
+@pytest.mark.parametrize("into", [False, True])
+def test_running_topk_equals_whole_catalogue_topk(case, k, user_batch, item_chunk, into):
+    """Blocks of many segments (a first block of at least k segments takes the bound from its
+    segment maxima; chunks that end inside a segment are padded when written into the ranking's
+    buffer), with ties (few levels, ±0.0), NaN, ±inf and exclusions: the same values and items, in
+    the same order, as one exact top-k over each whole row."""
     if case == "rising":
         scores, exclude = rising(50, 1100, seed=k), None
     else:
         scores, exclude, _ = random_case(k, n_users=50, n_items=1100, **case)
-    values, index = rank(scores, k, exclude, user_batch=user_batch, item_chunk=item_chunk)
+    values, index = rank(scores, k, exclude, user_batch=user_batch, item_chunk=item_chunk, into=into)
     reference_values, reference_index = whole_catalogue_topk(scores, k, exclude)
     assert torch.equal(index, reference_index)
     assert torch.equal(values.nan_to_num(), reference_values.nan_to_num())
@@ -326,3 +338,29 @@ def test_model_scorer_states_equal_the_model_on_each_history(monkeypatch):
         reps = model.item_reps(domain.item_start, domain.item_stop)
     assert torch.allclose(scorer.states, states, atol=1e-5)
     assert torch.allclose(scorer.score_chunk(torch.arange(30), 0, 30), states @ reps.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["dot", "cosine"])
+def test_model_scorer_writes_the_same_scores_into_a_buffer(score):
+    """score_into (what evaluate ranks a model with) gives score_chunk's floats bit for bit, also
+    into a view narrower than its rows (the ranking's last chunk, padded to whole segments)."""
+    from trecsys.config import ModelConfig
+    from trecsys.model.seqrec import SeqRecModel
+    from trecsys.prepared.tables import DomainRange
+    from trecsys.rank import scorers
+
+    rng = np.random.default_rng(1)
+    n_items, text_dim = 90, 16
+    torch.manual_seed(0)
+    model = SeqRecModel(ModelConfig(max_seq_len=8, score=score), text_dim, n_items).eval()
+    text = rng.standard_normal((n_items, text_dim)).astype(np.float32)
+    histories = [rng.choice(n_items, size=rng.integers(0, 12)) for _ in range(20)]
+    scorer = scorers.ModelScorer(model, histories, DomainRange("target", "target", 0, n_items), text,
+                                 torch.device("cpu"))
+    rows = torch.arange(3, 17)
+    block = torch.full((len(rows), 64), torch.nan)
+    scorer.score_into(rows, 40, 90, block[:, :50])
+    assert torch.equal(block[:, :50], scorer.score_chunk(rows, 40, 90))
+    _, expected = M.full_ranking_topk(scorer.score_chunk, 20, n_items, 5, item_chunk=64)
+    _, got = M.full_ranking_topk(scorer.score_chunk, 20, n_items, 5, item_chunk=64, score_into=scorer.score_into)
+    assert torch.equal(got, expected)

@@ -239,15 +239,19 @@ class SeqRecModel(nn.Module):
             seq = torch.cat([seq, seq.new_full((MIN_ROWS - n, seq.shape[1]), PAD)])
         return self.encode(seq, item_table, last_only=True)[:n, -1]
 
-    def score(self, states: torch.Tensor, item_reps: torch.Tensor) -> torch.Tensor:
+    def score(self, states: torch.Tensor, item_reps: torch.Tensor, out: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """(B, d) states × (n, d) items -> (B, n): dot product, or cosine / temperature.
 
         Leading batch dimensions broadcast like matmul: (N, 1, d) × (N, 1, d) -> (N, 1, 1) pairs.
+        With `out`, the same scores are written into it (and it is returned).
         """
         if self.config.score == "cosine":
             states, item_reps = F.normalize(states, dim=-1), F.normalize(item_reps, dim=-1)
-            return states @ item_reps.mT / self.config.temperature
-        return states @ item_reps.mT
+            if out is None:
+                return states @ item_reps.mT / self.config.temperature
+            return torch.matmul(states, item_reps.mT, out=out).div_(self.config.temperature)
+        return states @ item_reps.mT if out is None else torch.matmul(states, item_reps.mT, out=out)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -19,6 +19,8 @@ from trecsys.errors import ConfigError
 # score_chunk(user_rows, item_start, item_stop) -> (len(user_rows), item_stop - item_start) scores,
 # where user_rows index the users being ranked and item indices are catalogue-local.
 ScoreChunk = Callable[[torch.Tensor, int, int], torch.Tensor]
+# score_into(user_rows, item_start, item_stop, out): the same scores, written into `out` (float32).
+ScoreInto = Callable[[torch.Tensor, int, int, torch.Tensor], None]
 
 ACCURACY_METRICS = ("recall", "hit", "ndcg", "mrr", "precision")
 
@@ -106,15 +108,16 @@ def _merge_ascending_chunks(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch
 
 def full_ranking_topk(score_chunk: ScoreChunk, n_users: int, n_items: int, k: int,
                       exclude: Sequence[np.ndarray] | None = None, user_batch: int = 1024,
-                      item_chunk: int = 4096, device: str | torch.device = "cpu"
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      item_chunk: int = 4096, device: str | torch.device = "cpu",
+                      score_into: ScoreInto | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k catalogue-local item indices for every user, with `exclude[u]` items masked out.
 
     Masked items score -inf: they rank after every other item, so they appear only when fewer than
     k items remain. The catalogue is scored one (user_batch × item_chunk) block at a time, in
     catalogue order, into a running top-k (RunningTopK): memory is O(user_batch × item_chunk),
     whatever the number of users and items. `score_chunk` must return a tensor it does not keep:
-    it is masked in place.
+    it is masked in place. With `score_into` (same scores, written into a given float32 tensor), every
+    block is scored into one buffer instead: no new (user_batch × item_chunk) tensor per block.
     """
     if k < 1:
         raise ValueError("k must be >= 1")
@@ -125,6 +128,12 @@ def full_ranking_topk(score_chunk: ScoreChunk, n_users: int, n_items: int, k: in
     width = min(k, n_items)
     out_values = torch.empty(n_users, width)
     out_index = torch.empty(n_users, width, dtype=torch.long)
+    # Made before the blocks too. Each block's rows are laid out a whole number of segments wide, the
+    # columns past the chunk's end set to -inf: RunningTopK reads the block in place, with no copy
+    # to pad it, and those columns never enter a list (they rank after every item of the chunk,
+    # and a chunk narrower than k is not padded).
+    buffer = (torch.empty(min(user_batch, n_users) * _padded(min(item_chunk, n_items), k), device=device)
+              if score_into is not None else None)
     for lo in range(0, n_users, user_batch):
         hi = min(lo + user_batch, n_users)
         rows = torch.arange(lo, hi, device=device)
@@ -132,17 +141,28 @@ def full_ranking_topk(score_chunk: ScoreChunk, n_users: int, n_items: int, k: in
         top = RunningTopK(k)
         for start in range(0, n_items, item_chunk):
             stop = min(start + item_chunk, n_items)
-            # Changed in place: score_chunk hands over a tensor of its own (never shared state).
-            scores = score_chunk(rows, start, stop).float()
+            if buffer is not None:
+                block = buffer[:(hi - lo) * _padded(stop - start, k)].view(hi - lo, -1)
+                scores = block[:, :stop - start]
+                block[:, stop - start:] = -torch.inf
+                score_into(rows, start, stop, scores)
+            else:
+                # Changed in place: score_chunk hands over a tensor of its own (never shared state).
+                block = scores = score_chunk(rows, start, stop).float()
             if block_masks is not None:
                 block_masks.apply(scores, start, stop)
-            top.add(scores, start)
+            top.add(block, start)
         out_values[lo:hi], out_index[lo:hi] = top.values.cpu(), top.index.cpu()
     return out_values, out_index
 
 
 # Columns per segment of a block whose maximum decides whether any of them can enter a top list.
-SEGMENT = 128
+SEGMENT = 64
+
+
+def _padded(width: int, k: int) -> int:
+    """A chunk's width rounded up to whole segments (not when narrower than k)."""
+    return width if width < k else -(-width // SEGMENT) * SEGMENT
 
 
 class RunningTopK:
@@ -153,9 +173,11 @@ class RunningTopK:
     (an equal score loses the tie: its index is higher). Most of a block cannot, so a block is read
     once for the maxima of its segments of SEGMENT columns (a vectorised pass costing a fraction of
     the score product); only segments whose maximum beats their row's k-th score are gathered, and
-    their entering items are merged into the rows they belong to. NaN counts as -inf and never
-    enters. When many items enter (scores rising along the catalogue), the block goes through the
-    plain exact top-k instead; both paths give the same lists.
+    their entering items are merged into the rows they belong to. The first block has no list yet:
+    its k-th largest segment maximum bounds its k-th score from below (k segments reach it), so only
+    items at or above that bound are gathered. NaN counts as -inf and never enters. When many items
+    enter (scores rising along the catalogue), or the first block's bound is not finite, the block
+    goes through the plain exact top-k instead; every path gives the same lists.
     """
 
     def __init__(self, k: int):
@@ -165,45 +187,56 @@ class RunningTopK:
 
     def add(self, scores: torch.Tensor, start: int) -> None:
         """Merge a (rows × items) float32 block whose items are start, start + 1, ... (changed in place)."""
-        if self.values is None or self.values.shape[1] < self.k:
+        n_rows, width = scores.shape
+        n_segments = -(-width // SEGMENT)
+        first = self.values is None
+        if (first and n_segments < self.k) or (not first and self.values.shape[1] < self.k):
             self._merge_block(scores, start)
             return
-        n_rows, width = scores.shape
-        kth = self.values[:, -1:]
-        n_segments = -(-width // SEGMENT)
         segmented = scores
         if width != n_segments * SEGMENT or not scores.is_contiguous():
-            # Padding scores -inf, which never enters a full list.
+            # Padding scores -inf, which never enters a full list nor reaches a finite bound.
             segmented = scores.new_full((n_rows, n_segments * SEGMENT), -torch.inf)
             segmented[:, :width] = scores
         segments = segmented.view(n_rows * n_segments, SEGMENT)
         maxima = segments.amax(dim=1).view(n_rows, n_segments)
-        # A NaN maximum hides the rest of its segment: look inside.
-        hot_rows, hot_segments = ((maxima > kth) | maxima.isnan()).nonzero(as_tuple=True)
-        if not len(hot_rows):
-            return
+        if first:
+            bound = torch.topk(maxima, self.k, dim=1).values[:, -1:]
+            # A NaN maximum hides the rest of its segment, and a bound of ±inf lets -inf or NaN in.
+            if not bool(bound.isfinite().all()) or bool(maxima.isnan().any()):
+                self._merge_block(scores, start)
+                return
+            hot_rows, hot_segments = (maxima >= bound).nonzero(as_tuple=True)
+        else:
+            bound = self.values[:, -1:]
+            # Not (maximum <= bound): above it, or NaN, which hides the rest of its segment.
+            hot_rows, hot_segments = (maxima <= bound).logical_not_().nonzero(as_tuple=True)
+            if not len(hot_rows):
+                return
         values = segments.index_select(0, hot_rows * n_segments + hot_segments)
         # Row-major: each row's entering items come out in catalogue order.
-        which, place = (values > kth[hot_rows]).nonzero(as_tuple=True)
+        which, place = ((values >= bound[hot_rows]) if first else (values > bound[hot_rows])).nonzero(as_tuple=True)
         if not len(which):
             return
         rows = hot_rows[which]
         counts = torch.bincount(rows, minlength=n_rows)
         most = int(counts.max())
         if most > 4 * self.k:
-            self._merge_block(scores, start, counts.nonzero().squeeze(1))
+            self._merge_block(scores, start, None if first else counts.nonzero().squeeze(1))
             return
-        entering = counts.nonzero().squeeze(1)
-        slot = torch.cumsum(counts > 0, dim=0) - 1  # row -> its place among the entering rows
-        position = torch.arange(len(rows), device=scores.device) - (torch.cumsum(counts, dim=0) - counts)[rows]
-        new_values = torch.full((len(entering), most), -torch.inf, device=scores.device)
-        new_index = torch.zeros((len(entering), most), dtype=self.index.dtype, device=scores.device)
-        new_values[slot[rows], position] = values[which, place]
-        new_index[slot[rows], position] = hot_segments[which] * SEGMENT + place + start
-        # The padding (-inf after the row's k items) is never chosen: stable order puts it last.
-        merged = _merge_ascending_chunks((self.values[entering], self.index[entering]), (new_values, new_index),
-                                         self.k)
-        self.values[entering], self.index[entering] = merged
+        # Each row's list, then its entering items in catalogue order (padding -inf after them), sorted
+        # by score, stably: equal scores keep the lower index first. The first block has no list, and
+        # at least k entering items a row; later rows hold k items, so padding is never chosen.
+        held = 0 if first else self.k
+        position = held + torch.arange(len(rows), device=scores.device) - (torch.cumsum(counts, dim=0) - counts)[rows]
+        merged_values = torch.full((n_rows, held + most), -torch.inf, device=scores.device)
+        merged_index = torch.zeros((n_rows, held + most), dtype=torch.long, device=scores.device)
+        if not first:
+            merged_values[:, :held], merged_index[:, :held] = self.values, self.index
+        merged_values[rows, position] = values[which, place]
+        merged_index[rows, position] = hot_segments[which] * SEGMENT + place + start
+        by_score = torch.sort(merged_values, dim=1, descending=True, stable=True).indices[:, :self.k]
+        self.values, self.index = merged_values.gather(1, by_score), merged_index.gather(1, by_score)
 
     def _merge_block(self, scores: torch.Tensor, start: int, rows: torch.Tensor | None = None) -> None:
         """The plain path: the block's own exact top-k, merged (for `rows` only, when given)."""

@@ -167,6 +167,11 @@ class ModelScorer:
         with torch.no_grad():
             return self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop]).float()
 
+    def score_into(self, user_rows: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
+        """score_chunk's scores, bit for bit, written into `out` (float32): full_ranking_topk's buffer."""
+        with torch.no_grad():
+            self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop], out=out)
+
 
 # Items through the item tower at once: bounds the tower's activations for any catalogue size.
 TOWER_CHUNK = 16384

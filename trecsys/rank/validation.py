@@ -50,7 +50,8 @@ def make_ranker(cases: list[EvalCase], item_text: np.ndarray, user_batch: int, d
                 continue
             scorer = ModelScorer(model, histories, case.domain, item_text, device, user_batch=user_batch)
             _, top = full_ranking_topk(scorer.score_chunk, len(targets), case.domain.n_items, k=max(ks),
-                                       exclude=exclude, user_batch=user_batch, device=device)
+                                       exclude=exclude, user_batch=user_batch, device=device,
+                                       score_into=scorer.score_into)
             per_user = ranking_metrics(top, targets, ks=ks)
             for name in reported:
                 metrics[f"{case.name}/{name}"] = float(np.nanmean(per_user[name]))

@@ -226,6 +226,7 @@ def evaluate(cfg: ExperimentConfig, prepared: Prepared, systems: list[Ranker], s
             scorer.score_chunk, len(users.targets), n_items, max(ks),
             exclude=users.histories if ev.exclude_seen else None,
             user_batch=ev.user_batch, item_chunk=ev.item_chunk, device=scorer.device,
+            score_into=getattr(scorer, "score_into", None),
         )
         topk = topk.numpy()
         labels.append(_unique_label(system.label, labels))
