@@ -68,7 +68,7 @@ class SyntheticConfig:
     n_items_per_domain: int = 400
     # Fraction of users active in both domains: the users through whom transfer can happen.
     overlap_fraction: float = 0.6
-    # Mean interactions per user in a source domain; target histories are about half as long.
+    # Mean interactions per user in a source domain; 90% of target users have 1-3, the rest about half.
     mean_history: float = 10.0
 
 

@@ -1,10 +1,16 @@
 """The embedded default data: a deterministic multi-domain shop whose users carry tastes across domains.
 
-Every user likes a few *themes* (camping, baking, ...) that show in item titles of every domain, shops
-in time-ordered sessions within one theme, and follows complementary items (a camping stove, then
-freeze-dried meals). Popularity is Zipf-like, the target domain is small, some target users are
-cold (1–3 target interactions) and some target items are cold (released late, bought only as a
-user's last or second-last target interaction, i.e. only in valid/test under leave-one-out).
+Every user likes a few *themes* (camping, baking, ...), shops in time-ordered sessions within one
+theme, sometimes follows a complementary item (a camping stove, then freeze-dried meals), and stays
+with one *brand* per theme in every domain (the coffee brand whose grinder they bought is the one
+whose beans they buy). Titles name the theme only sometimes (a theme word in 40% of them; the
+product noun says it less directly) and the brand almost always, and a brand sells in every domain:
+how much the brand matters, and how to read it from a title, is learnt from the large source
+domain's many sequences and carries over through the shared brand names, while the small target
+alone teaches it poorly. That is what makes transfer pay: the target is a new shop where most users
+(90%) are cold, with 1–3 target purchases, next to a source where they have about ten each.
+Popularity is Zipf-like, and some target items are cold (released late, bought only as a user's last
+or second-last target interaction, i.e. only in valid/test under leave-one-out).
 """
 
 from __future__ import annotations
@@ -22,16 +28,18 @@ from trecsys.ingest.synthetic_vocab import DOMAIN_VOCABULARIES, THEMES, DomainVo
 # Shape of the shop. These are fixed so the demo is the same everywhere; only sizes are config keys.
 TARGET_HISTORY_RATIO = 0.5  # target histories are about half as long as source ones
 TARGET_USER_WEIGHT = 0.3  # a single-domain user is in the target this much as often as in a source
-COLD_USER_FRACTION = 0.25  # target users with only 1-3 target interactions
+COLD_USER_FRACTION = 0.9  # target users with only 1-3 target interactions
 COLD_ITEM_FRACTION = 0.06  # target items released late
 COLD_ITEM_RELEASE = 0.85  # release time of cold items, as a fraction of the time span
 COLD_ITEM_PICK = 0.4  # chance that an eligible (late, held-out) target slot buys a cold item
-FOLLOW_COMPLEMENT = 0.5  # chance that the next item in a session is a complement of the previous one
+FOLLOW_COMPLEMENT = 0.2  # chance that the next item in a session is a complement of the previous one
+BRAND_LOYALTY = 0.9  # chance that a purchase in a theme is from the user's brand of that theme (if any is left)
 EXPLORE = 0.15  # chance that a session's theme is a random one rather than a favourite
 ZIPF_EXPONENT = 1.1
-# How often a title names its theme through a theme word or a theme brand (the text-borne signal).
-THEME_WORD_CHANCE = 0.7
-THEME_BRAND_CHANCE = 0.5
+# How often a title names its theme through a theme word or a theme brand (the text-borne signal):
+# the theme word only sometimes, so the text alone does not say everything.
+THEME_WORD_CHANCE = 0.4
+THEME_BRAND_CHANCE = 0.9
 START_UNIX_S = 1_672_531_200  # 2023-01-01 UTC
 SPAN_S = 365 * 86_400
 MAX_HISTORY = 60
@@ -50,6 +58,7 @@ class _Catalog:
     warm_by_theme: dict[int, np.ndarray]
     cold_by_theme: dict[int, np.ndarray]
     warm_all: np.ndarray
+    brand: np.ndarray  # brand name per item
 
 
 def vocabulary_for(name: str) -> DomainVocabulary:
@@ -160,7 +169,14 @@ def _make_catalog(name: str, vocab: DomainVocabulary, theme_names: list[str], n_
     cold_by_theme = {t: np.flatnonzero((theme == t) & cold) for t in np.unique(theme)}
     return _Catalog(name, items["item_id"].tolist(), theme, popularity, cold, items,
                     {t: v for t, v in warm_by_theme.items() if len(v)},
-                    {t: v for t, v in cold_by_theme.items() if len(v)}, np.flatnonzero(~cold))
+                    {t: v for t, v in cold_by_theme.items() if len(v)}, np.flatnonzero(~cold),
+                    items["brand"].to_numpy())
+
+
+def _shares(n: int) -> np.ndarray:
+    """Zipf-like shares of n ranked options."""
+    weights = 1.0 / np.arange(1, n + 1) ** ZIPF_EXPONENT
+    return weights / weights.sum()
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
@@ -226,6 +242,9 @@ def _simulate_user(user_id: str, domains: tuple[int, ...], catalogs: list[_Catal
     n_themes = len(THEMES)
     favourites = rng.choice(n_themes, size=rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]), replace=False)
     taste = rng.dirichlet(np.full(len(favourites), 2.0))
+    # The user's brand of each theme: brands have market shares like items, the first one leading.
+    brand_of = [theme.brands[rng.choice(len(theme.brands), p=_shares(len(theme.brands)))]
+                for theme in THEMES.values()]
     # The last two target slots are the user's valid and test interactions under leave-one-out;
     # only those may buy a cold item (for a user with 2 target interactions only the last).
     target_slots = np.flatnonzero(slots == target) if target is not None else np.empty(0, dtype=int)
@@ -249,6 +268,9 @@ def _simulate_user(user_id: str, domains: tuple[int, ...], catalogs: list[_Catal
         if item is None and previous is not None and rng.random() < FOLLOW_COMPLEMENT:
             options = [i for i in complements[previous[0]][previous[1]][d] if i not in seen[d]]
             item = int(options[rng.integers(len(options))]) if options else None
+        if item is None and theme in catalog.warm_by_theme and rng.random() < BRAND_LOYALTY:
+            pool = catalog.warm_by_theme[theme]
+            item = _sample(pool[catalog.brand[pool] == brand_of[theme]], catalog, seen[d], rng)
         if item is None:
             item = _sample(catalog.warm_by_theme.get(theme), catalog, seen[d], rng)
         if item is None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 class Theme:
     # Adjectives that put the theme into a title ("Backpacking", "Barista").
     words: tuple[str, ...]
-    # Brands that sell this theme in every domain, so a brand is a cross-domain signal too.
+    # Brands that sell this theme in every domain (a coffee brand sells grinders and beans); users
+    # stay with their brand of a theme across domains, so a brand is the finest cross-domain signal.
     brands: tuple[str, ...]
 
 
@@ -31,14 +32,21 @@ class DomainVocabulary:
 
 THEMES: dict[str, Theme] = {
     "camping": Theme(("Camping", "Backpacking", "Outdoor", "Trail", "Lightweight"),
-                     ("TrailPeak", "Summit Ridge", "Backcountry Co.")),
-    "baking": Theme(("Baker's", "Homemade", "Bakery-Style", "Pastry"), ("Golden Crumb", "Hearth & Oven")),
-    "coffee": Theme(("Barista", "Dark Roast", "Espresso", "Artisan"), ("Roastworks", "Daily Grind")),
-    "tea": Theme(("Loose Leaf", "Japanese", "Herbal", "Ceremonial"), ("Leaf & Kettle", "Jade Garden")),
-    "grilling": Theme(("BBQ", "Smokehouse", "Grill Master", "Texas-Style"), ("Smokehouse Pit", "Ember King")),
-    "asian": Theme(("Asian", "Japanese-Style", "Szechuan", "Thai"), ("Lotus Kitchen", "Red Lantern")),
-    "italian": Theme(("Italian", "Tuscan", "Neapolitan", "Trattoria"), ("Nonna's Table", "Tuscany Fields")),
-    "healthy": Theme(("Organic", "Plant-Based", "Keto", "Vegan"), ("GreenSprout", "Pure Harvest")),
+                     ("TrailPeak", "Summit Ridge", "Backcountry Co.", "Pinecrest")),
+    "baking": Theme(("Baker's", "Homemade", "Bakery-Style", "Pastry"),
+                    ("Golden Crumb", "Hearth & Oven", "Sugarloaf", "Flourish Mill")),
+    "coffee": Theme(("Barista", "Dark Roast", "Espresso", "Artisan"),
+                    ("Roastworks", "Daily Grind", "Crema House", "Bean Theory")),
+    "tea": Theme(("Loose Leaf", "Japanese", "Herbal", "Ceremonial"),
+                 ("Leaf & Kettle", "Jade Garden", "Steep Society", "Willow Leaf")),
+    "grilling": Theme(("BBQ", "Smokehouse", "Grill Master", "Texas-Style"),
+                      ("Smokehouse Pit", "Ember King", "Char & Co.", "Pitmaster Pro")),
+    "asian": Theme(("Asian", "Japanese-Style", "Szechuan", "Thai"),
+                   ("Lotus Kitchen", "Red Lantern", "Golden Dragon", "Umami House")),
+    "italian": Theme(("Italian", "Tuscan", "Neapolitan", "Trattoria"),
+                     ("Nonna's Table", "Tuscany Fields", "Bella Cucina", "Amalfi Coast")),
+    "healthy": Theme(("Organic", "Plant-Based", "Keto", "Vegan"),
+                     ("GreenSprout", "Pure Harvest", "Vital Roots", "Bloom Bowl")),
 }
 
 KITCHEN = DomainVocabulary(
