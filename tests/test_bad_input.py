@@ -262,14 +262,16 @@ CASES: list[Case] = [
     ("pretrain-item-idx-as-text", lambda c: _rewrite_prepared(
         c, "interactions.parquet", lambda t: t.set_column(t.column_names.index("item_idx"), "item_idx",
                                                           t.column("item_idx").cast(pa.string()))), BAD, "item_idx"),
-    ("eval-item-idx-out-of-range", lambda c: _rewrite_prepared(
+    # recommend reads interactions.parquet (the user ids, checking every row's values as it goes);
+    # evaluate and training read the memory-mapped sequences only.
+    ("rec-item-idx-out-of-range", lambda c: _rewrite_prepared(
         c, "interactions.parquet", lambda t: t.set_column(t.column_names.index("item_idx"), "item_idx",
-                                                          pc.add(t.column("item_idx"), 1000)), "evaluate"),
+                                                          pc.add(t.column("item_idx"), 1000)), "recommend"),
      BAD, "item_idx outside"),
-    ("eval-unknown-split-value", lambda c: _rewrite_prepared(
+    ("rec-unknown-split-value", lambda c: _rewrite_prepared(
         c, "interactions.parquet", lambda t: t.set_column(t.column_names.index("split"), "split",
                                                           pc.replace_substring(t.column("split"), "test", "tst")),
-        "evaluate"), BAD, "tst"),
+        "recommend"), BAD, "tst"),
     ("pretrain-parquet-from-another-run", _foreign_parquet, BAD, "interactions.parquet"),
     ("pretrain-other-encoder", lambda c: _pretrain(c, "embedding.encoder=other-encoder"), BAD, "embedding.encoder"),
     ("pretrain-other-source", lambda c: _pretrain(c, "data.source=[Books]"), BAD, "data.source"),

@@ -586,3 +586,38 @@ def test_cli_errors_are_one_line_with_exit_codes(run_dir, tmp_path):
     assert (tmp_path / "o" / f"date={time.strftime('%Y-%m-%d')}" / "_recommendations.unknown_users.txt").is_file()
     help_text = CliRunner().invoke(app, ["recommend", "--help"]).output
     assert "Exit codes" in help_text and "locked" in help_text
+
+
+def test_catalogue_histories_from_sequences_equal_the_interactions_tables(tmp_path):
+    """Catalogue reads the memory-mapped sequences; every history, user and domain list it gives is
+    what the interactions table says (the code before read that table whole into pandas)."""
+    from trecsys.rank.requests import Catalogue
+
+    write_tiny_prepared(tmp_path / "run", n_users=40, seed=3)
+    prepared = load_prepared(tmp_path / "run")
+    inter = prepared.interactions  # the reference: the table itself
+    ids = inter["user_id"].astype(str).to_numpy()
+    for name, domain in prepared.domains.items():
+        for as_of in (None, "valid", "test"):
+            catalogue = Catalogue(prepared, domain, as_of)
+            in_domain = inter[inter["domain"] == name]
+            assert catalogue.domain_users == list(dict.fromkeys(in_domain["user_id"].astype(str)))
+            for user in dict.fromkeys(ids):
+                assert catalogue.knows(user)
+                rows = inter[ids == user]
+                everything = rows["item_idx"].to_numpy(np.int64)
+                mine = rows["domain"].to_numpy() == name
+                expected = everything[mine] if mine.any() else everything
+                if as_of is None:
+                    np.testing.assert_array_equal(catalogue.history(user), expected)
+                context = ["Books", name]
+                here = np.isin(rows["domain"].to_numpy(), context)
+                np.testing.assert_array_equal(catalogue.history(user, context),
+                                              everything[here] if here.any() else everything)
+                assert catalogue.user_idx([user]).tolist() == [int(rows["user_idx"].iloc[0])]
+            if as_of is not None:
+                visible = {"valid": ["train"], "test": ["train", "valid"]}[as_of]
+                for user, rows in in_domain.groupby("user_id", sort=False):
+                    np.testing.assert_array_equal(
+                        catalogue.history(str(user)), rows.loc[rows["split"].isin(visible), "item_idx"].to_numpy())
+            assert not catalogue.knows("nobody")

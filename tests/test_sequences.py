@@ -159,6 +159,21 @@ def test_input_users_and_unusual_orders_match_the_reference(tmp_path):
     assert any(len(i) for i in want["input"])
     assert any(len(t) == 0 for t in context["train"])
     assert any(len(v) < len(t) for v, t in zip(context["valid"], context["test"], strict=True))
+    # by_user: every user's items, all domains and splits, in the table's order
+    by_user = store.part(sequences_module.BY_USER)
+    assert len(by_user) == inter["user_idx"].max() + 1
+    for user in range(len(by_user)):
+        np.testing.assert_array_equal(by_user[user], inter.loc[inter["user_idx"] == user, "item_idx"].to_numpy())
+
+
+def test_by_user_rows_follow_user_idx_when_the_table_is_not_sorted_by_user(tmp_path):
+    import pyarrow as pa
+
+    table = pa.table({"user_idx": pa.array([2, 0, 2, 0, 3], pa.int64()), "item_idx": pa.array([5, 1, 6, 2, 7], pa.int32()),
+                      "domain": ["A"] * 5, "split": ["train"] * 5})
+    sequences_module.write_sequences(tmp_path, table, {"A": (0, 8)}, [], "A", 8)
+    by_user = sequences_module.Sequences(tmp_path).part(sequences_module.BY_USER)
+    assert [by_user[u].tolist() for u in range(len(by_user))] == [[1, 2], [], [5, 6], [7]]
 
 
 def test_windows_from_mmap_equal_the_previous_windows(tiny_prepared):
@@ -229,7 +244,7 @@ def test_old_prepared_folder_without_arrays_says_rerun_prepare(tmp_path, monkeyp
     run_dir = tmp_path / "run"
     monkeypatch.setattr(conftest, "write_sequences", lambda *args: None)
     conftest.write_tiny_prepared(run_dir)
-    with pytest.raises(ArtifactError, match="predates memory-mapped sequences: re-run `trec prepare`"):
+    with pytest.raises(ArtifactError, match="predates this version's memory-mapped sequences: re-run `trec prepare`"):
         load_prepared(run_dir)
     config = tiny_config(run_dir, tmp_path / "cfg.yaml")
     result = CliRunner().invoke(app, ["pretrain-source", "-c", str(config)])

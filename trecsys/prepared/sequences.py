@@ -8,7 +8,9 @@ Rows are (domain, user) pairs: every domain's users in user_idx order, domains i
 offsets/items pair holds each row's items of that split in the prepared order. For the target domain's
 users, `all_domains.*` hold what `finetune.history: all_domains` reads (trecsys/prepared/context.py):
 `train`, everything up to the user's last target training item, held-out target items left out;
-`valid` and `test`, what the user did before their first item of that split.
+`valid` and `test`, what the user did before their first item of that split. `by_user.*` has one
+row per user_idx: all of the user's items, every domain and split, in the prepared order (what
+`trec recommend` reads as a known user's history: rank/requests.py's `Catalogue`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from trecsys.errors import ArtifactError
 FOLDER = "sequences"
 SPLIT_PARTS = ("train", "valid", "test", "input")
 CONTEXT_PARTS = ("all_domains.train", "all_domains.valid", "all_domains.test")
+BY_USER = "by_user"  # rows are user_idx, not (domain, user)
 # The files `load_sequences` needs: a prepared folder without them predates this layout.
-FILES = ("users.npy", "domains.npy", *(f"{p}.{a}.npy" for p in (*SPLIT_PARTS, *CONTEXT_PARTS)
+FILES = ("users.npy", "domains.npy", *(f"{p}.{a}.npy" for p in (*SPLIT_PARTS, *CONTEXT_PARTS, BY_USER)
                                       for a in ("offsets", "items")))
 
 
@@ -151,6 +154,12 @@ def write_sequences(folder: Path, interactions: pa.Table, ranges: dict[str, tupl
         _save_ragged(out, part, np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64),
                      np.concatenate(part_items) if part_items else np.zeros(0, dtype=np.int64), item_dtype)
 
+    # Every interaction's item, rows by user_idx: the table is sorted by user (a stable sort when not).
+    by_user = np.argsort(users, kind="stable") if len(users) > 1 and (np.diff(users) < 0).any() else None
+    n_users = int(users.max()) + 1 if len(users) else 0
+    _save_ragged(out, BY_USER, np.bincount(users, minlength=n_users),
+                 items if by_user is None else items[by_user], item_dtype)
+
     target_users = rows_users[order.index(target)] if target in order else np.zeros(0, dtype=np.int64)
     context = np.isin(domain, [code(domain_names, d) for d in [*source, target]]) & np.isin(users, target_users)
     start, stop = ranges.get(target, (0, 0))
@@ -213,8 +222,8 @@ class Sequences:
         self.folder = Path(folder) / FOLDER
         missing = [name for name in FILES if not (self.folder / name).is_file()]
         if missing:
-            raise ArtifactError(f"{self.folder / missing[0]}: missing; this prepared folder predates memory-mapped "
-                                "sequences: re-run `trec prepare`")
+            raise ArtifactError(f"{self.folder / missing[0]}: missing; this prepared folder predates this version's "
+                                "memory-mapped sequences: re-run `trec prepare`")
         self.users = self._load("users.npy")
         self.bounds = np.asarray(self._load("domains.npy"))
 

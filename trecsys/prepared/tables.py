@@ -6,8 +6,9 @@ Artifact contract (written by trecsys/stages/prepare.py):
   test, or input: a held-out user's history); rows sorted by (user_idx, timestamp), ties in input
   order, domains interleaved.
 - item_embeddings.parquet: item_idx, embedding (fixed-size list of float32); encoder info in metadata.
-- sequences/*.npy: the same interactions as flat per-user arrays, memory-mapped by `domain_split` and
-  trecsys/prepared/context.py (trecsys/prepared/sequences.py).
+- sequences/*.npy: the same interactions as flat per-user arrays, memory-mapped by `domain_split`,
+  trecsys/prepared/context.py and rank/requests.py's `Catalogue` (trecsys/prepared/sequences.py).
+  Later stages read these, never interactions.parquet whole (`Prepared.interactions` is for scripts).
 - manifest.json: `domains` {name: {role, item_start, item_stop, ...}}, `source`, `target`, `encoder`,
   ... (trecsys/prepared/manifest.py's `PreparedManifest`).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from trecsys.artifacts import MANIFEST, read_manifest, read_parquet, verify_outputs
@@ -44,7 +46,7 @@ class Prepared:
 
     @property
     def interactions(self) -> pd.DataFrame:
-        """interactions.parquet, read on first use: stages that need only sequences never hold it."""
+        """interactions.parquet, read whole on first use (scripts, tests); no stage after prepare does."""
         if self._interactions is None:
             path = self.folder / "interactions.parquet"
             interactions = _checked(read_parquet(path), path).to_pandas()
@@ -67,6 +69,33 @@ class Prepared:
     @property
     def n_items(self) -> int:
         return len(self.items)
+
+    def user_ids(self) -> np.ndarray:
+        """The original user id of every user_idx (str; "" for an index no interaction has), read from
+        interactions.parquet a batch of rows at a time (memory grows with users, not interactions),
+        checking each row's item_idx and split as `interactions` does."""
+        path = self.folder / "interactions.parquet"
+        ids = np.full(self.n_users, "", dtype=object)
+        try:
+            batches = pq.ParquetFile(path).iter_batches(columns=["user_idx", "user_id", "item_idx", "split"],
+                                                        batch_size=1 << 16)
+            for batch in batches:
+                _check_batch(batch, len(self.items), path)
+                users = batch.column(0).to_numpy()
+                first = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else users
+                ids[users[first]] = [str(u) for u in batch.column(1).take(pa.array(first)).to_pylist()]
+        except (pa.ArrowInvalid, OSError, KeyError, IndexError) as exc:
+            raise ArtifactError(f"{path}: cannot read its user ids ({str(exc).splitlines()[0]}): "
+                                "re-run `trec prepare`") from None
+        return ids
+
+    def users_of(self, domains: list[str]) -> np.ndarray:
+        """The user_idx of every user with an interaction in any of `domains` (sorted, from the
+        sequences: a (domain, user) row exists only for a user with an interaction there)."""
+        order = sorted(self.domains.values(), key=lambda d: d.item_start)
+        rows = [np.asarray(self.sequences.users[self.sequences.rows(order.index(self.domains[name]))])
+                for name in domains]
+        return np.unique(np.concatenate(rows)).astype(np.int64) if rows else np.zeros(0, dtype=np.int64)
 
     def domain(self, name: str, key: str = "domain") -> DomainRange:
         if name not in self.domains:
@@ -131,6 +160,17 @@ def _check_values(interactions: pd.DataFrame, n_items: int, path: Path) -> None:
     if unknown:
         raise ArtifactError(f"{path}: column 'split' holds {sorted(unknown)[:3]}, expected {', '.join(SPLITS)}: "
                             "re-run `trec prepare`")
+
+
+def _check_batch(batch: pa.RecordBatch, n_items: int, path: Path) -> None:
+    """`_check_values` on one batch of rows (item_idx and split columns)."""
+    low, high = pc.min_max(batch.column("item_idx")).values()
+    if low.is_valid and (low.as_py() < 0 or high.as_py() >= n_items):
+        raise ArtifactError(f"{path}: item_idx outside the {n_items} prepared items: re-run `trec prepare`")
+    unknown = set(pc.unique(batch.column("split")).to_pylist()) - set(SPLITS)
+    if unknown:
+        raise ArtifactError(f"{path}: column 'split' holds {sorted(map(str, unknown))[:3]}, expected "
+                            f"{', '.join(SPLITS)}: re-run `trec prepare`")
 
 
 def _embedding_matrix(table: pa.Table, n_items: int, path: Path) -> np.ndarray:

@@ -20,6 +20,7 @@ import pyarrow.types as pat
 
 from trecsys.artifacts import read_parquet
 from trecsys.errors import DataError
+from trecsys.prepared.sequences import BY_USER
 from trecsys.prepared.tables import DomainRange, Prepared, domain_split
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -221,29 +222,22 @@ class Catalogue:
 
     def __init__(self, prepared: Prepared, domain: DomainRange, as_of: str | None = None):
         self.prepared, self.domain, self.as_of = prepared, domain, as_of
+        # Histories come from the memory-mapped sequences (one row per user_idx, every item in the
+        # prepared order), never from the interactions table: memory grows with users, not interactions.
+        self._by_user = prepared.sequences.part(BY_USER)
+        ids = prepared.user_ids()
+        known = np.flatnonzero(self._by_user.lengths() > 0)
+        self._user_idx = dict(zip(ids[known].tolist(), known.tolist(), strict=True))
         self._as_of: dict[str, np.ndarray] = {}
         if as_of is not None:
             split = domain_split(prepared, domain.name)
-            names = prepared.interactions.drop_duplicates("user_idx").set_index("user_idx")["user_id"].astype(str)
-            self._as_of = dict(zip(names.loc[split.user_idx].tolist(), split.history(as_of), strict=True))
-        inter = prepared.interactions
-        user_idx = inter["user_idx"].to_numpy()
-        order_ok = len(user_idx) < 2 or bool((np.diff(user_idx) >= 0).all())
-        if not order_ok:  # the contract sorts by user; a hand-made file may not
-            inter = inter.sort_values("user_idx", kind="stable")
-            user_idx = inter["user_idx"].to_numpy()
-        items = inter["item_idx"].to_numpy().astype(np.int64)
-        in_domain = (items >= domain.item_start) & (items < domain.item_stop)
-        first = np.flatnonzero(np.r_[True, np.diff(user_idx) != 0]) if len(user_idx) else np.zeros(0, int)
-        bounds = np.append(first, len(user_idx))
-        ids = inter["user_id"].to_numpy()[first].astype(str)
-        self._rows = {uid: (lo, hi) for uid, lo, hi in zip(ids, bounds[:-1], bounds[1:], strict=True)}
-        self._user_idx = dict(zip(ids, user_idx[first].tolist(), strict=True))
-        self._items, self._in_domain = items, in_domain
-        self._item_domain = inter["domain"].to_numpy()
+            self._as_of = dict(zip(ids[split.user_idx].tolist(), split.history(as_of), strict=True))
         # The domain's users, in user_idx order: who gets a list when nobody is named.
-        has_domain = np.add.reduceat(in_domain.astype(np.int64), first) > 0 if len(first) else np.zeros(0, bool)
-        self.domain_users = ids[has_domain].tolist()
+        self.domain_users = ids[prepared.users_of([domain.name])].tolist()
+        # Items are contiguous per domain: an item's domain is the range it falls in.
+        ranges = sorted(prepared.domains.values(), key=lambda d: (d.item_start, d.item_stop))
+        self._range_starts = np.array([d.item_start for d in ranges], dtype=np.int64)
+        self._range_names = np.array([d.name for d in ranges], dtype=object)
         # An item id may exist in several domains: the recommended domain's item wins.
         table = prepared.items
         ranked = np.argsort(table["domain"].to_numpy() != domain.name, kind="stable")
@@ -254,7 +248,7 @@ class Catalogue:
             self.item_index.setdefault(item_id, int(idx))
 
     def knows(self, user_id: str) -> bool:
-        return user_id in self._rows
+        return user_id in self._user_idx
 
     def in_domain(self, user_id: str) -> bool:
         """Whether the user has a history in the domain as of the split (always, without --as-of)."""
@@ -269,9 +263,13 @@ class Catalogue:
         or all their items when they have none there."""
         if self.as_of is not None and context is None:
             return self._as_of.get(user_id, np.zeros(0, dtype=np.int64))
-        lo, hi = self._rows[user_id]
-        mine = self._in_domain[lo:hi] if context is None else np.isin(self._item_domain[lo:hi], context)
-        return self._items[lo:hi][mine] if mine.any() else self._items[lo:hi]
+        items = self._by_user[self._user_idx[user_id]]
+        if context is None:
+            mine = (items >= self.domain.item_start) & (items < self.domain.item_stop)
+        else:
+            domains = self._range_names[np.searchsorted(self._range_starts, items, side="right") - 1]
+            mine = np.isin(domains, context)
+        return items[mine] if mine.any() else items
 
     def local(self, history: np.ndarray) -> np.ndarray:
         """The history's items of the recommended catalogue, as catalogue-local indices."""

@@ -169,9 +169,7 @@ def in_source(prepared: Prepared, rows: ProtocolRows) -> np.ndarray | None:
     """Per row: does the user also shop in a source domain (None without source domains)."""
     if not prepared.source:
         return None
-    inter = prepared.interactions
-    users = np.unique(inter.loc[inter["domain"].isin(prepared.source), "user_idx"].to_numpy())
-    return np.isin(rows.user_idx, users)
+    return np.isin(rows.user_idx, prepared.users_of(prepared.source))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -190,8 +190,7 @@ def eval_users(prepared: Prepared, split: str) -> EvalUsers:
     keep = np.flatnonzero(has_target)
     all_histories = ds.history(split)
     histories_global = [all_histories[u] for u in keep]
-    source_rows = prepared.interactions["domain"].isin(prepared.source)
-    source_users = np.unique(prepared.interactions.loc[source_rows, "user_idx"].to_numpy())
+    source_users = prepared.users_of(prepared.source)
     return EvalUsers(
         split=split,
         user_idx=ds.user_idx[keep],
