@@ -337,25 +337,30 @@ def evaluate_variants(base, run_dir: Path, study: Path, variants: dict, kd_stude
 
 def paired_gains(per_user: dict[str, np.ndarray], seed: int, n_samples: int = 1000) -> pd.DataFrame:
     """Every transfer row against the scratch row it is compared with (same fraction, same item
-    tower: `full@0.1` and `full[whiten]@0.1` against `scratch@0.1`, `full+ids` against `scratch+ids`):
-    the test users' mean NDCG@10 difference with its 95% paired-bootstrap CI (the same user
-    resamples for both rows) and the relative gain."""
+    tower: `full@0.1` and `full[whiten]@0.1` against `scratch@0.1`, `full+ids` against `scratch+ids`),
+    and a lever's row against the plain transfer row (`full[whiten]@0.1` against `full@0.1`): the
+    test users' mean NDCG@10 difference with its 95% paired-bootstrap CI (the same user resamples
+    for both rows) and the relative gain."""
     rows = []
     for name in per_user:
         match = re.fullmatch(r"full(\[[^\]]+\])?(\+ids)?(@[0-9.]+)?", name)
-        scratch = f"scratch{match.group(2) or ''}{match.group(3) or ''}" if match else None
-        if scratch not in per_user:
+        if not match:
             continue
-        delta = per_user[name] - per_user[scratch]
-        if n_samples:
-            lo, hi = (float(v[0]) for v in M.percentile_interval(M.bootstrap_means(delta, n_samples, seed)))
-        else:
-            lo = hi = float("nan")
-        base = float(per_user[scratch].mean())
-        rows.append({"transfer": name, "scratch": scratch, "transfer_ndcg@10": float(per_user[name].mean()),
-                     "scratch_ndcg@10": base, "delta": float(delta.mean()), "ci_low": lo, "ci_high": hi,
-                     "gain": float(delta.mean()) / base if base else float("nan"), "n_users": len(delta)})
-    return pd.DataFrame(rows, columns=["transfer", "scratch", "transfer_ndcg@10", "scratch_ndcg@10", "delta",
+        tail = f"{match.group(2) or ''}{match.group(3) or ''}"
+        # A lever's row is also compared with the plain transfer row it changes.
+        for baseline in [f"scratch{tail}"] + ([f"full{tail}"] if match.group(1) else []):
+            if baseline not in per_user:
+                continue
+            delta = per_user[name] - per_user[baseline]
+            if n_samples:
+                lo, hi = (float(v[0]) for v in M.percentile_interval(M.bootstrap_means(delta, n_samples, seed)))
+            else:
+                lo = hi = float("nan")
+            base = float(per_user[baseline].mean())
+            rows.append({"transfer": name, "against": baseline, "transfer_ndcg@10": float(per_user[name].mean()),
+                         "against_ndcg@10": base, "delta": float(delta.mean()), "ci_low": lo, "ci_high": hi,
+                         "gain": float(delta.mean()) / base if base else float("nan"), "n_users": len(delta)})
+    return pd.DataFrame(rows, columns=["transfer", "against", "transfer_ndcg@10", "against_ndcg@10", "delta",
                                        "ci_low", "ci_high", "gain", "n_users"])
 
 
@@ -391,9 +396,9 @@ def paired_lines(paired: pd.DataFrame) -> str:
     """The paired comparisons as results.md lines."""
     if paired.empty:
         return ""
-    lines = [f"Transfer − scratch, paired over the {int(paired['n_users'].iloc[0]):,} test users (mean test "
-             "NDCG@10 difference, 95% bootstrap CI):"]
-    lines += [f"- {r['transfer']} {r['transfer_ndcg@10']:.4f} vs {r['scratch']} {r['scratch_ndcg@10']:.4f}: "
+    lines = [f"Transfer − scratch (and a lever − plain transfer), paired over the {int(paired['n_users'].iloc[0]):,} "
+             "test users (mean test NDCG@10 difference, 95% bootstrap CI):"]
+    lines += [f"- {r['transfer']} {r['transfer_ndcg@10']:.4f} vs {r['against']} {r['against_ndcg@10']:.4f}: "
               f"{r['delta']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] ({r['gain']:+.1%})"
               for _, r in paired.iterrows()]
     return "\n".join(lines) + "\n"
@@ -415,10 +420,18 @@ def write_tables(study: Path, run_dir: Path, table: pd.DataFrame, n_shared: int,
     def epochs(n: int | None) -> str:
         return f"{n} epochs" if n else "the config's epochs"
 
-    trained = [f"teacher {epochs(args.pretrain_epochs)}" if "pretrain" in timings else "teacher reused from the run",
-               f"student {epochs(args.distill_epochs)}" if "distill" in timings else "student reused from the run"]
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    trained = [f"teacher {epochs(args.pretrain_epochs)}" if "pretrain" in timings else "teacher reused from the run"]
+    if not only or "student" in only:
+        trained.append(f"student {epochs(args.distill_epochs)}" if "distill" in timings else "student reused from the run")
+    if not only or STUDENT_KD in only:
+        trained.append(f"student on the target {args.kd_epochs} epochs")
     caps = (f"{', '.join(trained)}, fine-tuning {epochs(args.epochs)} per variant (few-shot: ÷ fraction), "
-            f"student on the target {args.kd_epochs} epochs, max_steps {args.max_steps or 'none'}")
+            f"max_steps {args.max_steps or 'none'}")
+    if args.overrides:
+        caps += f"; overrides: {' '.join(args.overrides)}"
+    if args.lever:
+        caps += f"; levers: {' '.join(args.lever)}"
     times = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     text = (f"# Transfer study: {run_dir.name}\n\nTest split of the target, full ranking, history items "
             f"excluded (the evaluate stage's code). Valid NDCG@10 is what `auto` chose by; shared_ndcg@10 is "

@@ -64,14 +64,16 @@ def test_paired_gains_compare_each_transfer_row_with_its_own_scratch_row():
                 "scratch+ids@0.1": scratch, "full+ids@0.1": scratch + rng.normal(0, 0.05, 400),
                 "full": scratch, "scratch": scratch * 0.5, "item-knn": scratch}
     table = study.paired_gains(per_user, seed=0, n_samples=200).set_index("transfer")
-    assert set(table.index) == {"full@0.1", "full[w]@0.1", "full+ids@0.1", "full"}
-    assert table.loc["full+ids@0.1", "scratch"] == "scratch+ids@0.1" and table.loc["full", "scratch"] == "scratch"
+    pairs = set(zip(table.index, table["against"], strict=True))
+    assert pairs == {("full@0.1", "scratch@0.1"), ("full[w]@0.1", "scratch@0.1"), ("full[w]@0.1", "full@0.1"),
+                     ("full+ids@0.1", "scratch+ids@0.1"), ("full", "scratch")}
     row = table.loc["full@0.1"]  # a constant gain: the CI is the point
     assert row["delta"] == pytest.approx(0.01) and row["ci_low"] == pytest.approx(0.01) and row["ci_high"] == pytest.approx(0.01)
     assert row["gain"] == pytest.approx(0.01 / scratch.mean())
-    row = table.loc["full[w]@0.1"]
+    row = table[table["against"] == "scratch@0.1"].loc["full[w]@0.1"]
     assert row["ci_low"] < row["delta"] < row["ci_high"] < 0
-    assert "full@0.1 " in study.paired_lines(table.reset_index())
+    lines = study.paired_lines(table.reset_index())
+    assert "- full@0.1 0.1" in lines and "vs scratch@0.1 " in lines and f"({0.01 / scratch.mean():+.1%})" in lines
 
 
 def test_whitening_lines_say_how_far_a_teachers_biases_are_from_each_catalogues_mean(tmp_path):
