@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from launch import trec
 
 from trecsys.ingest import embed
 from trecsys.prepared import sequences
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("n, world", [(0, 2), (5, 2), (2048, 2), (2049, 2), (7000, 3), (7000, 1), (100, 4)])
@@ -41,12 +39,7 @@ def tiny_encoder(folder: Path) -> Path:
 
 
 def launch(n_proc: int, config: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "trecsys", "prepare", "-c", str(config)]
-    if n_proc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_proc),
-                   "--master_port", str(29200 + os.getpid() % 500), *command[1:]]
-    return subprocess.run(command, env=env, timeout=600, capture_output=True, text=True, cwd=REPO)
+    return trec(n_proc, ["prepare", "-c", str(config)], port_base=29200, timeout=600)
 
 
 @pytest.mark.slow

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config, write_tiny_prepared
+from launch import trec
 
 from trecsys.config import ModelConfig
 from trecsys.model.checkpoint import save_checkpoint
@@ -21,7 +20,6 @@ from trecsys.model.seqrec import SeqRecModel
 from trecsys.prepared.tables import load_prepared
 from trecsys.stages.recommend_shards import shard_rows
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("n_rows, world, block", [(60, 2, 8), (7, 3, 2), (3, 4, 8), (0, 2, 4), (100, 3, 1)])
@@ -33,12 +31,7 @@ def test_shard_rows_cover_every_row_once_in_whole_blocks(n_rows, world, block):
 
 
 def launch(n_proc: int, config: Path, output: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "trecsys", "recommend", "-c", str(config), "--output", str(output)]
-    if n_proc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_proc),
-                   "--master_port", str(29700 + os.getpid() % 500), *command[1:]]
-    return subprocess.run(command, env=env, timeout=300, capture_output=True, text=True, cwd=REPO)
+    return trec(n_proc, ["recommend", "-c", str(config), "--output", str(output)], port_base=29700, timeout=300)
 
 
 @pytest.mark.slow
