@@ -14,7 +14,6 @@ from trecsys.ingest import embed
 from trecsys.prepared import sequences
 
 
-
 @pytest.mark.parametrize("n, world", [(0, 2), (5, 2), (2048, 2), (2049, 2), (7000, 3), (7000, 1), (100, 4)])
 def test_shares_are_whole_chunks_that_cover_every_miss_once(n, world):
     misses = [f"t{i}" for i in range(n)]

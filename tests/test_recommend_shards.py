@@ -21,7 +21,6 @@ from trecsys.prepared.tables import load_prepared
 from trecsys.stages.recommend_shards import shard_rows
 
 
-
 @pytest.mark.parametrize("n_rows, world, block", [(60, 2, 8), (7, 3, 2), (3, 4, 8), (0, 2, 4), (100, 3, 1)])
 def test_shard_rows_cover_every_row_once_in_whole_blocks(n_rows, world, block):
     bounds = [shard_rows(n_rows, r, world, block) for r in range(world)]
