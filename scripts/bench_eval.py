@@ -6,7 +6,8 @@ CUDA if present), in two parts:
    `peak MiB` is the highest resident memory (or CUDA memory allocated) above what the process held
    just before ranking, so a flat number from N to 10×N users is memory that does not grow with them.
 2. Every Kitchen user with an untrained model of the default size (2 blocks × 64 dims, MoE adaptor
-   over 384-d text vectors, 50 items of history), cost split into the item tower, encoding the users,
+   over 384-d text vectors, 50 items of history, model.seen_bias's offset set to a trained model's
+   so that adding it to each user's seen items is counted), cost split into the item tower, encoding the users,
    ranking (scores and exact top-10) and excluding the items each user has seen; beside it, live in
    the same run, RecBole 1.2.1's full-sort evaluation of SASRec on the same file
    (scripts/recbole_fullsort.py) when RECBOLE_PYTHON names its interpreter. Both sides get the same
@@ -167,6 +168,8 @@ def measure_model(args) -> dict:
     n = len(histories)
     torch.manual_seed(0)
     model = SeqRecModel(ModelConfig(), 384, n_items).eval()
+    with torch.no_grad():  # a trained model's seen offset (ml-100k's learned -8): its cost is counted
+        model.seen_bias.fill_(-0.8)
     text = np.random.default_rng(0).standard_normal((n_items, 384)).astype(np.float32)
     domain = DomainRange("Kitchen", "target", 0, n_items)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -219,6 +222,7 @@ def measure_model(args) -> dict:
     except ImportError:
         faiss = None
     if faiss is not None:  # the same states and items through a maintained index library
+        scorer.seen = None  # an index ranks the states' products alone: compare it with those
         faiss.omp_set_num_threads(threads.threads)
         states, reps = scorer.states.numpy(), scorer.reps.numpy()
         _, exact = timed_topk_of(timed, "ann_exact_reference", lambda: full_ranking_topk(
@@ -298,6 +302,11 @@ def compare_with_recbole(args) -> None:
         print(f"eval.ann.{name}: recall@10 vs exact {row['recall@10']:.4f}, {ours['users'] / row['s']:,.0f} users/s "
               f"ranking only (cpu {row['cpu_s']:.2f} s; build {row['build_s']:.1f} s)")
     print(f"eval.ann.trecsys_exact: {ours['users'] / ours['rank_s']:,.0f} users/s ranking only (cpu {ours['rank_cpu_s']:.2f} s)")
+    served = recommend_all_users(threads, args.tuned_malloc)
+    if served:
+        print(f"eval.recommend: `trec recommend` (scripts/bench_recommend.py --cases plain_all_users), every Kitchen "
+              f"user, top-10, seen items excluded (recommend.exclude_seen), user states + scores + top-K: "
+              f"{served['users_per_s']:,.0f} users/s ({served['users_per_cpu_s']:,.0f} per CPU second)")
     if not args.recbole_python:
         print("eval.recbole: not measured (set RECBOLE_PYTHON to a virtual environment with recbole==1.2.1)")
         return
@@ -317,6 +326,25 @@ def compare_with_recbole(args) -> None:
     print(f"eval.speedup: {ours['users_per_s'] / theirs['users_per_s']:.1f}x users/s, "
           f"{ours['users_per_cpu_s'] / (theirs['users'] / theirs['cpu_seconds']):.1f}x users per CPU second; "
           f"memory {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f}x; load {os.getloadavg()[0]:.1f}")
+    if served:
+        print(f"eval.recommend_speedup: {served['users_per_s'] / theirs['users_per_s']:.1f}x users/s, "
+              f"{served['users_per_cpu_s'] / (theirs['users'] / theirs['cpu_seconds']):.1f}x users per CPU second "
+              "(recommend excludes seen items, RecBole's full sort ranks them)")
+
+
+def recommend_all_users(threads: int, tuned_malloc: bool) -> dict:
+    """`trec recommend` for every Kitchen user through scripts/bench_recommend.py, in a fresh process
+    with the same threads and allocator settings: its users/s and users per CPU second ({} if it failed)."""
+    env = {**allocator_env(tuned_malloc), "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_recommend.py"), "--cases", "plain_all_users",
+                           "--device", "cpu", "--threads", str(threads)], capture_output=True, text=True, env=env, cwd=REPO)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        print(f"eval.recommend: failed ({done.returncode}): {tail}")
+        return {}
+    values = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    key = "recommend.cpu.plain_all_users."
+    return {name: float(values[key + name].replace(",", "")) for name in ("users_per_s", "users_per_cpu_s")}
 
 
 def main() -> None:

@@ -2,12 +2,16 @@
 the GPU when there is one.
 
     python scripts/bench_recommend.py [--run-dir runs/bench_recommend] [--users N] [--device cpu|cuda]
+                                      [--threads N] [--cases plain_all_users,...] [--seen-offset X]
 
 Prepares Kitchen as the target domain (configs/kitchen_to_food.yaml with the roles swapped; the
 embedding cache makes re-runs fast), saves an untrained model of the default size (the cost of
 ranking does not depend on the weights), then times the real stage: plain top-10 for every Kitchen
 user, and on a sample, fusion with popularity and MMR diversity. Prints plain `key: value` lines;
 users/s counts scoring and ranking (user states, scores, top-K, re-ranking), not loading or writing.
+`--seen-offset` gives the saved model a trained model's model.seen_bias offset (a model saved with
+another is replaced), so adding it to each user's seen items is counted; scripts/bench_eval.py runs
+`--cases plain_all_users` beside RecBole's full-sort evaluation.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ def main() -> int:
     parser.add_argument("--run-dir", default="runs/bench_recommend")
     parser.add_argument("--users", type=int, default=5000, help="sample size for the fusion and MMR timings")
     parser.add_argument("--device", default=None, help="default: cpu, then cuda too when available")
+    parser.add_argument("--threads", type=int, default=0, help="runtime.threads (0: trecsys's default)")
+    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument("--seen-offset", type=float, default=-8.0,
+                        help="the model's seen-item offset (model.seen_bias; ml-100k learns about -8)")
     args = parser.parse_args()
     root = shared_data() / "amazon_food_kitchen"
     if not root.is_dir():
@@ -41,14 +49,15 @@ def main() -> int:
 
     from trecsys.artifacts import MANIFEST, read_json
     from trecsys.config import ModelConfig, load_config
-    from trecsys.model.checkpoint import is_checkpoint, save_checkpoint
-    from trecsys.model.seqrec import SeqRecModel
+    from trecsys.model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+    from trecsys.model.seqrec import SEEN_SCALE, SeqRecModel
     from trecsys.prepared.tables import load_prepared
     from trecsys.stage_table import PREPARE, PRETRAIN
     from trecsys.stages import recommend
 
     run_dir = REPO / args.run_dir
-    overrides = [f"data.root={root}", f"run_dir={run_dir}", "data.target=Kitchen", "data.source=[Food]"]
+    overrides = [f"data.root={root}", f"run_dir={run_dir}", "data.target=Kitchen", "data.source=[Food]",
+                 f"runtime.threads={args.threads}"]
     config = REPO / "configs" / "kitchen_to_food.yaml"
     if not (run_dir / PREPARE.folder / MANIFEST).is_file():
         started = time.perf_counter()
@@ -57,9 +66,12 @@ def main() -> int:
         print(f"recommend.prepare_s: {time.perf_counter() - started:.1f}")
     prepared = load_prepared(run_dir)
     model_dir = run_dir / PRETRAIN.folder
-    if not is_checkpoint(model_dir):
+    if not is_checkpoint(model_dir) or load_checkpoint(model_dir)[0].seen_offset() != args.seen_offset:
         torch.manual_seed(0)
-        save_checkpoint(SeqRecModel(ModelConfig(), prepared.embeddings.shape[1], prepared.n_items), model_dir)
+        model = SeqRecModel(ModelConfig(), prepared.embeddings.shape[1], prepared.n_items)
+        with torch.no_grad():
+            model.seen_bias.fill_(args.seen_offset / SEEN_SCALE)
+        save_checkpoint(model, model_dir)
     kitchen = prepared.domains["Kitchen"]
     sample = run_dir / "sample_users.txt"
     users = prepared.interactions.loc[prepared.interactions["domain"] == "Kitchen", "user_id"].unique()
@@ -78,6 +90,11 @@ def main() -> int:
          sample),
         ("mmr_0.3_sample", ["recommend.diversity=0.3"], sample),
     ]
+    if args.cases:
+        unknown = set(args.cases.split(",")) - {name for name, _, _ in cases}
+        if unknown:
+            parser.error(f"--cases: unknown {', '.join(sorted(unknown))}; known: {', '.join(n for n, _, _ in cases)}")
+        cases = [case for case in cases if case[0] in args.cases.split(",")]
     for device in devices:
         for name, extra, users_file in cases:
             cfg = load_config(config, [*overrides, f"device={device}", *extra])

@@ -81,8 +81,11 @@ def test_distillation_moves_the_student_toward_the_teachers_rankings(run_copy, t
     kl_init, overlap_init = agreement(teacher, initial, run_copy)
     kl_ce, overlap_ce = agreement(teacher, students[0.0], run_copy)
     kl_kd, overlap_kd = agreement(teacher, students[1.0], run_copy)
-    assert kl_kd < 0.5 * kl_init and kl_kd < kl_ce  # closer than at the start, and than labels alone make it
+    # Closer than at the start, and than labels alone make it. (The teacher learns model.seen_bias, so
+    # its network no longer pushes seen items down: a little harder to match, 0.51 of the start.)
+    assert kl_kd < 0.6 * kl_init and kl_kd < kl_ce
     assert overlap_kd > overlap_init and overlap_kd > overlap_ce
+    assert float(students[1.0].seen_bias.detach()) == float(teacher.seen_bias.detach()) != 0.0  # no label loss: the teacher's offset
 
 
 def test_distill_reports_teacher_and_student_side_by_side(run_copy, tmp_path):

@@ -161,7 +161,9 @@ def test_the_fusion_candidate_is_saved_and_chosen_on_validation_only(fused_run, 
     manifest = json.loads((out / "manifest.json").read_text())
     fusion = json.loads((out / "candidates" / "fusion" / "fusion.json").read_text())
     valid = {s: manifest["candidates"][s]["valid"]["ndcg@10"] for s in ("scratch", "fusion")}
-    assert valid["fusion"] >= valid["scratch"] and fusion["base"] == "scratch"
+    # (>= up to rounding: the model alone, kept by the one-standard-error rule, averages its users in
+    # another order than the candidate's own validation)
+    assert valid["fusion"] >= valid["scratch"] - 1e-12 and fusion["base"] == "scratch"
     assert valid["fusion"] == next(r["ndcg@10"] for r in fusion["grid"]
                                    if all(r[c] == w for c, w in fusion["weights"].items()))
     assert manifest["chosen"] == ("fusion" if valid["fusion"] > valid["scratch"] else "scratch")

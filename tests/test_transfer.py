@@ -67,7 +67,7 @@ def test_each_strategy_trains_exactly_what_it_says(strategy):
         assert trainable == names
     elif strategy == "adaptor":
         assert trainable == {n for n in names if n.startswith(("adaptor.", "item_norm.")) or ".norm" in n
-                             or n.startswith("final_norm.")}
+                             or n.startswith("final_norm.") or n == "seen_bias"}
         assert not trainable & set(SEQUENCE_TOWER)
         assert cand.n_trainable() < model.num_parameters() / 2
     elif strategy == "scratch":

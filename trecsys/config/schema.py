@@ -286,6 +286,11 @@ class ModelConfig:
     score: Literal["dot", "cosine"] = "dot"
     # Softmax temperature for score: cosine (ignored for dot).
     temperature: float = 0.07
+    # One learned score offset for the items already in the user's history, trained with the next-item
+    # loss: negative where users do not come back to an item (ml-100k, Amazon reviews), positive where
+    # they buy again. Lists change only where seen items are ranked (exclude_seen false); the network
+    # trains a little differently, as it no longer has to push seen items down itself.
+    seen_bias: bool = True
 
     def validate(self, prefix: str = "model.", where: str = "") -> None:
         """Check combinations of keys that their types alone cannot."""

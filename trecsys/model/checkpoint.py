@@ -70,7 +70,8 @@ class CheckpointInfo:
     @classmethod
     def from_json(cls, data: dict, path: Path) -> CheckpointInfo:
         try:
-            model = build(ModelConfig, data["model"], where=f" in {path}", prefix="model.")
+            # A checkpoint written before model.seen_bias existed has no such parameter.
+            model = build(ModelConfig, {"seen_bias": False, **data["model"]}, where=f" in {path}", prefix="model.")
             n_id_items = data.get("n_id_items")
             return cls(model, int(data["text_dim"]), int(data["n_items"]),
                        str(data.get("trecsys_version", "")), dict(data.get("extra") or {}),

@@ -19,6 +19,10 @@ from trecsys.errors import ArtifactError, ConfigError
 
 PAD = -1  # the item index of padding: sequences are left-padded with it
 MIN_ROWS = 4  # user_state's smallest batch (see there)
+# model.seen_bias's offset is this times its parameter: AdamW moves a parameter by about the learning
+# rate per step whatever its gradient, and the offset has to travel several logits (~-10 on ml-100k)
+# in a few hundred steps; a scale gives it that reach without a learning rate of its own.
+SEEN_SCALE = 10.0
 
 
 class Dropout(nn.Dropout):
@@ -152,6 +156,8 @@ class SeqRecModel(nn.Module):
         # at ±d and saturate the softmax (initial loss 32 vs log n = 7.8 on Amazon Office, and no
         # learning in 10 epochs). A final gain of 1/√d starts the logits at unit scale.
         nn.init.constant_(self.final_norm.weight, d ** -0.5)
+        # model.seen_bias: starts at 0 (the history changes no score) and is learned with the loss.
+        self.seen_bias = nn.Parameter(torch.zeros(())) if cfg.seen_bias else None
         # Frozen text embeddings live outside the checkpoint; set_item_text() fills this.
         self.register_buffer("item_text", None, persistent=False)
 
@@ -252,6 +258,10 @@ class SeqRecModel(nn.Module):
                 return states @ item_reps.mT / self.config.temperature
             return torch.matmul(states, item_reps.mT, out=out).div_(self.config.temperature)
         return states @ item_reps.mT if out is None else torch.matmul(states, item_reps.mT, out=out)
+
+    def seen_offset(self) -> torch.Tensor | None:
+        """The score offset of an item already in the user's history (model.seen_bias), else None."""
+        return None if self.seen_bias is None else self.seen_bias * SEEN_SCALE
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

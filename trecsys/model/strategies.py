@@ -22,12 +22,14 @@ from trecsys.runtime import seed_everything
 
 
 def freeze_sequence_tower(model: SeqRecModel) -> None:
-    """Train only the item tower's adaptor, ID table and item norm, and every LayerNorm: the
-    Transformer's attention and MLP weights and the positions stay as transferred."""
+    """Train only the item tower's adaptor, ID table and item norm, every LayerNorm and the seen
+    offset: the Transformer's attention and MLP weights and the positions stay as transferred."""
     for name, module in model.named_modules():
         trainable = name.startswith(("adaptor", "item_id")) or isinstance(module, nn.LayerNorm)
         for p in module.parameters(recurse=False):
             p.requires_grad_(trainable)
+    if model.seen_bias is not None:  # whether the target's users come back to an item: learned there
+        model.seen_bias.requires_grad_(True)
 
 
 @dataclass(frozen=True)

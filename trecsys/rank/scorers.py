@@ -113,11 +113,36 @@ def _binary_rows(sequences: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix
     return matrix
 
 
+class SeenItems:
+    """Each user's distinct catalogue-local items (CSR), to add model.seen_bias's offset to their scores."""
+
+    def __init__(self, histories: Sequence[np.ndarray], domain: DomainRange):
+        local = to_local(histories, domain)
+        lengths = np.fromiter((len(h) for h in local), dtype=np.int64, count=len(local))
+        rows = np.repeat(np.arange(len(local), dtype=np.int64), lengths)
+        items = np.concatenate(local) if len(local) else np.zeros(0, dtype=np.int64)
+        pairs = np.unique(rows * max(domain.n_items, 1) + items)  # distinct (user, item), by user
+        self.items = pairs % max(domain.n_items, 1)
+        self.indptr = np.searchsorted(pairs // max(domain.n_items, 1), np.arange(len(local) + 1))
+
+    def add(self, scores: torch.Tensor, user_rows: torch.Tensor, start: int, stop: int, offset: float) -> None:
+        """scores[i, j - start] += offset for each item j in [start, stop) user_rows[i] has seen."""
+        rows = user_rows.cpu().numpy()
+        first, lengths = self.indptr[rows], self.indptr[rows + 1] - self.indptr[rows]
+        at = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        items, row = self.items[at], np.repeat(np.arange(len(rows)), lengths)
+        inside = (items >= start) & (items < stop)
+        index = (torch.from_numpy(row[inside]).to(scores.device), torch.from_numpy(items[inside] - start).to(scores.device))
+        scores.index_put_(index, torch.full((int(inside.sum()),), offset, dtype=scores.dtype, device=scores.device),
+                          accumulate=True)
+
+
 class ModelScorer:
     """A trained SeqRecModel: user states from the histories, item reps over the domain's range.
 
     Both are computed once up front (n_users × d and n_items × d are small), in bf16 autocast on
-    CUDA; score_chunk is then one fp32 matrix product per block.
+    CUDA; score_chunk is then one fp32 matrix product per block, plus the model's seen_bias offset
+    on the items each user's history holds (model.seen_bias; it matters where seen items are ranked).
     """
 
     def __init__(self, model, histories: Sequence[np.ndarray], domain: DomainRange,
@@ -156,6 +181,10 @@ class ModelScorer:
                                         width).to(self.device)
                     self.states[torch.from_numpy(rows).to(self.device)] = model.user_state(seq, table).float()
 
+        offset = model.seen_offset()
+        self.seen_offset = 0.0 if offset is None else float(offset.detach())
+        self.seen = SeenItems(histories, domain) if self.seen_offset else None
+
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -165,12 +194,17 @@ class ModelScorer:
         # The towers ran in bf16; the final product stays fp32 (it is cheap at this width), because
         # bf16's 8-bit mantissa would turn close scores into ties and reorder the top of the list.
         with torch.no_grad():
-            return self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop]).float()
+            scores = self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop]).float()
+        if self.seen is not None:
+            self.seen.add(scores, user_rows, start, stop, self.seen_offset)
+        return scores
 
     def score_into(self, user_rows: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
         """score_chunk's scores, bit for bit, written into `out` (float32): full_ranking_topk's buffer."""
         with torch.no_grad():
             self.model.score(self.states[user_rows.to(self.device)], self.reps[start:stop], out=out)
+        if self.seen is not None:
+            self.seen.add(out, user_rows, start, stop, self.seen_offset)
 
 
 # Items through the item tower at once: bounds the tower's activations for any catalogue size.

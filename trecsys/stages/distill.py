@@ -107,6 +107,11 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
         student = SeqRecModel(dc.student, prepared.embeddings.shape[1], prepared.n_items,
                               id_items=seen_items([seen_items(s.train) for s in splits]))
         student.set_item_text(torch.from_numpy(prepared.embeddings))
+        if student.seen_bias is not None and teacher.seen_bias is not None:
+            # The KL matches the networks' scores; the seen offset is added after them, so the
+            # student starts from the teacher's (and the label loss, if any, trains it on).
+            with torch.no_grad():
+                student.seen_bias.copy_(teacher.seen_bias)
         module = Distillation(student, teacher.config.d_model, dc.hidden_weight > 0)
         teacher.to(dist.device).eval().requires_grad_(False)
         prepared_sha = prepared_fingerprint(prepared)
@@ -172,7 +177,7 @@ def distill_loss_fn(parts, teacher: SeqRecModel, cfg: ExperimentConfig):
         labelled = labels >= 0
         loss = states.new_zeros(())
         if dc.kd_ratio < 1.0:
-            loss = loss + (1.0 - dc.kd_ratio) * next_item_loss(student, states, labels, part, dc.train, reps)
+            loss = loss + (1.0 - dc.kd_ratio) * next_item_loss(student, inputs, states, labels, part, dc.train, reps)
         if dc.kd_ratio > 0.0:
             loss = loss + dc.kd_ratio * chunked_kd_loss(states, reps, student.score, teacher_states, teacher_reps,
                                                         teacher.score, labelled, dc.temperature,

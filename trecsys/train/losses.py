@@ -7,6 +7,12 @@ in-batch contrastive loss (InfoNCE) of UniSRec's pretraining objectives.
 inputs (e.g. `SeqRecModel.score`) that broadcasts leading dimensions like matmul, so that
 `score_fn(s[:, None], e[:, None])` scores row-wise pairs. Targets are catalogue-local indices
 (`item_idx - domain.item_start`); rows whose target is negative (padding) are ignored.
+
+With `seen` and `offset` (a 0-dim tensor: model.seen_bias), the offset is added to the logits of the
+items each state has already read: `seen` (B, L) gives, for (B, L, d) states over training windows,
+each window's catalogue-local items where they first occur (-1 elsewhere: padding, other domains,
+repeats), and the state at position t has read the window's items at positions <= t
+(`trecsys.train.windows.first_seen`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,37 @@ def _labelled(states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     states, targets = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
     keep = targets >= 0
     return states[keep], targets[keep]
+
+
+def window_seen(states: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor, seen_reps: torch.Tensor,
+                score_fn: ScoreFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, items), each (N, L), of what the labelled states (as `_labelled` keeps them) have
+    read: the state at window position t has read the window's `seen` items at positions <= t
+    (-1 elsewhere). `seen_reps` (B, L, d): the item tower's output for `seen` (any row where -1).
+    One batched product scores every state against its own window's items."""
+    B, L = seen.shape
+    scores = score_fn(states, seen_reps).float()  # (B, L states, L items)
+    read = torch.ones(L, L, dtype=torch.bool, device=seen.device).tril()[None] & (seen >= 0)[:, None, :]
+    items = torch.where(read, seen[:, None, :], -1)
+    keep = targets.reshape(-1) >= 0
+    return scores.reshape(B * L, L)[keep], items.reshape(B * L, L)[keep]
+
+
+def seen_adjusted(lse: torch.Tensor, target_scores: torch.Tensor, seen_scores: torch.Tensor,
+                  seen_items: torch.Tensor, targets: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy once `offset` is added to the logits of each row's seen items
+    (`seen_items` (N, S) in the same index space as `targets`, -1 for none, each item once).
+
+    With Z = exp(lse) over the catalogue and r = Σ_seen exp(score) / Z, the offset turns the partition
+    into Z (1 − r + e^offset r): the seen items' own scores are all it needs, so the chunked and
+    sampled partitions stay as they are. With a sampled partition r can pass 1 (an underestimated
+    Z); 1 − r is then taken as 0. The target gains the offset when it is itself a seen item.
+    """
+    valid = seen_items >= 0
+    r = (torch.exp(seen_scores - lse[:, None]) * valid).sum(dim=1)
+    partition = (1.0 - r).clamp(min=0.0) + torch.exp(offset.float()) * r
+    target_seen = ((seen_items == targets[:, None]) & valid).any(dim=1)
+    return lse + torch.log(partition.clamp(min=1e-30)) - (target_scores + offset.float() * target_seen)
 
 
 def pair_scores(states: torch.Tensor, reps: torch.Tensor, score_fn: ScoreFn) -> torch.Tensor:
@@ -70,25 +107,39 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         return grad_states, grad_reps, None, None
 
 
+
 def chunked_cross_entropy(states: torch.Tensor, targets: torch.Tensor, item_reps: torch.Tensor,
-                          score_fn: ScoreFn, chunk_size: int = 8192) -> torch.Tensor:
+                          score_fn: ScoreFn, chunk_size: int = 8192, seen: torch.Tensor | None = None,
+                          offset: torch.Tensor | None = None) -> torch.Tensor:
     """Mean full-softmax cross-entropy of each state's target among all `item_reps`.
 
     Exact (not sampled): loss = logsumexp(all scores) - target score, where the logsumexp is
     computed and differentiated in chunks of `chunk_size` items (memory O(N × chunk_size)).
     """
+    read = None
+    if offset is not None:
+        seen_reps = item_reps.index_select(0, seen.clamp(min=0).flatten()).view(*seen.shape, -1)
+        read = window_seen(states, targets, seen, seen_reps, score_fn)
     states, targets = _labelled(states, targets)
     if len(targets) == 0:
         return states.sum() * 0.0  # keeps the graph connected for a batch without labels
     if item_reps.shape[0] <= chunk_size:  # one chunk: the plain computation is the same and cheaper
-        return F.cross_entropy(score_fn(states, item_reps).float(), targets)
-    lse = _ChunkedLogSumExp.apply(states, item_reps, score_fn, chunk_size)
-    return (lse - pair_scores(states, item_reps[targets], score_fn).float()).mean()
+        logits = score_fn(states, item_reps).float()
+        if read is None:
+            return F.cross_entropy(logits, targets)
+        lse, target_scores = torch.logsumexp(logits, dim=1), logits.gather(1, targets[:, None])[:, 0]
+    else:
+        lse = _ChunkedLogSumExp.apply(states, item_reps, score_fn, chunk_size)
+        target_scores = pair_scores(states, item_reps[targets], score_fn).float()
+        if read is None:
+            return (lse - target_scores).mean()
+    return seen_adjusted(lse, target_scores, *read, targets, offset).mean()
 
 
 def sampled_softmax_loss(states: torch.Tensor, targets: torch.Tensor, item_reps_of: Callable[[torch.Tensor], torch.Tensor],
                          score_fn: ScoreFn, n_negatives: int, item_log_q: torch.Tensor,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, seen: torch.Tensor | None = None,
+                         offset: torch.Tensor | None = None) -> torch.Tensor:
     """Mean sampled-softmax loss with logQ correction (Jean et al. 2015; Yi et al. 2019).
 
     `n_negatives` items are drawn with replacement from the proposal q (`item_log_q`: (n_items,)
@@ -98,26 +149,38 @@ def sampled_softmax_loss(states: torch.Tensor, targets: torch.Tensor, item_reps_
     to the row's target (an accidental hit) is masked out.
 
     `item_reps_of(items)` gives the item tower's output for catalogue-local item indices; it is
-    called once, on the distinct targets and negatives only, which is what makes this loss cheap on
-    a large catalogue (the tower never runs over the whole of it).
+    called once, on the distinct targets and negatives (and seen items) only, which is what makes
+    this loss cheap on a large catalogue (the tower never runs over the whole of it).
     """
+    window_states, window_targets = states, targets
     states, targets = _labelled(states, targets)
     if len(targets) == 0:
         return states.sum() * 0.0
     probs = item_log_q.float().exp()
     negatives = torch.multinomial(probs, n_negatives, replacement=True, generator=generator)
     log_expected_count = item_log_q.float()[negatives] + math.log(n_negatives)
-    items, position = torch.unique(torch.cat([targets, negatives]), return_inverse=True)
-    return softmax_over_candidates(states, position[: len(targets)], item_reps_of(items), score_fn,
-                                   position[len(targets):], log_expected_count)
+    extra = seen.clamp(min=0).flatten() if offset is not None else targets[:0]
+    items, position = torch.unique(torch.cat([targets, negatives, extra]), return_inverse=True)
+    n, k = len(targets), len(negatives)
+    reps = item_reps_of(items)
+    read = None
+    if offset is not None:  # the seen items, as positions in `items` like the targets
+        seen_at = position[n + k:]
+        seen_reps = reps.index_select(0, seen_at).view(*seen.shape, -1)
+        read = window_seen(window_states, window_targets, torch.where(seen >= 0, seen_at.view(seen.shape), -1),
+                           seen_reps, score_fn)
+    return softmax_over_candidates(states, position[:n], reps, score_fn, position[n:n + k], log_expected_count,
+                                   read, offset)
 
 
 def softmax_over_candidates(states: torch.Tensor, targets: torch.Tensor, item_reps: torch.Tensor,
-                            score_fn: ScoreFn, negatives: torch.Tensor,
-                            log_expected_count: torch.Tensor) -> torch.Tensor:
+                            score_fn: ScoreFn, negatives: torch.Tensor, log_expected_count: torch.Tensor,
+                            read: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            offset: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax of each target against the given shared `negatives` (K,), each logit minus its
     `log_expected_count` (K,). With every item once as a negative and log counts 0, this is the
-    full cross-entropy exactly."""
+    full cross-entropy exactly (with `read`, `window_seen`'s output for these rows, and `offset`,
+    the seen-adjusted one)."""
     states, targets = _labelled(states, targets)
     if len(targets) == 0:
         return states.sum() * 0.0
@@ -126,8 +189,10 @@ def softmax_over_candidates(states: torch.Tensor, targets: torch.Tensor, item_re
     positive = pair_scores(states, item_reps.index_select(0, targets), score_fn).float()
     negative = score_fn(states, item_reps.index_select(0, negatives)).float() - log_expected_count[None, :]
     negative = negative.masked_fill(negatives[None, :] == targets[:, None], -torch.inf)
-    logits = torch.cat([positive[:, None], negative], dim=1)
-    return (torch.logsumexp(logits, dim=1) - positive).mean()
+    lse = torch.logsumexp(torch.cat([positive[:, None], negative], dim=1), dim=1)
+    if read is None:
+        return (lse - positive).mean()
+    return seen_adjusted(lse, positive, *read, targets, offset).mean()
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float,

@@ -17,7 +17,14 @@ from trecsys.prepared.tables import DomainRange
 from trecsys.train.contrastive import contrastive_loss
 from trecsys.train.engine import TrainData
 from trecsys.train.losses import chunked_cross_entropy, proposal_log_q, sampled_softmax_loss
-from trecsys.train.windows import WindowIndex, label_counts, trim_left_padding, window_index, window_tensors
+from trecsys.train.windows import (
+    WindowIndex,
+    first_seen,
+    label_counts,
+    trim_left_padding,
+    window_index,
+    window_tensors,
+)
 
 
 @dataclass
@@ -84,20 +91,24 @@ def batch_inputs(parts: list[DomainWindows], batch: dict) -> tuple[DomainWindows
     return part, inputs, labels
 
 
-def next_item_loss(model: SeqRecModel, states: torch.Tensor, labels: torch.Tensor, part: DomainWindows,
-                   train: TrainConfig, item_reps: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-item loss of the labelled positions: full softmax (chunked) or sampled.
+def next_item_loss(model: SeqRecModel, inputs: torch.Tensor, states: torch.Tensor, labels: torch.Tensor,
+                   part: DomainWindows, train: TrainConfig, item_reps: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-item loss of the labelled positions: full softmax (chunked) or sampled, with
+    model.seen_bias's offset on the items each position has read in its window.
     `item_reps`: the domain's item tower output when the caller has it already; the sampled loss
     otherwise runs the tower on its targets and negatives only."""
     start, stop = part.domain.item_start, part.domain.item_stop
+    offset = model.seen_offset()
+    seen = first_seen(inputs, start, stop) if offset is not None else None
     if train.loss == "full":
         reps = item_reps if item_reps is not None else model.item_reps(start, stop)
-        return chunked_cross_entropy(states, labels, reps, model.score, train.loss_chunk_size)
+        return chunked_cross_entropy(states, labels, reps, model.score, train.loss_chunk_size, seen, offset)
     if item_reps is not None:
         reps_of = lambda items: item_reps.index_select(0, items)  # noqa: E731 (deterministic backward)
     else:
         reps_of = lambda items: model.item_reps_at(items + start)  # noqa: E731
-    return sampled_softmax_loss(states, labels, reps_of, model.score, train.n_negatives, part.log_q)
+    return sampled_softmax_loss(states, labels, reps_of, model.score, train.n_negatives, part.log_q,
+                                seen=seen, offset=offset)
 
 
 def ce_loss_fn(parts: list[DomainWindows], train: TrainConfig,
@@ -110,7 +121,7 @@ def ce_loss_fn(parts: list[DomainWindows], train: TrainConfig,
     def loss_fn(model: SeqRecModel, batch: dict) -> torch.Tensor:
         part, inputs, labels = batch_inputs(parts, batch)
         states = model.encode(inputs)
-        mean = next_item_loss(model, states, labels, part, train)
+        mean = next_item_loss(model, inputs, states, labels, part, train)
         if contrastive is not None:
             mean = mean + contrastive_loss(model, inputs, states, labels, part.domain.item_start, contrastive)
         if extra is not None:

@@ -121,6 +121,20 @@ def window_tensors(windows: np.ndarray, item_start: int = 0, item_stop: int | No
     return inputs, labels
 
 
+def first_seen(inputs: torch.Tensor, item_start: int = 0, item_stop: int | None = None) -> torch.Tensor:
+    """(B, L) inputs -> (B, L): the catalogue-local item at each position where it first occurs in
+    its window, -1 elsewhere (padding, items outside [item_start, item_stop), a repeat). The state
+    after position t has read the window's first_seen items at positions <= t, each once: what the
+    losses' `seen` argument (model.seen_bias) reads."""
+    inside = inputs >= item_start
+    if item_stop is not None:
+        inside &= inputs < item_stop
+    L = inputs.shape[1]
+    earlier = torch.ones(L, L, dtype=torch.bool, device=inputs.device).tril(-1)  # [s, s']: s' < s
+    repeat = ((inputs[:, :, None] == inputs[:, None, :]) & earlier).any(dim=2)
+    return torch.where(inside & ~repeat, inputs - item_start, torch.full_like(inputs, PAD))
+
+
 def label_counts(windows: np.ndarray, item_start: int = 0, item_stop: int | None = None,
                  new: np.ndarray | None = None) -> np.ndarray:
     """Labels per window that `window_tensors` keeps: the loss terms each window contributes."""
