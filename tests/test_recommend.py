@@ -203,6 +203,25 @@ def test_exclude_seen_off_and_k(run_dir):
     assert all(sizes[u] == 16 - len(seen[u]) for u in sizes.index)
 
 
+def test_ranked_seen_items_carry_the_models_seen_offset(run_dir):
+    """With exclude_seen off, a user's own items score the model's seen offset (model.seen_bias) higher."""
+    model, _ = load_checkpoint(run_dir / "finetune")
+    with torch.no_grad():
+        model.seen_bias.fill_(0.1)  # +1.0 on the scores: users who buy again
+    save_checkpoint(model, run_dir / "finetune")
+    recs = recommend(run_dir, ["recommend.exclude_seen=false", "recommend.k=16"])
+    moved = 0
+    for user in ("u1", "u2", "u7"):
+        raw, history = direct_scores(run_dir, user)
+        scores = raw.clone()
+        scores[np.unique(history) - TARGET[0]] += 1.0
+        mine = recs[recs["user_id"] == user]
+        assert mine["item_id"].tolist() == ranked(scores, 16)
+        assert np.allclose(mine["score"], [float(scores[idx(i) - TARGET[0]]) for i in mine["item_id"]], atol=1e-5)
+        moved += ranked(scores, 16) != ranked(raw, 16)
+    assert moved  # the offset changed some list: the check above can tell
+
+
 def test_fusion_with_one_model_equals_that_model(run_dir):
     alone = recommend(run_dir)
     fused = recommend(run_dir, [f"recommend.fusion=[{{model: {run_dir / 'finetune'}, weight: 3.0}}]"])

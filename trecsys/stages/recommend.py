@@ -258,6 +258,7 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
     if requests.user_histories is not None:
         fused = _blend_with_user(fused, n_rows, rc.query_user_weight, domain.n_items, rc.item_chunk)
     score = masked(fused.score_chunk, allowed)
+    into = _score_into(fused, allowed, requests)
     depth = max(rc.k, rc.diversity_candidates) if rc.diversity > 0 else rc.k
     unit = None
     if rc.diversity > 0:
@@ -274,6 +275,7 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
                 lambda rows, start, stop, lo=lo: score(rows + lo, start, stop), hi - lo, domain.n_items, depth,
                 exclude=exclude if any(len(e) for e in exclude) else None,
                 user_batch=hi - lo, item_chunk=rc.item_chunk, device=fused.device,
+                score_into=None if into is None else (lambda rows, start, stop, out, lo=lo: into(rows + lo, start, stop, out)),
             )
             top_values = _empty_masked(top_values, top_index, exclude, allowed)
             if unit is not None:
@@ -283,6 +285,16 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
             index.append(top_index.cpu())
             bar.update(hi - lo)
     return torch.cat(values), torch.cat(index)
+
+
+def _score_into(fused, allowed: np.ndarray | None, requests: Requests):
+    """The model's own `score_into` when recommend ranks one scorer as it is (no category filter, no
+    fusion, no query blend): the ranking then writes every block into one buffer, as evaluate does
+    (the same scores, so the same lists). None otherwise."""
+    if allowed is not None or requests.user_histories is not None or not getattr(fused, "passthrough", False):
+        return None
+    scorer = fused.parts[0].scorer
+    return getattr(scorer, "score_into", None) if scorer.device == fused.device else None
 
 
 def _empty_masked(values: torch.Tensor, index: torch.Tensor, exclude: list[np.ndarray], allowed: np.ndarray | None
