@@ -145,7 +145,7 @@ def rising(n_users: int, n_items: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("case", [dict(tie_levels=3), dict(tie_levels=50), dict(tie_levels=10_000),
                                   dict(tie_levels=50, nan_fraction=0.0, inf_fraction=0.0),
                                   dict(tie_levels=10_000, nan_fraction=0.0, inf_fraction=0.0),
-                                  dict(nan_fraction=0.3, max_excluded=300), "rising"])
+                                  dict(nan_fraction=0.3, max_excluded=300), "rising", "some rising"])
 @pytest.mark.parametrize("k,user_batch,item_chunk", [(1, 64, 4096), (10, 16, 300), (10, 50, 128), (25, 7, 77),
                                                      (10, 16, 1000), (3, 50, 700), (100, 33, 1000),
                                                      (1200, 64, 256)])
@@ -157,6 +157,11 @@ def test_running_topk_equals_whole_catalogue_topk(case, k, user_batch, item_chun
     the same order, as one exact top-k over each whole row."""
     if case == "rising":
         scores, exclude = rising(50, 1100, seed=k), None
+    elif case == "some rising":  # a block's rows split: many items enter some, few the others
+        scores, exclude, _ = random_case(k, n_users=50, n_items=1100, tie_levels=10_000, nan_fraction=0.0,
+                                         inf_fraction=0.0)
+        scores[::3] = rising(50, 1100, seed=k)[::3] / 10
+        scores[1::3, :400] = 1e6  # ... or many tie at the top of the first block: the index order decides
     else:
         scores, exclude, _ = random_case(k, n_users=50, n_items=1100, **case)
     values, index = rank(scores, k, exclude, user_batch=user_batch, item_chunk=item_chunk, into=into)

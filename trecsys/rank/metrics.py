@@ -220,10 +220,20 @@ class RunningTopK:
             return
         rows = hot_rows[which]
         counts = torch.bincount(rows, minlength=n_rows)
-        most = int(counts.max())
-        if most > 4 * self.k:
+        # Rows where many items enter (scores rising along the catalogue, or close together) take the
+        # plain top-k of their own row of the block; the others are merged below. One heavy row no
+        # longer sends the whole block down the plain path.
+        heavy = counts > 4 * self.k
+        if bool(heavy.all()) or (not first and bool((heavy | (counts == 0)).all())):
             self._merge_block(scores, start, None if first else counts.nonzero().squeeze(1))
             return
+        heavy_rows = heavy.nonzero().squeeze(1)
+        if len(heavy_rows):
+            light = ~heavy[rows]
+            rows, which, place, counts = rows[light], which[light], place[light], counts.masked_fill(heavy, 0)
+            if first:
+                heavy_top = _exact_topk(scores[heavy_rows], self.k, offset=start)
+        most = int(counts.max())
         # Each row's list, then its entering items in catalogue order (padding -inf after them), sorted
         # by score, stably: equal scores keep the lower index first. The first block has no list, and
         # at least k entering items a row; later rows hold k items, so padding is never chosen.
@@ -237,6 +247,10 @@ class RunningTopK:
         merged_index[rows, position] = hot_segments[which] * SEGMENT + place + start
         by_score = torch.sort(merged_values, dim=1, descending=True, stable=True).indices[:, :self.k]
         self.values, self.index = merged_values.gather(1, by_score), merged_index.gather(1, by_score)
+        if len(heavy_rows) and first:  # no list before this block: the heavy rows' own top-k
+            self.values[heavy_rows], self.index[heavy_rows] = heavy_top
+        elif len(heavy_rows):  # their lists are unchanged above: merged with the block's top-k
+            self._merge_block(scores, start, heavy_rows)
 
     def _merge_block(self, scores: torch.Tensor, start: int, rows: torch.Tensor | None = None) -> None:
         """The plain path: the block's own exact top-k, merged (for `rows` only, when given)."""
