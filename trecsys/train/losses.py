@@ -107,7 +107,6 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         return grad_states, grad_reps, None, None
 
 
-
 def chunked_cross_entropy(states: torch.Tensor, targets: torch.Tensor, item_reps: torch.Tensor,
                           score_fn: ScoreFn, chunk_size: int = 8192, seen: torch.Tensor | None = None,
                           offset: torch.Tensor | None = None) -> torch.Tensor:
