@@ -89,6 +89,8 @@ def main() -> int:
         ("fusion_popularity_sample", ["recommend.fusion=[{model: latest, weight: 0.8}, {model: popularity, weight: 0.2}]"],
          sample),
         ("mmr_0.3_sample", ["recommend.diversity=0.3"], sample),
+        # recommend.index hnsw: faiss's HNSW graph (pip install faiss-cpu); its recall@10 against plain_all_users.
+        ("hnsw_all_users", ["recommend.index=hnsw"], None),
     ]
     if args.cases:
         unknown = set(args.cases.split(",")) - {name for name, _, _ in cases}
@@ -107,7 +109,20 @@ def main() -> int:
             print(f"recommend.{device}.{name}.users_per_s: {rate:,.0f}")
             print(f"recommend.{device}.{name}.users_per_cpu_s: {context['n_rows'] / context['rank_cpu_seconds']:,.0f}")
             print(f"recommend.{device}.{name}.stage_s: {context['seconds']:.2f}", flush=True)
+            exact = run_dir / "out" / f"{device}_plain_all_users.parquet"
+            if name == "hnsw_all_users" and exact.is_file():
+                print(f"recommend.{device}.{name}.recall@{cfg.recommend.k}_vs_exact: "
+                      f"{recall_vs_exact(out.parquet, exact):.4f}", flush=True)
     return 0
+
+
+def recall_vs_exact(approximate: Path, exact: Path) -> float:
+    """Mean over users of the share of their exact list that the approximate list holds."""
+    import pandas as pd
+
+    found = pd.read_parquet(approximate).groupby("user_id")["item_id"].apply(set)
+    wanted = pd.read_parquet(exact).groupby("user_id")["item_id"].apply(set)
+    return float(sum(len(found.get(user, set()) & items) / len(items) for user, items in wanted.items()) / len(wanted))
 
 
 if __name__ == "__main__":

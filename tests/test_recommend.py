@@ -222,6 +222,35 @@ def test_ranked_seen_items_carry_the_models_seen_offset(run_dir):
     assert moved  # the offset changed some list: the check above can tell
 
 
+@pytest.mark.parametrize("overrides", [[], ["recommend.exclude_seen=false"]])
+def test_the_hnsw_index_finds_the_exact_lists_of_a_small_catalogue(run_dir, overrides, monkeypatch):
+    """16 items and efSearch 64: the graph search visits every item, so the approximate path must give
+    the exact lists, seen items excluded or ranked with the model's (here positive) seen offset."""
+    pytest.importorskip("faiss")
+    from trecsys.rank.ann import HNSWIndex
+
+    searched, topk = [], HNSWIndex.topk
+    monkeypatch.setattr(HNSWIndex, "topk", lambda self, *a: searched.append(1) or topk(self, *a))
+    model, _ = load_checkpoint(run_dir / "finetune")
+    with torch.no_grad():
+        model.seen_bias.fill_(0.1)
+    save_checkpoint(model, run_dir / "finetune")
+    exact = recommend(run_dir, [*overrides, "recommend.k=12"])
+    approximate = recommend(run_dir, [*overrides, "recommend.k=12", "recommend.index=hnsw"])
+    assert searched and lists(approximate) == lists(exact)
+    assert np.allclose(approximate["score"], exact["score"], atol=1e-5)
+
+
+def test_the_hnsw_index_ranks_one_model_only_and_needs_faiss(run_dir, monkeypatch):
+    pytest.importorskip("faiss")
+    fused = ["recommend.index=hnsw", "recommend.fusion=[{model: latest}, {model: popularity}]"]
+    with pytest.raises(ConfigError, match="'recommend.index'.*fusion"):
+        recommend(run_dir, fused)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match="'recommend.index'.*pip install faiss-cpu"):
+        recommend(run_dir, ["recommend.index=hnsw"])
+
+
 def test_fusion_with_one_model_equals_that_model(run_dir):
     alone = recommend(run_dir)
     fused = recommend(run_dir, [f"recommend.fusion=[{{model: {run_dir / 'finetune'}, weight: 3.0}}]"])

@@ -497,10 +497,16 @@ class RecommendConfig:
     user_batch: int = 1024
     # Catalogue items per score block, whatever the catalogue's size; results are identical for any value.
     item_chunk: int = 4096
+    # exact: the chunked top-K over the whole catalogue. hnsw: an approximate nearest-neighbour index
+    # (faiss HNSW; `pip install faiss-cpu`) over one model's item vectors, for very large catalogues;
+    # its lists may miss items of the exact ones (scripts/bench_recommend.py reports recall@K).
+    index: Literal["exact", "hnsw"] = "exact"
+    # index hnsw: candidates the search keeps per user (faiss efSearch); more is closer to exact, slower.
+    hnsw_ef_search: int = 64
 
     def validate(self, prefix: str = "recommend.", where: str = "") -> None:
         """Check value ranges that the types alone cannot (model paths: at run time)."""
-        for name in ("k", "diversity_candidates", "user_batch", "item_chunk"):
+        for name in ("k", "diversity_candidates", "user_batch", "item_chunk", "hnsw_ef_search"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{prefix}{name}'{where}: must be >= 1, got {getattr(self, name)}")
         for name in ("diversity", "query_user_weight"):

@@ -47,6 +47,7 @@ from trecsys.model.checkpoint import (
 from trecsys.prepared.context import histories_for
 from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
 from trecsys.prepared.tables import PREPARED, DomainRange, Prepared, domain_split, load_prepared
+from trecsys.rank.ann import HNSWIndex
 from trecsys.rank.metrics import full_ranking_topk
 from trecsys.rank.rankers import Ranker, RankingInputs, make_scorer
 from trecsys.rank.requests import (
@@ -59,7 +60,7 @@ from trecsys.rank.requests import (
     user_requests,
 )
 from trecsys.rank.rerank import Part, WeightedSum, category_mask, masked, mmr_rerank
-from trecsys.rank.scorers import to_local
+from trecsys.rank.scorers import ModelScorer, to_local
 from trecsys.rank.search_protocol import check_encoder
 from trecsys.runtime import apply_threads, resolve_device
 from trecsys.stage_table import RECOMMEND
@@ -259,6 +260,7 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
         fused = _blend_with_user(fused, n_rows, rc.query_user_weight, domain.n_items, rc.item_chunk)
     score = masked(fused.score_chunk, allowed)
     into = _score_into(fused, allowed, requests)
+    approximate = _hnsw_index(cfg, fused, allowed, requests)
     depth = max(rc.k, rc.diversity_candidates) if rc.diversity > 0 else rc.k
     unit = None
     if rc.diversity > 0:
@@ -271,12 +273,15 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
         for lo in range(0, n_rows, rc.user_batch):
             hi = min(lo + rc.user_batch, n_rows)
             exclude = requests.exclude[lo:hi]
-            top_values, top_index = full_ranking_topk(
-                lambda rows, start, stop, lo=lo: score(rows + lo, start, stop), hi - lo, domain.n_items, depth,
-                exclude=exclude if any(len(e) for e in exclude) else None,
-                user_batch=hi - lo, item_chunk=rc.item_chunk, device=fused.device,
-                score_into=None if into is None else (lambda rows, start, stop, out, lo=lo: into(rows + lo, start, stop, out)),
-            )
+            if approximate is not None:
+                top_values, top_index = approximate.topk(torch.arange(lo, hi), depth, exclude)
+            else:
+                top_values, top_index = full_ranking_topk(
+                    lambda rows, start, stop, lo=lo: score(rows + lo, start, stop), hi - lo, domain.n_items, depth,
+                    exclude=exclude if any(len(e) for e in exclude) else None,
+                    user_batch=hi - lo, item_chunk=rc.item_chunk, device=fused.device,
+                    score_into=None if into is None else (lambda rows, start, stop, out, lo=lo: into(rows + lo, start, stop, out)),
+                )
             top_values = _empty_masked(top_values, top_index, exclude, allowed)
             if unit is not None:
                 top_values, top_index = mmr_rerank(top_values.to(unit.device), top_index.to(unit.device), unit,
@@ -295,6 +300,19 @@ def _score_into(fused, allowed: np.ndarray | None, requests: Requests):
         return None
     scorer = fused.parts[0].scorer
     return getattr(scorer, "score_into", None) if scorer.device == fused.device else None
+
+
+def _hnsw_index(cfg: ExperimentConfig, fused, allowed: np.ndarray | None, requests: Requests):
+    """recommend.index hnsw: the model's item vectors in an approximate index (trecsys/rank/ann.py);
+    None for exact. The index ranks one model as it is: a fusion, a category filter or a query blend
+    is refused, naming the key."""
+    if cfg.recommend.index == "exact":
+        return None
+    scorer = fused.parts[0].scorer if getattr(fused, "passthrough", False) else None
+    if scorer is None or not isinstance(scorer, ModelScorer) or allowed is not None or requests.user_histories is not None:
+        raise ConfigError("config key 'recommend.index': hnsw ranks one model as it is; it cannot serve a fusion, "
+                          "a baseline, category filters or --user with --query (use exact)")
+    return HNSWIndex(scorer, cfg.recommend.hnsw_ef_search)
 
 
 def _empty_masked(values: torch.Tensor, index: torch.Tensor, exclude: list[np.ndarray], allowed: np.ndarray | None
