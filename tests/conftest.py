@@ -90,6 +90,18 @@ def write_tiny_prepared(run_dir: Path, n_users: int = 60, seed: int = 0,
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): its
+    tiny tensors run fastest so, and on a shared two-core machine two threads wait on each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_prepared(tmp_path) -> Path:
     """A run directory holding a tiny fake `prepared/`; returns the run directory."""

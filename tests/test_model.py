@@ -31,13 +31,7 @@ from trecsys.train.windows import (
 TEXT_DIM, N_ITEMS, L = 24, 40, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run fastest on one thread; on shared cores, two threads wait on each other (5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -27,12 +27,7 @@ from trecsys.train.windows import first_seen, training_windows, window_tensors
 TEXT_DIM, N_ITEMS, L, D = 12, 30, 6, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int = 0, **overrides) -> SeqRecModel:

@@ -17,6 +17,8 @@ from trecsys.ingest import embed
 from trecsys.ingest.embed import ENCODER_INFO_KEY, embed_texts, encode, load_encoder
 from trecsys.ingest.text import compose_text
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: correctness only, one thread is quickest
+
 TEMPLATE = "{title}. {brand}. {category}"
 TEXTS = [
     "Stainless steel chef knife, 8 inch",
@@ -129,15 +131,6 @@ def test_bad_cap_is_a_config_error():
 
 # ---------------------------------------------------------------------------------------------
 # Embeddings (the real default encoder, loaded once per process)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Correctness only: one thread keeps these tests quick on a shared two-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
