@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from trecsys.errors import ConfigError
 from trecsys.rank.scorers import ModelScorer
 
-HNSW_M = 32  # graph degree: faiss's usual choice for 64-384 dimensions
+HNSW_M = 32  # graph degree (neighbours per node): the M of the README's HNSW measurements
 
 
 class HNSWIndex:
