@@ -78,8 +78,17 @@ class Ranks:
 
     @staticmethod
     def stop() -> None:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        """Every rank leaves the group together: the ranks > 0 finish embedding long before rank 0
+        has written prepared/, and a rank that tore its gloo group down while rank 0's was still up
+        was seen to abort at exit (SIGABRT, "terminate called without an active exception", once in
+        a CI run). A peer that is gone already only makes the barrier fail, which changes nothing."""
+        if not torch_dist.is_initialized():
+            return
+        try:
+            torch_dist.barrier()
+        except Exception:  # noqa: BLE001 - a failed or vanished peer: leave all the same
+            pass
+        torch_dist.destroy_process_group()
 
 
 def follow(cfg: ExperimentConfig) -> None:
