@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import launch
 import pytest
 import torch
 from conftest import pretrained_tiny_run, tiny_config
@@ -86,6 +87,17 @@ def test_distillation_moves_the_student_toward_the_teachers_rankings(run_copy, t
     assert kl_kd < 0.6 * kl_init and kl_kd < kl_ce
     assert overlap_kd > overlap_init and overlap_kd > overlap_ce
     assert float(students[1.0].seen_bias.detach()) == float(teacher.seen_bias.detach()) != 0.0  # no label loss: the teacher's offset
+
+
+@pytest.mark.slow
+def test_distillation_without_labels_runs_under_two_gloo_processes(run_copy, tmp_path):
+    """kd_ratio 1: no loss term reaches the student's seen offset (it keeps the teacher's), and DDP
+    refuses a trained parameter that gets no gradient; the offset is frozen, so torchrun works."""
+    cfg = distill_config(run_copy, tmp_path / "cfg.yaml", kd_ratio=1.0)
+    done = launch.trec(2, ["distill", "-c", str(cfg)], port_base=29700, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    student, teacher = load_checkpoint(run_copy / "distill")[0], load_checkpoint(run_copy / "pretrain")[0]
+    assert float(student.seen_bias.detach()) == float(teacher.seen_bias.detach()) != 0.0
 
 
 def test_distill_reports_teacher_and_student_side_by_side(run_copy, tmp_path):

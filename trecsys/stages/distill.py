@@ -112,6 +112,9 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
             # student starts from the teacher's (and the label loss, if any, trains it on).
             with torch.no_grad():
                 student.seen_bias.copy_(teacher.seen_bias)
+        if student.seen_bias is not None and dc.kd_ratio >= 1.0:
+            # No label loss: nothing trains the offset, and DDP wants every trained parameter in the loss.
+            student.seen_bias.requires_grad_(False)
         module = Distillation(student, teacher.config.d_model, dc.hidden_weight > 0)
         teacher.to(dist.device).eval().requires_grad_(False)
         prepared_sha = prepared_fingerprint(prepared)
