@@ -52,6 +52,7 @@ def main() -> int:
     from trecsys.model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
     from trecsys.model.seqrec import SEEN_SCALE, SeqRecModel
     from trecsys.prepared.tables import load_prepared
+    from trecsys.runtime import resolve_threads
     from trecsys.stage_table import PREPARE, PRETRAIN
     from trecsys.stages import recommend
 
@@ -80,7 +81,7 @@ def main() -> int:
     print(f"recommend.kitchen_users: {len(users)}")
     print(f"recommend.model: d_model={ModelConfig().d_model}, n_layers={ModelConfig().n_layers}, "
           f"adaptor={ModelConfig().adaptor}")
-    print(f"recommend.cpu_threads: {torch.get_num_threads()}")
+    print(f"recommend.cpu_threads: {resolve_threads(args.threads)[0]} (runtime.threads, as the stage applies it)")
 
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     cases = [
