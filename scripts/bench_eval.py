@@ -269,10 +269,15 @@ def recall_at(found, exact) -> float:
     return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(b) for a, b in zip(found, exact, strict=True)]))
 
 
+def process_env(tuned_malloc: bool) -> dict:
+    """A fresh process's environment: the shared allocator settings, this checkout's trecsys first."""
+    return {**allocator_env(tuned_malloc), "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def child(args: list[str], tuned_malloc: bool) -> dict:
     """Run this script's measurement in a fresh process with the shared allocator settings."""
-    env = {**allocator_env(tuned_malloc), "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True,
+                          env=process_env(tuned_malloc))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -335,9 +340,9 @@ def compare_with_recbole(args) -> None:
 def recommend_all_users(threads: int, tuned_malloc: bool) -> dict:
     """`trec recommend` for every Kitchen user through scripts/bench_recommend.py, in a fresh process
     with the same threads and allocator settings: its users/s and users per CPU second ({} if it failed)."""
-    env = {**allocator_env(tuned_malloc), "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_recommend.py"), "--cases", "plain_all_users",
-                           "--device", "cpu", "--threads", str(threads)], capture_output=True, text=True, env=env, cwd=REPO)
+                           "--device", "cpu", "--threads", str(threads)], capture_output=True, text=True,
+                           env=process_env(tuned_malloc), cwd=REPO)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         print(f"eval.recommend: failed ({done.returncode}): {tail}")

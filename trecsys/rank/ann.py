@@ -31,7 +31,8 @@ class HNSWIndex:
             raise ConfigError(f"config key '{key}': hnsw needs faiss; pip install faiss-cpu (or the `ann` extra), "
                               "or use exact") from None
         self.scorer, self.cosine = scorer, scorer.model.config.score == "cosine"
-        reps = self._unit(scorer.reps.float().cpu()).numpy()
+        self.reps = scorer.reps.float().cpu()  # what the candidates are re-scored with, batch after batch
+        reps = self._unit(self.reps).numpy()
         self.index = faiss.IndexHNSWFlat(reps.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efSearch = ef_search
         self.index.add(np.ascontiguousarray(reps))
@@ -43,22 +44,23 @@ class HNSWIndex:
         """(values, catalogue-local items), (rows, k), best first, -inf where fewer than k were found.
         `exclude[i]`: items never listed for row i; the model's seen items join the candidates when
         its offset is positive (users who buy again), so that ranking them needs no luck."""
-        scorer, n_items = self.scorer, self.scorer.reps.shape[0]
+        scorer, n_items = self.scorer, self.reps.shape[0]
         states = scorer.states[user_rows.to(scorer.device)].float().cpu()
         depth = min(n_items, k + max((len(e) for e in exclude), default=0))
         self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, depth)
         _, found = self.index.search(np.ascontiguousarray(self._unit(states).numpy()), depth)
         candidates = torch.from_numpy(found).long()
-        if scorer.seen is not None and scorer.seen_offset > 0:
-            candidates = torch.cat([candidates, _seen_matrix(scorer, user_rows)], dim=1)
+        seen = scorer.seen.lists(user_rows) if scorer.seen is not None else None
+        if seen is not None and scorer.seen_offset > 0:
+            candidates = torch.cat([candidates, _padded(seen)], dim=1)
         # Each candidate once (-1 marks a hole), in item order so that a stable sort breaks ties by index.
         candidates, _ = torch.sort(candidates, dim=1)
         repeated = torch.zeros_like(candidates, dtype=torch.bool)
         repeated[:, 1:] = candidates[:, 1:] == candidates[:, :-1]
         missing = (candidates < 0) | repeated
-        scores = scorer.model.score(states[:, None, :], scorer.reps.float().cpu()[candidates.clamp(min=0)])[:, 0, :]
-        if scorer.seen is not None:
-            scores = scores + scorer.seen_offset * _contains(candidates, _seen_lists(scorer, user_rows), n_items)
+        scores = scorer.model.score(states[:, None, :], self.reps[candidates.clamp(min=0)])[:, 0, :]
+        if seen is not None:
+            scores = scores + scorer.seen_offset * _contains(candidates, seen, n_items)
         missing |= _contains(candidates, exclude, n_items)
         scores = scores.masked_fill(missing, -torch.inf)
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
@@ -70,14 +72,8 @@ class HNSWIndex:
         return values, items.clamp(min=0)
 
 
-def _seen_lists(scorer: ModelScorer, user_rows: torch.Tensor) -> list[np.ndarray]:
-    seen = scorer.seen
-    return [seen.items[seen.indptr[r]:seen.indptr[r + 1]] for r in user_rows.cpu().numpy()]
-
-
-def _seen_matrix(scorer: ModelScorer, user_rows: torch.Tensor) -> torch.Tensor:
-    """The rows' distinct seen items, -1-padded to the longest: (rows, most seen)."""
-    lists = _seen_lists(scorer, user_rows)
+def _padded(lists: list[np.ndarray]) -> torch.Tensor:
+    """Item lists as one (rows, longest) tensor, -1-padded."""
     out = torch.full((len(lists), max((len(x) for x in lists), default=0)), -1, dtype=torch.long)
     for i, items in enumerate(lists):
         out[i, :len(items)] = torch.from_numpy(items)

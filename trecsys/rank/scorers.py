@@ -125,6 +125,10 @@ class SeenItems:
         self.items = pairs % max(domain.n_items, 1)
         self.indptr = np.searchsorted(pairs // max(domain.n_items, 1), np.arange(len(local) + 1))
 
+    def lists(self, user_rows: torch.Tensor) -> list[np.ndarray]:
+        """Each row's distinct seen items, catalogue-local."""
+        return [self.items[self.indptr[r]:self.indptr[r + 1]] for r in user_rows.cpu().numpy()]
+
     def add(self, scores: torch.Tensor, user_rows: torch.Tensor, start: int, stop: int, offset: float) -> None:
         """scores[i, j - start] += offset for each item j in [start, stop) user_rows[i] has seen."""
         rows = user_rows.cpu().numpy()

@@ -292,14 +292,18 @@ def rank(cfg: ExperimentConfig, prepared: Prepared, domain: DomainRange, rankers
     return torch.cat(values), torch.cat(index)
 
 
-def _score_into(fused, allowed: np.ndarray | None, requests: Requests):
-    """The model's own `score_into` when recommend ranks one scorer as it is (no category filter, no
-    fusion, no query blend): the ranking then writes every block into one buffer, as evaluate does
-    (the same scores, so the same lists). None otherwise."""
+def _scorer_as_is(fused, allowed: np.ndarray | None, requests: Requests):
+    """The one scorer recommend ranks as it is (no category filter, no fusion, no query blend), else None."""
     if allowed is not None or requests.user_histories is not None or not getattr(fused, "passthrough", False):
         return None
-    scorer = fused.parts[0].scorer
-    return getattr(scorer, "score_into", None) if scorer.device == fused.device else None
+    return fused.parts[0].scorer
+
+
+def _score_into(fused, allowed: np.ndarray | None, requests: Requests):
+    """The model's own `score_into` when recommend ranks one scorer as it is: the ranking then writes
+    every block into one buffer, as evaluate does (the same scores, so the same lists). None otherwise."""
+    scorer = _scorer_as_is(fused, allowed, requests)
+    return getattr(scorer, "score_into", None) if scorer is not None and scorer.device == fused.device else None
 
 
 def _hnsw_index(cfg: ExperimentConfig, fused, allowed: np.ndarray | None, requests: Requests):
@@ -308,8 +312,8 @@ def _hnsw_index(cfg: ExperimentConfig, fused, allowed: np.ndarray | None, reques
     is refused, naming the key."""
     if cfg.recommend.index == "exact":
         return None
-    scorer = fused.parts[0].scorer if getattr(fused, "passthrough", False) else None
-    if scorer is None or not isinstance(scorer, ModelScorer) or allowed is not None or requests.user_histories is not None:
+    scorer = _scorer_as_is(fused, allowed, requests)
+    if not isinstance(scorer, ModelScorer):
         raise ConfigError("config key 'recommend.index': hnsw ranks one model as it is; it cannot serve a fusion, "
                           "a baseline, category filters or --user with --query (use exact)")
     return HNSWIndex(scorer, cfg.recommend.hnsw_ef_search)
