@@ -137,6 +137,47 @@ def test_amazon_fast_path_and_line_loop_agree(tmp_path):
     assert len(fast) == 50 and fast["rating"].isna().sum() == 1
 
 
+META_2023_TRICKY = [
+    {"parent_asin": "M1", "title": "  Salt &amp; Pepper\u2003Mill ", "store": "A & B", "categories": ["Home & Kitchen", None, "  "],
+     "features": ["<b>Bold</b> claim", "x\ty"], "description": None, "price": 3},
+    {"parent_asin": "M2", "title": "Plain", "store": None, "categories": [], "price": None},
+    {"parent_asin": "M3", "title": "a\x1cb\u00a0c  d", "store": "S\u3000T", "categories": ["One"],
+     "features": ["", " f "], "description": ["first.", "second."], "price": 2.005},
+    {"parent_asin": "M1", "title": "a later line for M1 is ignored"},
+    {"parent_asin": "M4", "title": "not reviewed", "store": "Q"},
+    {"parent_asin": "M5", "title": "R&D &#x27;quoted&#x27; &copy", "details": {"nested": [1, {"a": 2}]},
+     "images": [{"large": "x"}], "features": ["&lt;i&gt;"], "price": 1e10},
+]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_amazon2023_meta_arrow_path_matches_the_line_loop(tmp_path, gz, monkeypatch):
+    """Arrow's block parse with column-wise cleaning gives the line loop's table exactly (HTML
+    entities and tags, Unicode spaces, nulls, empty lists, repeated ids, prices); a line Arrow refuses
+    (a number as a title) sends the whole file to the loop, with the same result."""
+    from trecsys.ingest import amazon
+    from trecsys.ingest.inputs import BadRows
+
+    wanted = {"M1", "M2", "M3", "M5", "M9"}
+    for name, records in (("ok", META_2023_TRICKY), ("odd", [*META_2023_TRICKY, {"parent_asin": "M9", "title": 7}])):
+        path = tmp_path / write(tmp_path / f"{name}.jsonl", jsonl(records), gz=gz)
+        fast = amazon._meta_with_arrow(path, wanted)
+        if name == "odd":
+            assert fast is None
+        with monkeypatch.context() as patch:
+            patch.setattr(amazon, "_meta_with_arrow", lambda *_: None)
+            loop = amazon.read_meta(path, "amazon2023", wanted, BadRows("error"))
+        table = amazon.read_meta(path, "amazon2023", wanted, BadRows("error"))
+        pd.testing.assert_frame_equal(table, loop)
+    ok = amazon._meta_with_arrow(tmp_path / (f"ok.jsonl{'.gz' if gz else ''}"), wanted)
+    assert rows(ok)[:3] == [
+        ("M1", "Salt & Pepper Mill", "A & B", "Home & Kitchen", "Bold claim x y", "", "3.00"),
+        ("M2", "Plain", "", "", "", "", ""),
+        ("M3", "a b c d", "S T", "One", "f", "first. second.", "2.00"),
+    ]
+    assert rows(ok)[3] == ("M5", "R&D 'quoted' ©", "", "", "", "", "10000000000.00")  # &lt;i&gt; is a tag once unescaped
+
+
 def test_amazon_without_meta_keeps_item_ids(tmp_path):
     reviews = write(tmp_path / "r.json", jsonl([
         {"reviewerID": "U1", "asin": "B2", "overall": 4.0, "unixReviewTime": 1},

@@ -18,8 +18,9 @@ from trecsys.errors import ConfigError
 
 THREADS_ENV = "TRECSYS_THREADS"
 # Thread pools that read their size from the environment when they start: torch's OpenMP and MKL,
-# numpy's OpenBLAS, the tokenizers' Rayon pool (used by `trec prepare`), and any child process.
-POOL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
+# numpy's OpenBLAS, the tokenizers' Rayon pool and Polars' (both used by `trec prepare`), and any
+# child process.
+POOL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS", "POLARS_MAX_THREADS")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from trecsys.errors import DataError
@@ -28,6 +29,7 @@ from trecsys.ingest.inputs import (
     BadRows,
     finish_interactions,
     is_gzip,
+    line_blocks,
     open_text,
     read_error,
     shown,
@@ -54,6 +56,20 @@ LAYOUTS = {
 }
 
 _TAG = re.compile(r"<[A-Za-z/][^<>]*>")
+# The characters Python's str.split() splits on (str.isspace), as one RE2 class: the vectorised
+# _clean of _meta_with_arrow collapses exactly the runs the Python one does.
+_SPACES = [c for c in range(0x110000) if chr(c).isspace()]
+_SPACE_RUN = "[" + "".join(f"\\x{{{c:x}}}" for c in _SPACES) + "]+"
+# A text that _clean's whitespace rule changes: another space character, two spaces, or one at an end.
+_UNTIDY = "[" + "".join(f"\\x{{{c:x}}}" for c in _SPACES if c != 32) + "]|  |^ | $"
+# Metadata fields a 2023 item text is made of (_item_text), typed as the dump documents them.
+_META_2023 = pa.schema([("parent_asin", pa.string()), ("title", pa.string()), ("store", pa.string()),
+                        ("categories", pa.list_(pa.string())), ("description", pa.list_(pa.string())),
+                        ("features", pa.list_(pa.string())), ("price", pa.float64())])
+META_BLOCK_BYTES = 32 << 20
+# Where html.unescape may change a text ('&' then what can start an entity; its own pattern is
+# &(#...|[^\t\n\f <&#;]{1,32};?)) or a tag may start: such texts are cleaned by _clean itself.
+_MARKUP = r"&[^\t\n\f <&;]|<"
 # 2018 metadata puts page CSS/JS into `price` for some items; only price-looking values are kept.
 _PRICE = re.compile(r"^\$?\s?\d[\d,]*(\.\d+)?(\s*-\s*\$?\s?\d[\d,]*(\.\d+)?)?$")
 
@@ -125,6 +141,10 @@ def _reviews_line_by_line(path: Path, fmt: str, layout: AmazonLayout,
 
 def read_meta(path: Path, fmt: str, wanted: set[str], bad: BadRows) -> pd.DataFrame:
     """One row per wanted item (the first line for an id wins; the 2018 dump repeats some)."""
+    if fmt == "amazon2023":
+        fast = _meta_with_arrow(path, wanted)
+        if fast is not None:
+            return fast
     layout = LAYOUTS[fmt]
     parse = _parse_json_or_literal if fmt == "amazon2014" else _parse_json
     # Finding the id with a regex first skips parsing the lines of items without reviews.
@@ -152,6 +172,98 @@ def read_meta(path: Path, fmt: str, wanted: set[str], bad: BadRows) -> pd.DataFr
         [{"item_id": item, **text} for item, text in rows.items()], columns=["item_id", *columns]
     )
     return items.astype(str)
+
+
+def _meta_with_arrow(path: Path, wanted: set[str]) -> pd.DataFrame | None:
+    """read_meta for the 2023 dump, parsed by Arrow a block of lines at a time and cleaned as whole
+    columns: the same table as the line loop (~8x less CPU), or None, and the loop reads the file.
+
+    Arrow's parser is strict where it matters for sameness: a field of another type than
+    _META_2023's (a number for a title, a nested list), a key given twice, a malformed line or a
+    number out of range fails the read, and so does a missing or empty id; the line loop then
+    decides (it names the line or skips it). A row with a text that may hold an HTML entity or tag
+    (_MARKUP) is cleaned by the Python _item_text.
+    """
+    options = pa_json.ParseOptions(explicit_schema=_META_2023, unexpected_field_behavior="ignore")
+    kept = []
+    try:
+        for block in line_blocks(path, META_BLOCK_BYTES):
+            batch = pa_json.read_json(pa.py_buffer(block), parse_options=options)
+            ids = batch.column("parent_asin")
+            if ids.null_count or pc.any(pc.equal(ids, "")).as_py():
+                return None
+            # A Python set lookup per id: pc.is_in would hash the whole wanted set for every block.
+            kept.append(batch.filter(pa.array([i in wanted for i in ids.to_pylist()], pa.bool_())))
+    except (pa.ArrowException, *READ_ERRORS, ValueError):
+        return None
+    columns = ["item_id", "title", "brand", "category", "features", "description", "price"]
+    if not kept:
+        return pd.DataFrame(columns=columns).astype(str)
+    table = pa.concat_tables(kept).combine_chunks()
+    first = ~pd.Index(table.column("parent_asin").to_numpy(zero_copy_only=False)).duplicated()
+    table = table.filter(pa.array(first))
+    text = {
+        "item_id": table.column("parent_asin").to_numpy(zero_copy_only=False),
+        "title": _clean_column(table.column("title")),
+        "brand": _clean_column(table.column("store")),
+        "category": _clean_column(table.column("categories"), ", "),
+        "features": _clean_column(table.column("features"), " "),
+        "description": _clean_column(table.column("description"), " "),
+        "price": _price_column(table.column("price")),
+    }
+    # Rows that may hold an HTML entity or tag go through the Python cleaner, as in the loop.
+    special = np.zeros(table.num_rows, dtype=bool)
+    for name in ("title", "store", "categories", "features", "description"):
+        special |= _has_markup(table.column(name))
+    for row in np.flatnonzero(special):
+        record = {name: table.column(name)[int(row)].as_py() for name in table.column_names}
+        for name, value in _item_text(record, "amazon2023").items():
+            text[name][row] = value
+    return pd.DataFrame(text, columns=columns).astype(str)
+
+
+def _clean_strings(values: pa.Array) -> pa.Array:
+    """_clean of each string without markup (null -> ''): whitespace runs to one space, trimmed.
+    Only the texts that need it are rewritten (most titles are tidy already)."""
+    values = values.fill_null("")
+    untidy = pc.match_substring_regex(values, _UNTIDY)
+    if not pc.any(untidy).as_py():
+        return values
+    fixed = pc.utf8_trim(pc.replace_substring_regex(values.filter(untidy), _SPACE_RUN, " "), " ")
+    out = values.to_numpy(zero_copy_only=False)
+    out[np.flatnonzero(untidy.to_numpy(zero_copy_only=False))] = fixed.to_numpy(zero_copy_only=False)
+    return pa.array(out, pa.string())
+
+
+def _clean_column(column: pa.ChunkedArray, joiner: str | None = None) -> np.ndarray:
+    """_clean of a string column, or of a list column (parts cleaned, empty ones dropped, joined)."""
+    column = column.combine_chunks()
+    if joiner is None:
+        return _clean_strings(column).to_numpy(zero_copy_only=False)
+    parts = _clean_strings(pc.list_flatten(column))
+    rows = pc.list_parent_indices(column).to_numpy()
+    keep = pc.not_equal(parts, "")
+    parts, rows = parts.filter(keep), rows[keep.to_numpy(zero_copy_only=False)]
+    offsets = np.searchsorted(rows, np.arange(len(column) + 1)).astype(np.int32)  # rows ascend: parts stay in order
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), parts), joiner)
+    return joined.to_numpy(zero_copy_only=False)
+
+
+def _has_markup(column: pa.ChunkedArray) -> np.ndarray:
+    """Per row: does the string, or any string of the list, match _MARKUP?"""
+    column = column.combine_chunks()
+    if pa.types.is_list(column.type):
+        flat = pc.list_flatten(column)
+        hits = pc.fill_null(pc.match_substring_regex(flat, _MARKUP), False).to_numpy(zero_copy_only=False)
+        out = np.zeros(len(column), dtype=bool)
+        out[pc.list_parent_indices(column).to_numpy()[hits]] = True
+        return out
+    return pc.fill_null(pc.match_substring_regex(column, _MARKUP), False).to_numpy(zero_copy_only=False)
+
+
+def _price_column(column: pa.ChunkedArray) -> np.ndarray:
+    """_price of numbers: two decimals, '' for null (Arrow refuses the non-finite ones)."""
+    return np.array(["" if v is None else f"{v:.2f}" for v in column.to_pylist()], dtype=object)
 
 
 def _item_text(record: dict, fmt: str) -> dict[str, str]:

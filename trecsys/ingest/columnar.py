@@ -22,7 +22,6 @@ result then joins the same Polars steps.
 
 from __future__ import annotations
 
-import gzip
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from trecsys.ingest.inputs import (
     input_path,
     is_gzip,
     items_from_interactions,
+    line_blocks,
     parquet_input,
     parquet_parts,
 )
@@ -126,91 +126,71 @@ def _split_codes(values: np.ndarray, name: str) -> np.ndarray:
     return out
 
 
-class _Dictionary:
-    """Id strings -> int32 codes, grown chunk by chunk (memory: the distinct ids, once)."""
-
-    def __init__(self) -> None:
-        self.table = pl.DataFrame({"v": pl.Series([], dtype=pl.String), "code": pl.Series([], dtype=pl.Int32)})
-
-    def encode(self, values: pl.Series) -> pl.Series:
-        distinct = values.unique(maintain_order=True)
-        new = distinct.filter(~distinct.is_in(self.table["v"].implode()))
-        if len(new):
-            start = len(self.table)
-            self.table = pl.concat([self.table, pl.DataFrame({
-                "v": new, "code": pl.int_range(start, start + len(new), dtype=pl.Int32, eager=True)})])
-        return pl.DataFrame({"v": values}).join(self.table, on="v", how="left", maintain_order="left")["code"]
-
-    def values(self) -> np.ndarray:
-        return self.table["v"].to_numpy().astype(object)
-
-
-def _json_chunks(path: Path):
-    """Whole lines of a JSON-lines file (plain or gzip), about CHUNK_BYTES at a time."""
-    opener = gzip.open if is_gzip(path) else open
-    with opener(path, "rb") as handle:
-        rest = b""
-        while True:
-            block = handle.read(CHUNK_BYTES)
-            if not block:
-                if rest.strip():
-                    yield rest
-                return
-            block = rest + block
-            cut = block.rfind(b"\n") + 1
-            if cut == 0:
-                rest = block
-                continue
-            rest = block[cut:]
-            yield block[:cut]
+def _codes_of(categories: pl.Categories, column: pl.Series) -> tuple[pl.Series, np.ndarray]:
+    """(int32 code per row, code -> id string) of a column cast to `categories`."""
+    values = categories.to_series().fill_null("")  # a code reserved but never assigned reads as None
+    return column.to_physical().cast(pl.Int32), values.to_numpy().astype(object)
 
 
 def _amazon_fast(name: str, domain: DomainConfig, root: Path) -> ColumnarDomain | None:
     """Reviews parsed by Polars, when every line is a clean review; None sends the file to the
-    pandas reader (which names a bad line, or skips it under on_bad_rows: skip)."""
+    pandas reader (which names a bad line, or skips it under on_bad_rows: skip).
+
+    Ids become codes as they are parsed (a Polars Categories per column holds each distinct id
+    once), so memory grows with the rows' numbers and the distinct ids, not with the id strings of
+    every row. A plain file is scanned by Polars' streaming engine; a gzip file is decompressed
+    CHUNK_BYTES at a time (the scanner would hold the whole decompressed file).
+    """
     layout = amazon.LAYOUTS[domain.format]
     path = input_path(root, domain.interactions, name, "interactions", domain.format)
     schema = {layout.user: pl.String, layout.item: pl.String, layout.time: pl.Float64, layout.rating: pl.Float64}
-    users, items = _Dictionary(), _Dictionary()
-    parts, start = [], 0
+    user_cats, item_cats = pl.Categories.random(), pl.Categories.random()
+    time = pl.col(layout.time) / layout.time_divisor
+    rating = pl.col(layout.rating)
+    columns = [
+        pl.col(layout.user).cast(pl.Categorical(user_cats)).alias("user"),
+        pl.col(layout.item).cast(pl.Categorical(item_cats)).alias("item"),
+        time.alias("timestamp"), rating.fill_null(float("nan")).alias("rating"),
+        # Empty ids and control characters are checked once per distinct id, below.
+        (pl.col(layout.user).is_null() | pl.col(layout.item).is_null() | time.is_null() | time.is_nan()
+         | time.is_infinite() | (time < 0) | (time >= MAX_TIMESTAMP) | rating.is_nan() | rating.is_infinite()
+         ).alias("bad"),
+    ]
     try:
-        for chunk in _json_chunks(path):
-            if chunk.startswith(b"\xef\xbb\xbf"):
-                return None  # a byte-order mark: the pandas reader's utf-8-sig handles it
-            table = pl.read_ndjson(io.BytesIO(chunk), schema=schema)
-            user, item = table[layout.user], table[layout.item]
-            time = table[layout.time] / layout.time_divisor
-            rating = table[layout.rating]
-            bad = (user.is_null() | item.is_null() | (user == "") | (item == "") | time.is_null()
-                   | time.is_nan() | time.is_infinite() | (time < 0) | (time >= MAX_TIMESTAMP)
-                   | rating.is_nan() | rating.is_infinite()
-                   | user.str.contains(CONTROL_CHARACTERS) | item.str.contains(CONTROL_CHARACTERS))
-            if bad.any():
-                return None
-            parts.append(pl.DataFrame({
-                "user": users.encode(user), "item": items.encode(item),
-                "timestamp": time.cast(pl.Float64), "rating": rating.fill_null(float("nan")),
-                "pos": pl.int_range(start, start + len(table), dtype=pl.Int64, eager=True),
-            }))
-            start += len(table)
+        with open(path, "rb") as handle:
+            head = handle.read(3)
+        if head.startswith(b"\xef\xbb\xbf"):
+            return None  # a byte-order mark: the pandas reader's utf-8-sig handles it
+        if is_gzip(path):
+            parts = [pl.read_ndjson(io.BytesIO(chunk), schema=schema).select(columns) for chunk in line_blocks(path, CHUNK_BYTES)]
+            frame = pl.concat(parts) if parts else None
+            del parts
+        else:
+            frame = pl.scan_ndjson(path, schema=schema).select(columns).collect(engine="streaming")
     except (pl.exceptions.PolarsError, OSError, EOFError, ValueError, UnicodeDecodeError):
         return None
-    if not parts:
+    if frame is None or frame.height == 0 or frame["bad"].any():
         return None
-    frame = pl.concat(parts)
+    user, users = _codes_of(user_cats, frame["user"])
+    item, items = _codes_of(item_cats, frame["item"])
+    for ids in (users, items):
+        distinct = pl.Series(ids, dtype=pl.String)
+        if (distinct == "").any() or distinct.str.contains(CONTROL_CHARACTERS).any():
+            return None
+    frame = pl.DataFrame({"user": user, "item": item, "timestamp": frame["timestamp"], "rating": frame["rating"],
+                          "pos": pl.int_range(frame.height, dtype=pl.Int64, eager=True)})
     files = [str(path)]
-    item_ids = items.values()
     if domain.items:
         meta_path = input_path(root, domain.items, name, "items", domain.format)
-        item_table = amazon.read_meta(meta_path, domain.format, set(item_ids.tolist()), BadRows("error"))
+        item_table = amazon.read_meta(meta_path, domain.format, set(items.tolist()), BadRows("error"))
         if item_table.empty:
-            raise DataError(f"{meta_path}: describes none of the {len(item_ids)} reviewed items "
+            raise DataError(f"{meta_path}: describes none of the {len(items)} reviewed items "
                             f"(is it the metadata file of the same category as {path.name}?)")
         files.append(str(meta_path))
     else:
-        item_table = items_from_interactions(_first_seen_items(frame, item_ids))
+        item_table = items_from_interactions(_first_seen_items(frame, items))
     raw = RawDomain(name=name, interactions=_empty_interactions(), items=item_table, files=files)
-    return ColumnarDomain(frame, users.values(), item_ids, raw)
+    return ColumnarDomain(frame, users, items, raw)
 
 
 def _first_seen_items(frame: pl.DataFrame, item_ids: np.ndarray):
@@ -275,8 +255,10 @@ def _parquet_fast(name: str, domain: DomainConfig, root: Path) -> ColumnarDomain
         bad = bad | table["split"].is_null()
     if bad.any():
         return None
-    users, items = _Dictionary(), _Dictionary()
-    columns = {"user": users.encode(table["user_id"]), "item": items.encode(table["item_id"]),
+    user_cats, item_cats = pl.Categories.random(), pl.Categories.random()
+    user, users = _codes_of(user_cats, table["user_id"].cast(pl.Categorical(user_cats)))
+    item, item_ids = _codes_of(item_cats, table["item_id"].cast(pl.Categorical(item_cats)))
+    columns = {"user": user, "item": item,
                "timestamp": t.cast(pl.Float64), "rating": table["rating"].fill_null(float("nan")),
                "pos": pl.int_range(table.height, dtype=pl.Int64, eager=True)}
     if cols.split:
@@ -284,7 +266,6 @@ def _parquet_fast(name: str, domain: DomainConfig, root: Path) -> ColumnarDomain
     frame = pl.DataFrame(columns)
     del table
     files = parquet_parts(path)
-    item_ids = items.values()
     if domain.items:
         item_path = parquet_input(root, domain.items, name, key="items")
         raw_items, lines, unit, found = read_parquet_table(item_path, None)
@@ -299,7 +280,7 @@ def _parquet_fast(name: str, domain: DomainConfig, root: Path) -> ColumnarDomain
         item_table = items_from_interactions(_first_seen_items(frame, item_ids))
     raw = RawDomain(name=name, interactions=_empty_interactions(), items=item_table, files=files,
                     order_only=cols.time == "position")
-    return ColumnarDomain(frame, users.values(), item_ids, raw, has_rating=bool(cols.rating),
+    return ColumnarDomain(frame, users, item_ids, raw, has_rating=bool(cols.rating),
                           has_split=bool(cols.split))
 
 

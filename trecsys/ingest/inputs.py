@@ -79,6 +79,27 @@ def is_gzip(path: Path) -> bool:
         return handle.read(2) == GZIP_MAGIC
 
 
+def line_blocks(path: Path, size: int):
+    """Whole lines of a text file (plain or gzip), about `size` bytes at a time: for readers that
+    parse many lines at once, with memory bounded by the block and not by the file."""
+    opener = gzip.open if is_gzip(path) else open
+    with opener(path, "rb") as handle:
+        rest = b""
+        while True:
+            block = handle.read(size)
+            if not block:
+                if rest.strip():
+                    yield rest
+                return
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:
+                rest = block
+                continue
+            rest = block[cut:]
+            yield block[:cut]
+
+
 def open_text(path: Path) -> TextIO:
     # utf-8-sig: files saved by spreadsheet programs start with a byte-order mark.
     if is_gzip(path):
