@@ -528,3 +528,18 @@ def test_shared_real_files():
     assert inter["split"].value_counts().to_dict() == {"train": 43448, "valid": 4905, "test": 4905}
     assert not raw.order_only and list(raw.items.columns) == ["item_id", "text"]
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_line_blocks_yield_whole_lines_whatever_the_block_size(tmp_path, gz):
+    """Blocks end at line ends; a line longer than the block grows it; the last line needs no newline."""
+    from trecsys.ingest.inputs import line_blocks
+
+    lines = [b"x" * n for n in (3, 40, 1, 0, 17, 5)]
+    text = b"\n".join(lines)  # no final newline
+    path = tmp_path / "f.txt"
+    path.write_bytes(gzip.compress(text) if gz else text)
+    for size in (4, 8, 64, 1 << 20):
+        blocks = list(line_blocks(path, size))
+        assert b"".join(blocks) == text
+        assert all(b.endswith(b"\n") for b in blocks[:-1])

@@ -199,27 +199,33 @@ def _meta_with_arrow(path: Path, wanted: set[str]) -> pd.DataFrame | None:
     columns = ["item_id", "title", "brand", "category", "features", "description", "price"]
     if not kept:
         return pd.DataFrame(columns=columns).astype(str)
-    table = pa.concat_tables(kept).combine_chunks()
-    first = ~pd.Index(table.column("parent_asin").to_numpy(zero_copy_only=False)).duplicated()
-    table = table.filter(pa.array(first))
-    text = {
-        "item_id": table.column("parent_asin").to_numpy(zero_copy_only=False),
-        "title": _clean_column(table.column("title")),
-        "brand": _clean_column(table.column("store")),
-        "category": _clean_column(table.column("categories"), ", "),
-        "features": _clean_column(table.column("features"), " "),
-        "description": _clean_column(table.column("description"), " "),
-        "price": _price_column(table.column("price")),
-    }
+    # Memory: the kept blocks stay chunks (no combined copy), the first line of each id is taken
+    # by one filter, and each column is cleaned and turned into Python strings on its own.
+    table = pa.concat_tables(kept)
+    del kept
+    ids = table.column("parent_asin").to_numpy(zero_copy_only=False)
+    first = ~pd.Index(ids).duplicated()
+    if not first.all():
+        table, ids = table.filter(pa.array(first)), ids[first]
     # Rows that may hold an HTML entity or tag go through the Python cleaner, as in the loop.
     special = np.zeros(table.num_rows, dtype=bool)
     for name in ("title", "store", "categories", "features", "description"):
         special |= _has_markup(table.column(name))
-    for row in np.flatnonzero(special):
-        record = {name: table.column(name)[int(row)].as_py() for name in table.column_names}
-        for name, value in _item_text(record, "amazon2023").items():
+    rows = np.flatnonzero(special)
+    by_python = [_item_text(record, "amazon2023") for record in table.take(pa.array(rows, pa.int64())).to_pylist()]
+    text = {"item_id": ids}
+    for name, source, joiner in (("title", "title", None), ("brand", "store", None), ("category", "categories", ", "),
+                                 ("features", "features", " "), ("description", "description", " ")):
+        text[name] = _clean_column(table.column(source), joiner)
+    text["price"] = _price_column(table.column("price"))
+    del table
+    for row, values in zip(rows, by_python, strict=True):
+        for name, value in values.items():
             text[name][row] = value
-    return pd.DataFrame(text, columns=columns).astype(str)
+    items = pd.DataFrame(text, columns=columns).astype(str)
+    del text
+    pa.default_memory_pool().release_unused()  # the parse's blocks, back to the system
+    return items
 
 
 def _clean_strings(values: pa.Array) -> pa.Array:
@@ -230,9 +236,7 @@ def _clean_strings(values: pa.Array) -> pa.Array:
     if not pc.any(untidy).as_py():
         return values
     fixed = pc.utf8_trim(pc.replace_substring_regex(values.filter(untidy), _SPACE_RUN, " "), " ")
-    out = values.to_numpy(zero_copy_only=False)
-    out[np.flatnonzero(untidy.to_numpy(zero_copy_only=False))] = fixed.to_numpy(zero_copy_only=False)
-    return pa.array(out, pa.string())
+    return pc.replace_with_mask(values, untidy, fixed)
 
 
 def _clean_column(column: pa.ChunkedArray, joiner: str | None = None) -> np.ndarray:

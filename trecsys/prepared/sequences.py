@@ -161,7 +161,9 @@ def write_sequences(folder: Path, interactions: pa.Table, ranges: dict[str, tupl
                  items if by_user is None else items[by_user], item_dtype)
 
     target_users = rows_users[order.index(target)] if target in order else np.zeros(0, dtype=np.int64)
-    context = np.isin(domain, [code(domain_names, d) for d in [*source, target]]) & np.isin(users, target_users)
+    is_target_user = np.zeros(n_users, dtype=bool)  # a lookup: np.isin would sort every row's user
+    is_target_user[target_users] = True
+    context = np.isin(domain, [code(domain_names, d) for d in [*source, target]]) & is_target_user[users]
     start, stop = ranges.get(target, (0, 0))
     for part, (lengths, kept) in _context_parts(users[context], items[context], split[context], target_users,
                                                 start, stop, split_names).items():
