@@ -149,3 +149,21 @@ def test_parquet_folder_of_parts_reads_as_the_single_file(tmp_path, monkeypatch)
         assert (prepared["one.parquet"] / name).read_bytes() == (prepared["parts"] / name).read_bytes()
     table = pq.read_table(prepared["parts"] / "interactions.parquet").to_pandas()
     assert sorted(table["user_id"].unique()) == ["1", "2", "3"] and set(table["split"]) == {"train", "valid", "test"}
+
+
+def test_items_without_any_text_are_an_error_under_both_engines(tmp_path):
+    """Metadata that lists every item but gives none a text field: both engines refuse it with the
+    same message (the polars engine used to miss it: it looked for the items in raw rows it no
+    longer keeps)."""
+    domain = amazon_domain(tmp_path, "Food", 30, 10, 5)
+    meta = [{"parent_asin": f"B0FO{i:06d}", "title": " "} for i in range(10)]
+    domain["items"] = write_jsonl(tmp_path / "meta_blank.jsonl", meta)
+    messages = []
+    for engine in ("pandas", "polars"):
+        cfg = build(ExperimentConfig, {"run_dir": str(tmp_path / engine), "data": {
+            "root": str(tmp_path), "target": "Food", "domains": {"Food": domain}, "engine": engine,
+            "min_user_interactions": 1, "min_item_interactions": 1}})
+        with pytest.raises(DataError) as caught:
+            prepare.run(cfg)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "has any text" in messages[0]
