@@ -127,7 +127,7 @@ def write_sequences(folder: Path, interactions: pa.Table, ranges: dict[str, tupl
     out = Path(folder) / FOLDER
     out.mkdir(parents=True, exist_ok=True)
     item_dtype = np.int32 if n_items <= np.iinfo(np.int32).max else np.int64
-    users = np.asarray(interactions.column("user_idx").to_numpy(), dtype=np.int64)  # no copy when int64 already
+    users = interactions.column("user_idx").to_numpy()  # int32 as written: no int64 copy of every row
     items = interactions.column("item_idx").to_numpy()
     domain, domain_names = _codes(interactions, "domain")
     split, split_names = _codes(interactions, "split")
@@ -148,7 +148,7 @@ def write_sequences(folder: Path, interactions: pa.Table, ranges: dict[str, tupl
             keep = d_split == code(split_names, part)
             parts[part][0].append(np.bincount(np.searchsorted(row_users, d_users[keep]), minlength=len(row_users)))
             parts[part][1].append(d_items[keep])
-    _save(out / "users.npy", np.concatenate(rows_users) if rows_users else np.zeros(0, dtype=np.int64))
+    _save(out / "users.npy", np.concatenate(rows_users).astype(np.int64) if rows_users else np.zeros(0, dtype=np.int64))
     _save(out / "domains.npy", np.asarray(bounds, dtype=np.int64))
     for part, (lengths, part_items) in parts.items():
         _save_ragged(out, part, np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64),
@@ -181,12 +181,14 @@ def _context_parts(users, items, split, target_users, start, stop, split_names) 
     `train` up to the last target training item without held-out target items; `valid`/`test`
     before the first target item of that split, target items only from the splits before it."""
     n = len(target_users)
-    row = np.searchsorted(target_users, users)
-    position = np.arange(len(items), dtype=np.int64)
+    # 4-byte rows and positions while they fit: these arrays span every context interaction.
+    index = np.int32 if max(n, len(items)) < np.iinfo(np.int32).max else np.int64
+    row = np.searchsorted(target_users, users).astype(index)
+    position = np.arange(len(items), dtype=index)
     target = (items >= start) & (items < stop)
     kind = {name: split == (split_names.index(name) if name in split_names else -1) for name in SPLIT_PARTS}
 
-    last_train = np.full(n, -1, dtype=np.int64)
+    last_train = np.full(n, -1, dtype=index)
     tt = np.flatnonzero(target & kind["train"])
     ends = tt[np.r_[row[tt][1:] != row[tt][:-1], True]] if len(tt) else tt
     last_train[row[ends]] = ends
@@ -194,7 +196,7 @@ def _context_parts(users, items, split, target_users, start, stop, split_names) 
 
     out = {"all_domains.train": keep_train}
     for name, visible in (("valid", ("train", "input")), ("test", ("train", "input", "valid"))):
-        first_held = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        first_held = np.full(n, np.iinfo(index).max, dtype=index)
         held = np.flatnonzero(target & kind[name])
         firsts = held[np.r_[True, row[held][1:] != row[held][:-1]]] if len(held) else held
         first_held[row[firsts]] = firsts
