@@ -12,6 +12,11 @@ as its own `python -m trecsys <stage>` child; its wall time, CPU time (user + sy
 and peak RSS come from the kernel's accounting of that child (os.wait4), so one stage's numbers
 never mix with another's.
 
+`--input parquet` prepares the same reviews from Parquet instead of JSON lines, as a cluster engine
+would hand them over: per category a folder of part files (user_id, item_id, timestamp in seconds,
+rating) and an items.parquet of the metadata's text fields, converted once from the JSON lines under
+`<work>/data_<N>/parquet/` (the conversion is not timed). It measures prepare without JSON parsing.
+
 Text encoding: `--encoder minilm` embeds every item title with the real all-MiniLM-L6-v2 (the
 encoder's cost grows with the catalogue, not with N; on 2 CPU cores it dominates). The default,
 `--encoder tiny`, is a FAKE ENCODER FOR BENCHMARKS ONLY: a randomly initialised 1-layer, 32-wide
@@ -80,11 +85,47 @@ def tiny_encoder(folder: Path) -> Path:
     return folder
 
 
+PARQUET_PARTS = 4  # part files per category, as an engine writing in parallel leaves them
+
+
+def parquet_copy(data: Path) -> Path:
+    """The generated reviews and metadata as Parquet (see the module docstring); made once."""
+    import polars as pl
+
+    out = data / "parquet"
+    info = json.loads((data / "generated.json").read_text(encoding="utf-8"))
+    if (out / "done").is_file():
+        return out
+    for name, c in info["categories"].items():
+        reviews = pl.read_ndjson(data / c["reviews_file"], schema={
+            "user_id": pl.String, "parent_asin": pl.String, "timestamp": pl.Float64, "rating": pl.Float64})
+        reviews = reviews.select("user_id", pl.col("parent_asin").alias("item_id"),
+                                 pl.col("timestamp") / 1000, "rating")
+        folder = out / name / "reviews"
+        folder.mkdir(parents=True, exist_ok=True)
+        step = -(-reviews.height // PARQUET_PARTS)
+        for part in range(PARQUET_PARTS):
+            reviews.slice(part * step, step).write_parquet(folder / f"part-{part:05d}.parquet")
+        meta = pl.read_ndjson(data / c["meta_file"], schema={
+            "parent_asin": pl.String, "title": pl.String, "store": pl.String, "categories": pl.List(pl.String)})
+        meta.select(pl.col("parent_asin").alias("item_id"), pl.col("title").fill_null(""),
+                    pl.col("store").fill_null("").alias("brand"),
+                    pl.col("categories").list.join(", ").fill_null("").alias("category"),
+                    ).unique("item_id", keep="first", maintain_order=True).write_parquet(out / name / "items.parquet")
+    (out / "done").write_text("", encoding="utf-8")
+    return out
+
+
 def write_config(path: Path, data: Path, run_dir: Path, encoder: str, cache: Path, steps: int,
-                 engine: str | None) -> None:
+                 engine: str | None, parquet: bool = False) -> None:
     info = json.loads((data / "generated.json").read_text(encoding="utf-8"))
     domains = {name: {"format": "amazon2023", "interactions": c["reviews_file"], "items": c["meta_file"]}
                for name, c in info["categories"].items()}
+    if parquet:
+        domains = {name: {"format": "parquet", "interactions": f"parquet/{name}/reviews",
+                          "items": f"parquet/{name}/items.parquet",
+                          "columns": {"user": "user_id", "item": "item_id", "time": "timestamp", "rating": "rating"}}
+                   for name in info["categories"]}
     train = {"epochs": 1, "max_steps": steps, "batch_size": 256, "lr": 0.001, "loss": "sampled",
              "n_negatives": 1024, "patience": 0}
     config = {
@@ -125,6 +166,8 @@ def main() -> int:
                         help="tiny: the benchmark-only FAKE encoder (random weights); minilm: the real default")
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per training stage")
     parser.add_argument("--prepare-engine", default=None, help="data.engine for prepare (default: the config's)")
+    parser.add_argument("--input", choices=("jsonl", "parquet"), default="jsonl",
+                        help="parquet: prepare from Parquet part files converted from the JSON lines (untimed)")
     args = parser.parse_args()
     n = int(args.n)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -134,7 +177,8 @@ def main() -> int:
         return 2
     work = (REPO / args.work).resolve()
     data = work / f"data_{label(n)}"
-    run_dir = work / (f"run_{label(n)}" + (f"_{args.prepare_engine}" if args.prepare_engine else ""))
+    run_dir = work / (f"run_{label(n)}" + (f"_{args.prepare_engine}" if args.prepare_engine else "")
+                      + ("_parquet" if args.input == "parquet" else ""))
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -146,7 +190,10 @@ def main() -> int:
                                            "--interactions", str(n)], logs / "generate.log", env)))
     encoder = str(tiny_encoder(work / "tiny_encoder")) if args.encoder == "tiny" else "all-MiniLM-L6-v2"
     config = work / f"config_{run_dir.name}.yaml"
-    write_config(config, data, run_dir, encoder, work / "embedding_cache", args.steps, args.prepare_engine)
+    if args.input == "parquet":
+        parquet_copy(data)
+    write_config(config, data, run_dir, encoder, work / "embedding_cache", args.steps, args.prepare_engine,
+                 parquet=args.input == "parquet")
     failed = None
     for stage in stages:
         result = measured([sys.executable, "-m", "trecsys", stage, "-c", str(config)], logs / f"{stage}.log", env)
@@ -155,7 +202,7 @@ def main() -> int:
             failed = stage
             break
     info = counts(run_dir)
-    print(f"bench-scale: N={n:,} generated reviews ({data}); encoder={args.encoder}"
+    print(f"bench-scale: N={n:,} generated reviews ({data}, {args.input}); encoder={args.encoder}"
           f"{' (FAKE, benchmark only)' if args.encoder == 'tiny' else ''}; OMP_NUM_THREADS={env['OMP_NUM_THREADS']}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     if info:
@@ -171,7 +218,7 @@ def main() -> int:
         print(f"prepare steps (wall/CPU s): {steps}; {n / max(no_embed, 1e-9):,.0f} generated reviews per "
               "CPU-second without text encoding")
     (work / f"results_{label(n)}.json").write_text(json.dumps(
-        {"n": n, "encoder": args.encoder, "load_average": os.getloadavg(), "stages": dict(rows), **info},
+        {"n": n, "input": args.input, "encoder": args.encoder, "load_average": os.getloadavg(), "stages": dict(rows), **info},
         indent=1) + "\n", encoding="utf-8")
     if failed:
         print(f"bench-scale: {failed} failed; see {logs / (failed + '.log')}", file=sys.stderr)
