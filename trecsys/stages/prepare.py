@@ -211,19 +211,15 @@ def columnar_tables(cfg: ExperimentConfig, timings: dict[str, tuple[float, float
     quiet = {name: quiet_items(cfg.data, name, d.raw, d.items) for name, d in domains.items()}
     item_ids, frame, users = columnar.build_tables(domains, quiet)
     items = item_table(item_ids, raw)
-    # Strings by index into their distinct values, gathered by Arrow (no Python string per row).
-    def strings(values, codes) -> pa.Array:
-        return pa.array(values, pa.string()).take(pa.array(codes))
-
     table = pa.table({
         "user_idx": pa.array(frame["user_idx"].to_numpy(), pa.int32()),
-        "user_id": strings(users, frame["user_idx"].to_numpy()),
+        "user_id": _strings(users, frame["user_idx"].to_numpy()),
         "item_idx": pa.array(frame["item_idx"].to_numpy(), pa.int32()),
-        "domain": strings(list(domains), frame["domain_pos"].to_numpy()),
+        "domain": _strings(list(domains), frame["domain_pos"].to_numpy()),
         # Whole seconds (the contract); the rows are already in full-precision order.
         "timestamp": pa.array(np.floor(frame["timestamp"].to_numpy()).astype(np.int64), pa.int64()),
         "rating": pa.array(frame["rating"].to_numpy(), pa.float32()),
-        "split": strings(list(SPLITS), frame["split"].to_numpy()),
+        "split": _strings(list(SPLITS), frame["split"].to_numpy()),
     })
     timings["split"] = _since(clock)
     return items, table, raw, removed
@@ -257,6 +253,11 @@ def _now() -> tuple[float, float]:
 def _since(start: tuple[float, float]) -> tuple[float, float]:
     """(wall, CPU) seconds since `start` (from _now)."""
     return time.perf_counter() - start[0], time.process_time() - start[1]
+
+
+def _strings(values, codes: np.ndarray) -> pa.Array:
+    """values[codes] as an Arrow string array, gathered by Arrow (no Python string per row)."""
+    return pa.array(values, pa.string()).take(pa.array(codes))
 
 
 def _plus(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
