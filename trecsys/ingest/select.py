@@ -7,6 +7,9 @@ files and keeps its part (`data.domains.<name>.columns.domain` and `.select`).
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from trecsys.config import DomainConfig
 from trecsys.errors import ConfigError, DataError
 from trecsys.ingest.raw import RawDomain
@@ -33,8 +36,10 @@ def select_domain(name: str, domain: DomainConfig, raw: RawDomain) -> RawDomain:
         found = ", ".join(sorted(map(str, raw.items[column].dropna().unique()))[:10])
         raise DataError(f"{where}: no item has {column}={value!r} (data.domains.{name}.select); values: {found}")
     items = raw.items[mine].reset_index(drop=True)
-    keep = raw.interactions["item_id"].astype(str).isin(set(items["item_id"].astype(str)))
-    interactions = raw.interactions[keep.to_numpy()].reset_index(drop=True)
+    # Arrow's is_in: pandas 3's isin on string columns is ~10x slower (seconds at 10^5 ids).
+    keep = pc.is_in(pa.array(raw.interactions["item_id"].astype(str)),
+                    value_set=pa.array(items["item_id"].astype(str))).to_numpy(zero_copy_only=False)
+    interactions = raw.interactions[keep].reset_index(drop=True)
     if interactions.empty:
         raise DataError(f"{raw.files[0]}: no interaction with an item of {column}={value!r} (domain {name!r})")
     return RawDomain(name=name, interactions=interactions, items=items, files=raw.files,
