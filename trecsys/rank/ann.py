@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from trecsys.errors import ConfigError
+from trecsys.rank.metrics import in_row_lists
 from trecsys.rank.scorers import ModelScorer
 
 HNSW_M = 32  # graph degree (neighbours per node): the M of the README's HNSW measurements
@@ -60,8 +61,8 @@ class HNSWIndex:
         missing = (candidates < 0) | repeated
         scores = scorer.model.score(states[:, None, :], self.reps[candidates.clamp(min=0)])[:, 0, :]
         if seen is not None:
-            scores = scores + scorer.seen_offset * _contains(candidates, seen, n_items)
-        missing |= _contains(candidates, exclude, n_items)
+            scores = scores + scorer.seen_offset * torch.from_numpy(in_row_lists(candidates.numpy(), seen))
+        missing |= torch.from_numpy(in_row_lists(candidates.numpy(), exclude))
         scores = scores.masked_fill(missing, -torch.inf)
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         values, items = scores.gather(1, order), candidates.gather(1, order)
@@ -78,13 +79,3 @@ def _padded(lists: list[np.ndarray]) -> torch.Tensor:
     for i, items in enumerate(lists):
         out[i, :len(items)] = torch.from_numpy(items)
     return out
-
-
-def _contains(candidates: torch.Tensor, lists: Sequence[np.ndarray], n_items: int) -> torch.Tensor:
-    """(rows, C) bool: whether candidates[i, j] is in lists[i] (one vectorised membership test)."""
-    lengths = [len(x) for x in lists]
-    if not sum(lengths):
-        return torch.zeros(candidates.shape, dtype=torch.bool)
-    held = np.repeat(np.arange(len(lists)), lengths) * n_items + np.concatenate(lists).astype(np.int64)
-    asked = np.arange(len(lists))[:, None] * n_items + candidates.clamp(min=0).numpy()
-    return torch.from_numpy(np.isin(asked, held)) & (candidates >= 0)

@@ -315,6 +315,20 @@ def check_ks(ks: Sequence[int], n_items: int, key: str = "evaluate.ks") -> list[
     return sorted(set(ks))
 
 
+def in_row_lists(index: np.ndarray, lists: Sequence[np.ndarray]) -> np.ndarray:
+    """(rows, C) bool: whether index[i, j] is one of lists[i]; entries < 0 (holes) never are.
+    One (row, item) key per pair turns the per-row membership test into one np.isin."""
+    index = np.asarray(index, dtype=np.int64)
+    lengths = [len(x) for x in lists]
+    if not sum(lengths):
+        return np.zeros(index.shape, dtype=bool)
+    flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in lists])
+    width = int(max(index.max(initial=0), flat.max())) + 1
+    held = np.repeat(np.arange(len(lists), dtype=np.int64), lengths) * width + flat
+    asked = np.arange(len(lists), dtype=np.int64)[:, None] * width + np.maximum(index, 0)
+    return np.isin(asked, held) & (index >= 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Accuracy
 

@@ -48,7 +48,7 @@ from trecsys.prepared.context import histories_for
 from trecsys.prepared.identity import check_same_prepared, prepared_file_inputs
 from trecsys.prepared.tables import PREPARED, DomainRange, Prepared, domain_split, load_prepared
 from trecsys.rank.ann import HNSWIndex
-from trecsys.rank.metrics import full_ranking_topk
+from trecsys.rank.metrics import full_ranking_topk, in_row_lists
 from trecsys.rank.rankers import Ranker, RankingInputs, make_scorer
 from trecsys.rank.requests import (
     Catalogue,
@@ -327,11 +327,7 @@ def _empty_masked(values: torch.Tensor, index: torch.Tensor, exclude: list[np.nd
     drop = ~np.isfinite(values.numpy())
     if allowed is not None:
         drop |= ~allowed[index_np]
-    lengths = [len(e) for e in exclude]
-    if sum(lengths):
-        width = max(int(index_np.max(initial=0)), max(int(e.max()) for e in exclude if len(e))) + 1
-        seen = np.repeat(np.arange(len(exclude)), lengths) * width + np.concatenate(exclude)
-        drop |= np.isin(np.arange(len(exclude))[:, None] * width + index_np, seen)
+    drop |= in_row_lists(index_np, exclude)
     return values.masked_fill(torch.from_numpy(drop), -torch.inf)
 
 
