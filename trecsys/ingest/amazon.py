@@ -208,16 +208,14 @@ def _meta_with_arrow(path: Path, wanted: set[str]) -> pd.DataFrame | None:
     first = ~pd.Index(ids).duplicated()
     if not first.all():
         table, ids = table.filter(pa.array(first)), ids[first]
-    # Rows that may hold an HTML entity or tag go through the Python cleaner, as in the loop.
-    special = np.zeros(table.num_rows, dtype=bool)
-    for name in ("title", "store", "categories", "features", "description"):
-        special |= _has_markup(table.column(name))
-    rows = np.flatnonzero(special)
-    by_python = [_item_text(record, "amazon2023") for record in table.take(pa.array(rows, pa.int64())).to_pylist()]
-    text = {"item_id": ids}
+    text, special = {"item_id": ids}, np.zeros(table.num_rows, dtype=bool)
     for name, source, joiner in (("title", "title", None), ("brand", "store", None), ("category", "categories", ", "),
                                  ("features", "features", " "), ("description", "description", " ")):
-        text[name] = _clean_column(table.column(source), joiner)
+        text[name], markup = _text_column(table.column(source), joiner)
+        special |= markup
+    # Rows that may hold an HTML entity or tag go through the Python cleaner, as in the loop.
+    rows = np.flatnonzero(special)
+    by_python = [_item_text(record, "amazon2023") for record in table.take(pa.array(rows, pa.int64())).to_pylist()]
     text["price"] = _price_column(table.column("price"))
     del table
     for row, values in zip(rows, by_python, strict=True):
@@ -240,30 +238,25 @@ def _clean_strings(values: pa.Array) -> pa.Array:
     return pc.replace_with_mask(values, untidy, fixed)
 
 
-def _clean_column(column: pa.ChunkedArray, joiner: str | None = None) -> np.ndarray:
-    """_clean of a string column, or of a list column (parts cleaned, empty ones dropped, joined)."""
+def _text_column(column: pa.ChunkedArray, joiner: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(_clean of each row, whether the row may hold markup: _MARKUP) for a string column, or for a
+    list column (parts cleaned, empty ones dropped, joined; markup in any part)."""
     column = column.combine_chunks()
     if joiner is None:
-        return _clean_strings(column).to_numpy(zero_copy_only=False)
-    parts = _clean_strings(pc.list_flatten(column))
-    rows = pc.list_parent_indices(column).to_numpy()
+        return _clean_strings(column).to_numpy(zero_copy_only=False), _matches(column, _MARKUP)
+    flat, rows = pc.list_flatten(column), pc.list_parent_indices(column).to_numpy()
+    markup = np.zeros(len(column), dtype=bool)
+    markup[rows[_matches(flat, _MARKUP)]] = True
+    parts = _clean_strings(flat)
     keep = pc.not_equal(parts, "")
     parts, rows = parts.filter(keep), rows[keep.to_numpy(zero_copy_only=False)]
     offsets = np.searchsorted(rows, np.arange(len(column) + 1)).astype(np.int32)  # rows ascend: parts stay in order
     joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), parts), joiner)
-    return joined.to_numpy(zero_copy_only=False)
+    return joined.to_numpy(zero_copy_only=False), markup
 
 
-def _has_markup(column: pa.ChunkedArray) -> np.ndarray:
-    """Per row: does the string, or any string of the list, match _MARKUP?"""
-    column = column.combine_chunks()
-    if pa.types.is_list(column.type):
-        flat = pc.list_flatten(column)
-        hits = pc.fill_null(pc.match_substring_regex(flat, _MARKUP), False).to_numpy(zero_copy_only=False)
-        out = np.zeros(len(column), dtype=bool)
-        out[pc.list_parent_indices(column).to_numpy()[hits]] = True
-        return out
-    return pc.fill_null(pc.match_substring_regex(column, _MARKUP), False).to_numpy(zero_copy_only=False)
+def _matches(values: pa.Array, pattern: str) -> np.ndarray:
+    return pc.fill_null(pc.match_substring_regex(values, pattern), False).to_numpy(zero_copy_only=False)
 
 
 def _price_column(column: pa.ChunkedArray) -> np.ndarray:
