@@ -88,11 +88,8 @@ def read_columnar(name: str, domain: DomainConfig, root: Path, on_bad_rows: str)
 def from_raw(raw: RawDomain) -> ColumnarDomain:
     """The pandas reader's RawDomain (or a synthetic one) as a ColumnarDomain."""
     inter = raw.interactions
-    user_cats, item_cats = pl.Categories.random(), pl.Categories.random()
-    user_codes, users = _codes_of(user_cats, pl.Series(inter["user_id"].astype(str).to_numpy(), dtype=pl.String)
-                                  .cast(pl.Categorical(user_cats)))
-    item_codes, items = _codes_of(item_cats, pl.Series(inter["item_id"].astype(str).to_numpy(), dtype=pl.String)
-                                  .cast(pl.Categorical(item_cats)))
+    user_codes, users = _encoded(pl.Series(inter["user_id"].astype(str).to_numpy(), dtype=pl.String))
+    item_codes, items = _encoded(pl.Series(inter["item_id"].astype(str).to_numpy(), dtype=pl.String))
     has_split = "split" in inter.columns and inter["split"].notna().any()
     columns = {
         "user": user_codes, "item": item_codes,
@@ -122,6 +119,12 @@ def _split_codes(values: np.ndarray, name: str) -> np.ndarray:
         bad = values[out < 0][0]
         raise DataError(f"domain {name!r}: split value {bad!r} is not one of {', '.join(SPLITS)}")
     return out
+
+
+def _encoded(strings: pl.Series) -> tuple[pl.Series, pl.Series]:
+    """(int32 code per row, code -> id string) of a string column, through a Categories of its own."""
+    categories = pl.Categories.random()
+    return _codes_of(categories, strings.cast(pl.Categorical(categories)))
 
 
 def _codes_of(categories: pl.Categories, column: pl.Series) -> tuple[pl.Series, pl.Series]:
@@ -256,9 +259,8 @@ def _parquet_fast(name: str, domain: DomainConfig, root: Path) -> ColumnarDomain
         bad = bad | table["split"].is_null()
     if bad.any():
         return None
-    user_cats, item_cats = pl.Categories.random(), pl.Categories.random()
-    user, users = _codes_of(user_cats, table["user_id"].cast(pl.Categorical(user_cats)))
-    item, item_ids = _codes_of(item_cats, table["item_id"].cast(pl.Categorical(item_cats)))
+    user, users = _encoded(table["user_id"])
+    item, item_ids = _encoded(table["item_id"])
     columns = {"user": user, "item": item,
                "timestamp": t.cast(pl.Float64), "rating": table["rating"].fill_null(float("nan")),
                "pos": _positions(table.height)}
