@@ -22,7 +22,10 @@ Schedules (--schedule; the tables say which ran):
   full   every config's own epochs; RecBole ≤ 50 epochs with its early stopping (patience 10).
 
     python scripts/bench_quality.py [--datasets ml-100k,office,kitchen_to_food] [--schedule quick]
-        [--recbole-python PATH] [--bootstrap 1000] [--out runs/bench_quality]
+        [--recbole-python PATH] [--bootstrap 1000] [--out runs/bench_quality] [--set DATASET:KEY=VALUE ...]
+
+--set adds a config override to one dataset's trec commands (a lever measured by the same command;
+the table's header lists it), e.g. --set kitchen_to_food:finetune.train.epochs=20.
 
 Writes <out>/<dataset>/quality.md and quality.parquet and prints the tables.
 """
@@ -76,6 +79,7 @@ class Dataset:
     candidates: list[str]
     overrides: list[str] = field(default_factory=list)
     has_source: bool = False
+    extra: list[str] = field(default_factory=list)  # --set: the lever under test, named in the table
 
 
 def datasets(recbole_python: str | None) -> dict[str, Dataset | str]:
@@ -106,17 +110,18 @@ def trec(*args: str) -> float:
 
 
 def train(ds: Dataset, run_dir: Path, schedule: dict, retrain: bool) -> dict[str, float]:
-    """prepare (reused), pretrain when there is a source, finetune auto over the candidates."""
+    """prepare (reused), pretrain when there is a source, finetune auto over the candidates.
+    The --set overrides come last, so they win over the schedule's."""
     base = ["-c", ds.config, f"run_dir={run_dir}", *ds.overrides]
     seconds = {}
     if not (run_dir / PREPARE.folder / MANIFEST).is_file():
-        seconds["prepare"] = trec(PREPARE.name, *base)
+        seconds["prepare"] = trec(PREPARE.name, *base, *ds.extra)
     if ds.has_source and (retrain or not (run_dir / PRETRAIN.folder / MANIFEST).is_file()):
-        seconds["pretrain"] = trec(PRETRAIN.name, *base, *schedule["pretrain"])
+        seconds["pretrain"] = trec(PRETRAIN.name, *base, *schedule["pretrain"], *ds.extra)
     if retrain or not (run_dir / FINETUNE.folder / MANIFEST).is_file():
         candidates = "finetune.candidates=[" + ", ".join(ds.candidates) + "]"
         seconds["finetune"] = trec(FINETUNE.name, *base, "finetune.strategy=auto", candidates,
-                                   *schedule["finetune"])
+                                   *schedule["finetune"], *ds.extra)
     return seconds
 
 
@@ -288,6 +293,8 @@ def bench_dataset(ds: Dataset, out: Path, args) -> str:
               f"{len(users.targets):,} test users, {n_items:,} items; bootstrap {args.bootstrap}; "
               f"trained here: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items()) or 'reused'}; "
               f"finetune candidates {', '.join(ds.candidates)} (kept `{kept}` on validation)")
+    if ds.extra:
+        budget += "; overrides (--set): " + " ".join(f"`{o}`" for o in ds.extra)
     if recbole:
         budget += (f"; RecBole: {recbole['epochs']} epochs (at most {args.recbole_epochs or schedule['recbole_epochs']}), "
                    f"{recbole['wall_s']:.0f} s, {recbole['threads']} thread(s), no list for {missing:,} of our test users; "
@@ -297,6 +304,19 @@ def bench_dataset(ds: Dataset, out: Path, args) -> str:
     text = f"### {ds.name}\n\n{budget}.\n\n" + "\n\n".join(parts) + "\n"
     (run_dir / "quality.md").write_text(text, encoding="utf-8")
     return text
+
+
+def dataset_overrides(items: list[str], known) -> dict[str, list[str]]:
+    """--set DATASET:KEY=VALUE items -> {dataset: [KEY=VALUE, ...]} in the order given."""
+    extra: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, override = item.partition(":")
+        if not sep or "=" not in override:
+            raise ValueError(f"--set {item!r}: expected DATASET:KEY=VALUE")
+        if name not in known:
+            raise ValueError(f"--set {item!r}: unknown dataset {name!r} (one of {', '.join(known)})")
+        extra.setdefault(name, []).append(override)
+    return extra
 
 
 def main() -> int:
@@ -309,15 +329,22 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train again even when the run folder has models")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench_quality"))
+    parser.add_argument("--set", action="append", default=[], metavar="DATASET:KEY=VALUE",
+                        help="a config override for one dataset's trec commands (repeatable)")
     args = parser.parse_args()
     args.recbole_python = args.recbole_python or None  # "" (an unset make variable) means none
     available = datasets(args.recbole_python)
+    try:
+        extra = dataset_overrides(args.set, available)
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out)
     for name in args.datasets.split(","):
         ds = available.get(name.strip(), f"unknown dataset (one of {', '.join(available)})")
         if isinstance(ds, str):
             print(f"### {name}\n\nskipped: {ds}\n")
             continue
+        ds.extra = extra.get(ds.name, [])
         print(bench_dataset(ds, out, args), flush=True)
     return 0
 

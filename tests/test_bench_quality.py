@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import write_tiny_prepared
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -56,3 +57,20 @@ def test_paired_difference_is_kept_minus_the_best_other_row():
     rows["same as kept"] = {key: values.copy() for key, values in rows["kept"].items()}
     _, paired = B.table_for_rule(rows, "kept", 200, 0)
     assert paired["best_other"] == "b"
+
+
+def test_set_overrides_reach_every_trec_command_of_their_dataset_only(tmp_path, monkeypatch):
+    extra = B.dataset_overrides(["k2f:finetune.train.epochs=20", "k2f:data.source=[A,B]", "ml:seed=1"],
+                                ["k2f", "ml"])
+    assert extra == {"k2f": ["finetune.train.epochs=20", "data.source=[A,B]"], "ml": ["seed=1"]}
+    for bad in ("k2f", "k2f:epochs", "other:seed=1"):
+        with pytest.raises(ValueError, match="--set"):
+            B.dataset_overrides([bad], ["k2f", "ml"])
+    calls = []
+    monkeypatch.setattr(B, "trec", lambda *args: calls.append(args) or 0.0)
+    ds = B.Dataset("k2f", "configs/kitchen_to_food.yaml", ["full", "scratch"], ["data.root=X"], has_source=True,
+                   extra=extra["k2f"])
+    B.train(ds, tmp_path / "run", B.SCHEDULES["quick"], retrain=False)
+    assert [c[0] for c in calls] == ["prepare", "pretrain-source", "finetune-target"]
+    for call in calls:  # last, so that they win over the schedule's epochs
+        assert list(call[-len(ds.extra):]) == ds.extra
