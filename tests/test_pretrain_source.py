@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, write_tiny_prepared
@@ -44,6 +45,39 @@ def test_pretrain_writes_the_best_checkpoint_log_config_and_manifest(tiny_prepar
     model, info = load_checkpoint(out)
     assert info.extra["source"] == ["Books", "Games"] and model.num_parameters() == manifest["n_parameters"]
     assert not (tiny_prepared / ".pretrain.work").exists()  # the resumable state is gone after success
+
+
+def test_with_target_trains_on_the_target_train_split_only_and_validates_on_it(tiny_prepared, tmp_path,
+                                                                                monkeypatch):
+    from trecsys.prepared.tables import domain_split, load_prepared
+    from trecsys.stages import pretrain_source
+
+    seen = {}
+    real = pretrain_source.domain_windows
+
+    def recording(domain, sequences, *args):
+        seen[domain.name] = sequences
+        return real(domain, sequences, *args)
+
+    monkeypatch.setattr(pretrain_source, "domain_windows", recording)
+    cfg = tiny_config(tiny_prepared, tmp_path / "cfg.yaml")
+    result = trec("pretrain-source", "-c", str(cfg), "pretrain.with_target=true")
+    assert result.exit_code == 0, result.output
+    assert "training windows from Books, Games, Food" in result.output
+    manifest = json.loads((tiny_prepared / "pretrain" / "manifest.json").read_text())
+    assert manifest["source"] == ["Books", "Games"] and manifest["domains"] == ["Books", "Games", "Food"]
+    assert {"Food/ndcg@10", "Books/ndcg@10"} <= manifest["metrics"].keys()
+    # The target's windows are cut from its train split: no valid or test item is ever a label or input.
+    split = domain_split(load_prepared(tiny_prepared), "Food")
+    trained = seen["Food"]
+    assert len(trained) == len(split.train)
+    assert all(np.array_equal(a, b) for a, b in zip(trained, split.train, strict=True))
+    held_out = {(u, int(i)) for u, rows in enumerate(zip(split.valid, split.test, strict=True)) for r in rows for i in r}
+    assert held_out and not held_out & {(u, int(i)) for u, row in enumerate(trained) for i in row}
+    # Without the key the target is not read at all (the default stays source-only).
+    seen.clear()
+    assert trec("pretrain-source", "-c", str(cfg)).exit_code == 0
+    assert set(seen) == {"Books", "Games"}
 
 
 def test_max_steps_then_resume_finishes_exactly_like_an_uninterrupted_run(tmp_path):

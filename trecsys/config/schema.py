@@ -234,6 +234,11 @@ class PretrainConfig:
 
     # Optimiser, schedule, precision, loss and validation of the pretraining run.
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Also train on the target domain's train split (its valid and test items are never read), in
+    # batches of its own like one more source domain, and count its valid users in the choice of the
+    # best epoch: the teacher learns to read the target's item text beside the sources' (UniSRec
+    # pretrains on several domains at once) and fine-tuning starts from there.
+    with_target: bool = False
     # UniSRec's contrastive objectives (Hou et al., KDD 2022), added to the next-item loss with these
     # weights (0 = off). Sequence-item: each window's last state against its next item, the other
     # windows' next items in the batch as negatives (a batch holds one source domain's windows).

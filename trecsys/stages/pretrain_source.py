@@ -1,5 +1,6 @@
-"""`trec pretrain-source`: train the teacher on every source domain's train split, keep the best model
-by validation NDCG@10 over the source domains, and write `<run_dir>/pretrain/`.
+"""`trec pretrain-source`: train the teacher on every source domain's train split (and the target's,
+`pretrain.with_target`), keep the best model by validation NDCG@10 over those domains, and write
+`<run_dir>/pretrain/`.
 
 Batching: every batch holds training windows of ONE source domain (the domains are mixed across
 batches, in proportion to their size), so each label is scored against its own domain's catalogue
@@ -53,19 +54,20 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
         sources = check_prepared(prepared, cfg)
         if not sources:
             raise ConfigError("config key 'data.source': no source domain to pretrain on; name at least one")
-        splits = {name: domain_split(prepared, name) for name in sources}
+        domains = [*sources, prepared.target] if cfg.pretrain.with_target else sources
+        splits = {name: domain_split(prepared, name) for name in domains}
         data, loss_fn = training_setup(splits, cfg, dist.device)
         validate = make_validate(splits, prepared.embeddings, cfg.pretrain.train.eval_user_batch, dist.device)
 
         seed_everything(cfg.seed)
-        # IDs only for the source items it trains on: other items are ranked by their text.
+        # IDs only for the items it trains on: other items are ranked by their text.
         model = SeqRecModel(cfg.model, prepared.embeddings.shape[1], prepared.n_items,
                             id_items=seen_items([seen_items(s.train) for s in splits.values()]))
         model.set_item_text(torch.from_numpy(prepared.embeddings))
         prepared_sha = prepared_fingerprint(prepared)
-        extra = {"stage": STAGE, "source": sources, **trained_on(prepared)}
+        extra = {"stage": STAGE, "source": sources, "domains": domains, **trained_on(prepared)}
         if dist.is_main:
-            log(f"{STAGE}: {data.n_examples:,} training windows from {', '.join(sources)}; "
+            log(f"{STAGE}: {data.n_examples:,} training windows from {', '.join(domains)}; "
                   f"{describe_parameters(model.parameter_counts())}; {threads.line()}")
         result = fit(
             model, data, loss_fn, validate, cfg.pretrain.train, work, seed=cfg.seed, dist=dist,
@@ -80,7 +82,7 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
                 out, {**checkpoint_files(result.best_dir), LOG: work / LOG}, cfg, STAGE,
                 inputs=[prepared_input(prepared, run_dir)],
                 extra={
-                    "seed": cfg.seed, "source": sources, "metrics": result.best_metrics,
+                    "seed": cfg.seed, "source": sources, "domains": domains, "metrics": result.best_metrics,
                     "best_step": result.best_step, "steps": result.steps,
                     "stopped": result.stopped, "n_parameters": model.num_parameters(),
                     "n_parameters_by_part": model.parameter_counts(),
