@@ -47,8 +47,8 @@ def test_pretrain_writes_the_best_checkpoint_log_config_and_manifest(tiny_prepar
     assert not (tiny_prepared / ".pretrain.work").exists()  # the resumable state is gone after success
 
 
-def test_with_target_trains_on_the_target_train_split_only_and_validates_on_it(tiny_prepared, tmp_path,
-                                                                                monkeypatch):
+def test_pretrain_data_both_trains_on_the_target_train_split_only_and_validates_on_it(tiny_prepared, tmp_path,
+                                                                                       monkeypatch):
     from trecsys.prepared.tables import domain_split, load_prepared
     from trecsys.stages import pretrain_source
 
@@ -61,7 +61,7 @@ def test_with_target_trains_on_the_target_train_split_only_and_validates_on_it(t
 
     monkeypatch.setattr(pretrain_source, "domain_windows", recording)
     cfg = tiny_config(tiny_prepared, tmp_path / "cfg.yaml")
-    result = trec("pretrain-source", "-c", str(cfg), "pretrain.with_target=true")
+    result = trec("pretrain-source", "-c", str(cfg), "pretrain.data=both")
     assert result.exit_code == 0, result.output
     assert "training windows from Books, Games, Food" in result.output
     manifest = json.loads((tiny_prepared / "pretrain" / "manifest.json").read_text())
@@ -74,10 +74,16 @@ def test_with_target_trains_on_the_target_train_split_only_and_validates_on_it(t
     assert all(np.array_equal(a, b) for a, b in zip(trained, split.train, strict=True))
     held_out = {(u, int(i)) for u, rows in enumerate(zip(split.valid, split.test, strict=True)) for r in rows for i in r}
     assert held_out and not held_out & {(u, int(i)) for u, row in enumerate(trained) for i in row}
-    # Without the key the target is not read at all (the default stays source-only).
+    # The control reads the target alone; the default, the sources alone.
+    seen.clear()
+    result = trec("pretrain-source", "-c", str(cfg), "pretrain.data=target")
+    assert result.exit_code == 0, result.output
+    assert set(seen) == {"Food"} and all(np.array_equal(a, b) for a, b in zip(seen["Food"], split.train, strict=True))
+    assert json.loads((tiny_prepared / "pretrain" / "manifest.json").read_text())["domains"] == ["Food"]
     seen.clear()
     assert trec("pretrain-source", "-c", str(cfg)).exit_code == 0
     assert set(seen) == {"Books", "Games"}
+    assert "'pretrain.data'" in trec("pretrain-source", "-c", str(cfg), "pretrain.data=all").output
 
 
 def test_max_steps_then_resume_finishes_exactly_like_an_uninterrupted_run(tmp_path):

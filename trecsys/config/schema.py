@@ -234,11 +234,11 @@ class PretrainConfig:
 
     # Optimiser, schedule, precision, loss and validation of the pretraining run.
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Also train on the target domain's train split (its valid and test items are never read), in
-    # batches of its own like one more source domain, and count its valid users in the choice of the
-    # best epoch: the teacher learns to read the target's item text beside the sources' (UniSRec
-    # pretrains on several domains at once) and fine-tuning starts from there.
-    with_target: bool = False
+    # Whose train splits the teacher learns from: the source domains; the target's alone (no source
+    # data: the same warm start, the control that shows what the sources add); or both, the target in
+    # batches of its own like one more domain. Valid and test items are never trained on; each
+    # domain's valid users count in the choice of the best epoch.
+    data: Literal["source", "target", "both"] = "source"
     # UniSRec's contrastive objectives (Hou et al., KDD 2022), added to the next-item loss with these
     # weights (0 = off). Sequence-item: each window's last state against its next item, the other
     # windows' next items in the batch as negatives (a batch holds one source domain's windows).

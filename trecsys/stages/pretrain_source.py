@@ -1,5 +1,5 @@
-"""`trec pretrain-source`: train the teacher on every source domain's train split (and the target's,
-`pretrain.with_target`), keep the best model by validation NDCG@10 over those domains, and write
+"""`trec pretrain-source`: train the teacher on every source domain's train split (`pretrain.data`:
+or the target's, or both), keep the best model by validation NDCG@10 over those domains, and write
 `<run_dir>/pretrain/`.
 
 Batching: every batch holds training windows of ONE source domain (the domains are mixed across
@@ -52,9 +52,11 @@ def _run(cfg: ExperimentConfig, resume: bool, dist: Dist, verify: bool, threads:
             tracking(cfg, STAGE, dist.is_main, fresh=not resume) as tracker:
         prepared = load_prepared(run_dir, verify=verify)
         sources = check_prepared(prepared, cfg)
-        if not sources:
-            raise ConfigError("config key 'data.source': no source domain to pretrain on; name at least one")
-        domains = [*sources, prepared.target] if cfg.pretrain.with_target else sources
+        domains = {"source": sources, "target": [prepared.target], "both": [*sources, prepared.target]}[
+            cfg.pretrain.data]
+        if not sources and cfg.pretrain.data == "source":
+            raise ConfigError("config key 'data.source': no source domain to pretrain on; name at least one "
+                              "(or set pretrain.data=target)")
         splits = {name: domain_split(prepared, name) for name in domains}
         data, loss_fn = training_setup(splits, cfg, dist.device)
         validate = make_validate(splits, prepared.embeddings, cfg.pretrain.train.eval_user_batch, dist.device)
