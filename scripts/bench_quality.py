@@ -14,7 +14,10 @@ order as the timestamp, so its leave-one-out split is the same; its top-50 lists
 with the same metric code. Without that environment its row says "not measured".
 
 Rows: NDCG@10, Recall@10, NDCG@50 with 95% bootstrap CIs over users (--bootstrap resamples), and
-the paired difference (kept − best other row by NDCG@10, same resamples) with its CI.
+the paired difference (kept − best other row by NDCG@10, same resamples) with its CI. A dataset with a
+source also gets the source-data control (<out>/<dataset>.target_only, skipped with
+--no-source-control): the same pretraining on the target's train split alone (pretrain.data=target),
+then `full` from it, so the table separates what the source data add from what a warm start adds.
 
 Schedules (--schedule; the tables say which ran):
   quick  finetune ≤ 10 epochs (patience 3), pretrain ≤ 4 epochs (patience 2), RecBole ≤ 5 epochs:
@@ -55,6 +58,7 @@ from bench_ml100k import find_ml100k  # noqa: E402
 
 from trecsys.artifacts import MANIFEST  # noqa: E402
 from trecsys.model.manifests import FinetuneManifest  # noqa: E402
+from trecsys.prepared.identity import catalogue_identity  # noqa: E402
 from trecsys.prepared.tables import load_prepared  # noqa: E402
 from trecsys.rank import metrics as M  # noqa: E402
 from trecsys.rank.rankers import Ranker, make_scorer  # noqa: E402
@@ -123,6 +127,15 @@ def train(ds: Dataset, run_dir: Path, schedule: dict, retrain: bool) -> dict[str
         seconds["finetune"] = trec(FINETUNE.name, *base, "finetune.strategy=auto", candidates,
                                    *schedule["finetune"], *ds.extra)
     return seconds
+
+
+def train_control(ds: Dataset, out: Path, schedule: dict, retrain: bool) -> tuple[Path, dict[str, float]]:
+    """The source-data control of a dataset with a source: the same pretraining on the target's train
+    split alone (pretrain.data=target), then `full` from it, in a sibling run folder. Its row says how
+    much of transfer's gain over scratch the source data bring and how much any warm start would."""
+    control = Dataset(ds.name, ds.config, ["full"], ds.overrides, True, [*ds.extra, "pretrain.data=target"])
+    run_dir = out / f"{ds.name}.target_only"
+    return run_dir, {f"control {k}": v for k, v in train(control, run_dir, schedule, retrain).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +264,10 @@ def bench_dataset(ds: Dataset, out: Path, args) -> str:
     run_dir = out / ds.name
     schedule = SCHEDULES[args.schedule]
     seconds = train(ds, run_dir, schedule, args.retrain)
+    control = None
+    if ds.has_source and args.source_control:
+        control, control_seconds = train_control(ds, out, schedule, args.retrain)
+        seconds.update(control_seconds)
     prepared = load_prepared(run_dir)
     kept = FinetuneManifest.read(run_dir / FINETUNE.folder).chosen
     recbole = lists = None
@@ -266,6 +283,13 @@ def bench_dataset(ds: Dataset, out: Path, args) -> str:
         folder = candidates / name if candidates.is_dir() else run_dir / FINETUNE.folder
         label = {"full": "trecsys transfer (full)", "scratch": "trecsys scratch"}.get(name, f"trecsys {name}")
         systems.append(Ranker(label + (" ← auto keeps" if name == kept else ""), folder))
+    if control is not None:
+        # Its rows are scored with this run's catalogue and users: the two prepares must have made the same.
+        if catalogue_identity(load_prepared(control))["items_sha256"] != catalogue_identity(prepared)["items_sha256"]:
+            raise SystemExit(f"bench_quality: {control} was prepared with another catalogue than {run_dir}")
+        folder = control / FINETUNE.folder / "candidates" / "full"
+        systems.append(Ranker("trecsys target-only pretraining (full)",
+                              folder if folder.is_dir() else control / FINETUNE.folder))
     depth = max(KS)
     inputs = ranking_inputs(prepared, users, torch.device("cpu"), 1024, 65536)
     parts, tables = [], []
@@ -329,6 +353,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", action="store_true", help="train again even when the run folder has models")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench_quality"))
+    parser.add_argument("--no-source-control", dest="source_control", action="store_false",
+                        help="skip the target-only pretraining row of datasets with a source (a second pretrain "
+                             "and finetune)")
     parser.add_argument("--set", action="append", default=[], metavar="DATASET:KEY=VALUE",
                         help="a config override for one dataset's trec commands (repeatable)")
     args = parser.parse_args()

@@ -74,3 +74,16 @@ def test_set_overrides_reach_every_trec_command_of_their_dataset_only(tmp_path, 
     assert [c[0] for c in calls] == ["prepare", "pretrain-source", "finetune-target"]
     for call in calls:  # last, so that they win over the schedule's epochs
         assert list(call[-len(ds.extra):]) == ds.extra
+
+
+def test_the_source_control_pretrains_on_the_target_alone_in_a_sibling_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(B, "trec", lambda *args: calls.append(args) or 1.0)
+    ds = B.Dataset("k2f", "configs/kitchen_to_food.yaml", ["full", "scratch", "fusion"], ["data.root=X"],
+                   has_source=True, extra=["pretrain.data=both"])
+    run_dir, seconds = B.train_control(ds, tmp_path, B.SCHEDULES["full"], retrain=False)
+    assert run_dir == tmp_path / "k2f.target_only"
+    assert set(seconds) == {"control prepare", "control pretrain", "control finetune"}
+    pretrain, finetune = calls[1], calls[2]
+    assert f"run_dir={run_dir}" in pretrain and pretrain[-1] == "pretrain.data=target"  # wins over the lever's
+    assert "finetune.candidates=[full]" in finetune
