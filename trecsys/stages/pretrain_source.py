@@ -1,6 +1,6 @@
-"""`trec pretrain-source`: train the teacher on every source domain's train split (`pretrain.data`:
-or the target's, or both), keep the best model by validation NDCG@10 over those domains, and write
-`<run_dir>/pretrain/`.
+"""`trec pretrain-source`: train the teacher on the train splits `pretrain.data` names (every source
+domain's by default; the target's; or both), keep the best model by validation NDCG@10 over those
+domains, and write `<run_dir>/pretrain/`.
 
 Batching: every batch holds training windows of ONE source domain (the domains are mixed across
 batches, in proportion to their size), so each label is scored against its own domain's catalogue
