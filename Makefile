@@ -38,8 +38,9 @@ bench-scale: install
 	$(PY) scripts/bench_scale.py $(SCALE)
 
 # Quality tables per dataset (popularity, item-kNN, RecBole SASRec when RECBOLE_PYTHON is set, trecsys
-# scratch/transfer/fusion and what `auto` keeps), both evaluation rules, 95% CIs; the schedule is an
-# option: BENCH_QUALITY="--schedule full --datasets office".
+# scratch/transfer/fusion, the same pretraining on the target alone where there is a source, and what
+# `auto` keeps), both evaluation rules, 95% CIs; the schedule is an option:
+# BENCH_QUALITY="--schedule full --datasets office"; a lever: --set DATASET:KEY=VALUE.
 bench-quality: install
 	$(PY) scripts/bench_quality.py $(BENCH_QUALITY)
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from trecsys.artifacts import read_json, write_parquet, write_text  # noqa: E402
 from trecsys.config import load_config, to_dict  # noqa: E402
-from trecsys.errors import TrecError  # noqa: E402
+from trecsys.errors import ArtifactError, TrecError  # noqa: E402
 from trecsys.model.checkpoint import is_checkpoint, load_checkpoint  # noqa: E402
 from trecsys.model.manifests import DistillManifest, FinetuneManifest  # noqa: E402
 from trecsys.model.seqrec import MoEAdaptor  # noqa: E402
@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
 
-    overrides = list(args.overrides)
+    # The study asks what the SOURCE data buy, at every few-shot fraction: a teacher that had read the
+    # target's train split (pretrain.data: both) would have seen the users a few-shot point leaves out.
+    overrides = [*args.overrides, "pretrain.data=source"]
     if "TRECSYS_SHARED_DATA" in os.environ and "kitchen_to_food" in args.config:
         overrides.append(f"data.root={Path(os.environ['TRECSYS_SHARED_DATA']) / 'amazon_food_kitchen'}")
     try:
@@ -127,9 +129,15 @@ def run_study(args, base, overrides: list[str], fractions: list[float]) -> int:
         timings[name] = round(time.perf_counter() - t0, 1)
         print(f"study_transfer: {name} took {timings[name]:.0f} s", flush=True)
 
+    teacher = run_dir / PRETRAIN.folder
+    if not args.retrain and is_checkpoint(teacher) and base.data.target in read_json(teacher / "manifest.json").get(
+            "domains", []):
+        raise ArtifactError(f"{teacher}: the run's teacher was trained on the target {base.data.target!r} too "
+                            "(pretrain.data); the study needs a source-only one: pass --retrain, or another "
+                            "run_dir=... override")
     if not (run_dir / PREPARE.folder / "manifest.json").is_file():
         timed("prepare", prepare.run, cfg())
-    if args.retrain or not is_checkpoint(run_dir / PRETRAIN.folder):
+    if args.retrain or not is_checkpoint(teacher):
         timed("pretrain", pretrain_source.run, cfg(*caps("pretrain", args.pretrain_epochs)))
     only = {n.strip() for n in args.only.split(",") if n.strip()}
     students = not only or "student" in only

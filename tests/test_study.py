@@ -96,3 +96,23 @@ def test_whitening_lines_say_how_far_a_teachers_biases_are_from_each_catalogues_
     save_checkpoint(model, tmp_path / "teacher", {})
     text_out = study.whitening_lines(run_dir, {"teacher": tmp_path / "teacher", "absent": tmp_path / "none"})
     assert "- teacher (" in text_out and "mean |b_k − source mean| 0.000" in text_out and "absent" not in text_out
+
+
+def test_a_teacher_that_read_the_target_is_refused_and_the_study_pretrains_on_the_source_only(tmp_path, capsys,
+                                                                                             monkeypatch):
+    run_dir = tmp_path / "run"
+    teacher = run_dir / "pretrain"
+    teacher.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json"):
+        (teacher / name).write_text("{}")
+    (teacher / "manifest.json").write_text(json.dumps({"domains": ["Kitchen", "Food"]}))
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert study.main(["-c", str(config), f"run_dir={run_dir}", "--fractions", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on the target 'Food' too" in err and "--retrain" in err
+    assert not (run_dir / "prepared").exists()  # refused before any work
+    # Its own teacher is always source-only, whatever the config or the command line says.
+    seen = []
+    monkeypatch.setattr(study, "run_study", lambda args, base, overrides, fractions: seen.append(overrides) or 0)
+    assert study.main(["-c", str(config), f"run_dir={tmp_path / 'other'}", "pretrain.data=both"]) == 0
+    assert seen[0][-1] == "pretrain.data=source"
