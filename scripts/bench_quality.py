@@ -233,12 +233,17 @@ def table_for_rule(rows: dict[str, dict[str, np.ndarray]], kept: str | None, n_b
         same = [name for name, values in rows.items() if name != kept and
                 all(np.array_equal(values[key], rows[kept][key], equal_nan=True) for key in SHOWN)]
         others = frame[~frame["row"].isin([kept, *same])].sort_values("ndcg@10", ascending=False)
+        each = {}
+        for other in others["row"]:
+            if np.isnan(rows[other]["ndcg@10"][keep]).all():
+                continue  # "not measured"
+            delta = rows[kept]["ndcg@10"][keep] - rows[other]["ndcg@10"][keep]
+            point, low, high = ci(delta, n_boot, seed)
+            reference = float(np.nanmean(rows[other]["ndcg@10"][keep]))
+            each[other] = {"delta": point, "low": low, "high": high,
+                           "relative": point / reference if reference else float("nan")}
         best = others["row"].iloc[0]
-        delta = rows[kept]["ndcg@10"][keep] - rows[best]["ndcg@10"][keep]
-        point, low, high = ci(delta, n_boot, seed)
-        reference = float(np.nanmean(rows[best]["ndcg@10"][keep]))
-        paired = {"kept": kept, "best_other": best, "delta": point, "low": low, "high": high,
-                  "relative": point / reference if reference else float("nan")}
+        paired = {"kept": kept, "best_other": best, **each[best], "each": each}
     return frame, paired
 
 
@@ -257,6 +262,9 @@ def markdown(frame: pd.DataFrame, paired: dict, title: str) -> str:
                       f"{paired['delta']:+.4f} [{paired['low']:+.4f}, {paired['high']:+.4f}] "
                       f"({paired['relative']:+.1%} of the other row); goal ≥ +10% with the CI above 0: "
                       f"{'met' if paired['relative'] >= 0.10 and paired['low'] > 0 else 'not met'}."]
+        lines += ["", "Kept − each other row: " + "; ".join(
+            f"`{row}` {d['delta']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({d['relative']:+.1%})"
+            for row, d in paired["each"].items()) + "."]
     return "\n".join(lines)
 
 

@@ -53,6 +53,12 @@ def test_paired_difference_is_kept_minus_the_best_other_row():
     assert paired["best_other"] == "b" and paired["low"] > 0 and paired["delta"] > 0.1
     assert list(frame["row"]) == ["a", "b", "kept"]
     assert "met" in B.markdown(frame, paired, "t")
+    # ... and the kept model against every other row, each with its own paired CI.
+    assert list(paired["each"]) == ["b", "a"] and paired["each"]["a"]["delta"] > paired["each"]["b"]["delta"]
+    assert paired["each"]["b"]["delta"] == paired["delta"]
+    b = paired["each"]["b"]
+    assert f"Kept − each other row: `b` {b['delta']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]" in B.markdown(
+        frame, paired, "t")
     # A row identical to the kept one on every user (fusion that kept its base alone) is skipped.
     rows["same as kept"] = {key: values.copy() for key, values in rows["kept"].items()}
     _, paired = B.table_for_rule(rows, "kept", 200, 0)
