@@ -111,15 +111,15 @@ trainer._valid_epoch = timed("valid", trainer._valid_epoch)
 def test_lists(k=50):
     """Each test user's top-k under both rules, from the best model's full-sort scores. A user's
     history (exclude_seen) is every item of theirs but the held-out test one, in full, not only the
-    50 the model reads."""
+    50 the model reads. The held-out item is the one RecBole's test row holds, not "the last by
+    timestamp": ml-100k users rate many films in the same second, and the last of a tie sorted by
+    (time, item) was often not the item RecBole held out, which masked the target itself."""
     uid, iid = dataset.uid_field, dataset.iid_field
     users = dataset.inter_feat[uid].numpy()
     items = dataset.inter_feat[iid].numpy()
-    times = dataset.inter_feat[dataset.time_field].numpy()
-    by_user = {}
-    for u, i, t in zip(users, items, times, strict=True):
-        by_user.setdefault(int(u), []).append((float(t), int(i)))
-    seen = {u: {i for _, i in sorted(rows)[:-1]} for u, rows in by_user.items()}
+    items_of = {}
+    for u, i in zip(users, items, strict=True):
+        items_of.setdefault(int(u), set()).add(int(i))
     model.eval()
     lists = {"seen_ranked": {}, "exclude_seen": {}}
     hits = {"seen_ranked": [], "exclude_seen": []}
@@ -132,8 +132,8 @@ def test_lists(k=50):
             for rule in lists:
                 ranked = scores.clone()
                 if rule == "exclude_seen":
-                    for row, u in enumerate(batch_users):
-                        ranked[row, list(seen[u])] = -math.inf
+                    for row, (u, target) in enumerate(zip(batch_users, targets, strict=True)):
+                        ranked[row, list(items_of[u] - {target})] = -math.inf
                 top = torch.topk(ranked, min(k, ranked.shape[1] - 1), dim=1).indices.tolist()
                 for u, target, row in zip(batch_users, targets, top, strict=True):
                     lists[rule][dataset.id2token(uid, u)] = [str(x) for x in dataset.id2token(iid, row)]

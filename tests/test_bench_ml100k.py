@@ -150,3 +150,22 @@ def test_recbole_resumed_one_epoch_per_process_equals_one_run(tmp_path):
     assert [p["complete"] for p in parts] == [False, False, True]
     assert [e["valid_ndcg@10"] for e in parts[-1]["per_epoch"]] == [e["valid_ndcg@10"] for e in whole["per_epoch"]]
     assert parts[-1]["seen_ranked.test_ndcg@10"] == whole["seen_ranked.test_ndcg@10"]
+
+
+@pytest.mark.skipif(not os.environ.get("RECBOLE_PYTHON"), reason="RecBole's own environment (RECBOLE_PYTHON) absent")
+def test_recbole_exclude_seen_never_masks_the_held_out_item_when_timestamps_tie(tmp_path):
+    """Every user's items share one timestamp (ml-100k users rate many films in one second): masking the
+    user's other items can only lift the held-out item, so exclude_seen scores at least seen_ranked."""
+    rng = np.random.default_rng(1)
+    rows = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(80):
+        rows += [f"u{u}\ti{i}\t1\t{u}" for i in rng.choice(60, rng.integers(5, 20), replace=False)]
+    (tmp_path / "ties").mkdir()
+    (tmp_path / "ties" / "ties.inter").write_text("\n".join(rows) + "\n")
+    done = subprocess.run([os.environ["RECBOLE_PYTHON"], str(Path(B.__file__).parent / "recbole_sasrec.py"),
+                           str(tmp_path), "2", str(tmp_path), "--dataset", "ties", "--threads", "1"],
+                          capture_output=True, text=True, cwd=tmp_path, env=bench_env.child_env(1, tuned=False))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["exclude_seen.test_recall@10"] >= result["seen_ranked.test_recall@10"] > 0
+    assert result["exclude_seen.test_ndcg@10"] >= result["seen_ranked.test_ndcg@10"]
