@@ -11,12 +11,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def trec(n_proc: int, args: list[str], port_base: int, timeout: int) -> subprocess.CompletedProcess:
-    """`python -m trecsys *args`, under `torch.distributed.run --nproc_per_node n_proc` when n_proc > 1
-    (a port from `port_base` and the pid, so concurrent test runs do not collide)."""
+def trec(n_proc: int, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """`python -m trecsys *args`, under `torch.distributed.run --standalone --nproc_per_node n_proc` when
+    n_proc > 1 (torchrun picks a free port itself, so concurrent test runs do not collide)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "trecsys", *args]
     if n_proc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_proc),
-                   "--master_port", str(port_base + os.getpid() % 500), *command[1:]]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n_proc),
+                   *command[1:]]
     return subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True, cwd=REPO)

@@ -94,7 +94,7 @@ def test_distillation_without_labels_runs_under_two_gloo_processes(run_copy, tmp
     """kd_ratio 1: no loss term reaches the student's seen offset (it keeps the teacher's), and DDP
     refuses a trained parameter that gets no gradient; the offset is frozen, so torchrun works."""
     cfg = distill_config(run_copy, tmp_path / "cfg.yaml", kd_ratio=1.0)
-    done = launch.trec(2, ["distill", "-c", str(cfg)], port_base=29700, timeout=300)
+    done = launch.trec(2, ["distill", "-c", str(cfg)], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     student, teacher = load_checkpoint(run_copy / "distill")[0], load_checkpoint(run_copy / "pretrain")[0]
     assert float(student.seen_bias.detach()) == float(teacher.seen_bias.detach()) != 0.0

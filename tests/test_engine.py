@@ -220,9 +220,10 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     one = tmp_path / "one"
     subprocess.run([sys.executable, script, str(one)], check=True, env=env, timeout=120)
     two = tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(29500 + os.getpid() % 1000), script, str(two)],
-                   check=True, env=env, timeout=180, capture_output=True)
+    # --standalone: torchrun picks a free port itself, so no other test or process can hold it.
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, str(two)], env=env, timeout=180, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     log_one, log_two = list(read_log(one / LOG)), list(read_log(two / LOG))
     assert len(log_one) == len(log_two) == 2
     for a, b in zip(log_one, log_two, strict=True):

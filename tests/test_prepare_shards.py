@@ -38,7 +38,7 @@ def tiny_encoder(folder: Path) -> Path:
 
 
 def launch(n_proc: int, config: Path) -> subprocess.CompletedProcess:
-    return trec(n_proc, ["prepare", "-c", str(config)], port_base=29200, timeout=600)
+    return trec(n_proc, ["prepare", "-c", str(config)], timeout=600)
 
 
 @pytest.mark.slow

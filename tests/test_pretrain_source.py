@@ -153,8 +153,8 @@ def test_two_process_torchrun_gives_the_same_losses_as_one_process(tmp_path):
         write_tiny_prepared(run_dir)
         cfg = tiny_config(run_dir, tmp_path / f"p{n_proc}.yaml", epochs=2)
         done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_proc),
-             "--master_port", str(29600 + n_proc + os.getpid() % 500), "-m", "trecsys", "pretrain-source",
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n_proc),
+             "-m", "trecsys", "pretrain-source",
              "-c", str(cfg), "model.dropout=0.0"],
             env=env, timeout=240, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]

@@ -30,7 +30,7 @@ def test_shard_rows_cover_every_row_once_in_whole_blocks(n_rows, world, block):
 
 
 def launch(n_proc: int, config: Path, output: Path) -> subprocess.CompletedProcess:
-    return trec(n_proc, ["recommend", "-c", str(config), "--output", str(output)], port_base=29700, timeout=300)
+    return trec(n_proc, ["recommend", "-c", str(config), "--output", str(output)], timeout=300)
 
 
 @pytest.mark.slow
