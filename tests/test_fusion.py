@@ -161,11 +161,13 @@ def test_the_fusion_candidate_is_saved_and_chosen_on_validation_only(fused_run, 
     manifest = json.loads((out / "manifest.json").read_text())
     fusion = json.loads((out / "candidates" / "fusion" / "fusion.json").read_text())
     valid = {s: manifest["candidates"][s]["valid"]["ndcg@10"] for s in ("scratch", "fusion")}
-    # (>= up to rounding: the model alone, kept by the one-standard-error rule, averages its users in
-    # another order than the candidate's own validation)
-    assert valid["fusion"] >= valid["scratch"] - 1e-12 and fusion["base"] == "scratch"
-    assert valid["fusion"] == next(r["ndcg@10"] for r in fusion["grid"]
-                                   if all(r[c] == w for c, w in fusion["weights"].items()))
+    assert valid["fusion"] >= valid["scratch"] and fusion["base"] == "scratch"
+    alone = fusion["weights"] == dict(zip(fusion["weights"], GRID[0], strict=True))
+    if alone:  # the model alone ties its base exactly (not up to summation order), so auto keeps the base
+        assert valid["fusion"] == valid["scratch"] and manifest["chosen"] == "scratch"
+    else:
+        assert valid["fusion"] == next(r["ndcg@10"] for r in fusion["grid"]
+                                       if all(r[c] == w for c, w in fusion["weights"].items()))
     assert manifest["chosen"] == ("fusion" if valid["fusion"] > valid["scratch"] else "scratch")
     assert (out / "fusion.json").is_file() == (manifest["chosen"] == "fusion")
     for name in ("model.safetensors", "config.json"):  # the fused folder holds its base model
@@ -252,3 +254,24 @@ def test_a_malformed_fusion_file_is_refused_naming_it(tmp_path, weights):
     with pytest.raises(ArtifactError, match=r"fusion\.json: 'weights' must give each of model, item-knn, popularity"):
         read_fusion(tmp_path)
     assert read_fusion(tmp_path / "elsewhere") is None  # no file: a plain model
+
+
+def test_a_fusion_of_the_model_alone_ties_its_base_and_auto_keeps_the_base(tmp_path, monkeypatch):
+    from trecsys.stages import finetune_target
+
+    real = finetune_target.choose_weights
+
+    def alone_a_last_bit_above(*args, **kwargs):
+        weights, grid = real(*args, **kwargs)
+        grid[0] = {**grid[0], "ndcg@10": grid[0]["ndcg@10"] + 1e-17 + abs(grid[0]["ndcg@10"]) * 1e-15}
+        return dict(zip(weights, GRID[0], strict=True)), grid
+
+    monkeypatch.setattr(finetune_target, "choose_weights", alone_a_last_bit_above)
+    run_dir = tmp_path / "run"
+    write_tiny_prepared(run_dir)
+    result = trec("finetune-target", "-c", str(fusion_config(run_dir, tmp_path / "cfg.yaml")))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((run_dir / "finetune" / "manifest.json").read_text())
+    valid = {s: manifest["candidates"][s]["valid"]["ndcg@10"] for s in ("scratch", "fusion")}
+    assert valid["fusion"] == valid["scratch"] and manifest["chosen"] == "scratch"
+    assert not (run_dir / "finetune" / "fusion.json").exists()
