@@ -45,9 +45,10 @@ bench-quality: install
 	$(PY) scripts/bench_quality.py $(BENCH_QUALITY)
 
 # Transfer study on the shared Kitchen→Food data (skips when absent): one table of test NDCG@10 and
-# Recall@10 per variant in runs/kitchen_to_food/study/. CPU-sized caps; e.g. STUDY="--epochs 20 device=cuda".
+# Recall@10 per variant in runs/kitchen_to_food_study/study/. CPU-sized caps; e.g. STUDY="--epochs 20 device=cuda".
+# Its own run folder: its teacher reads Kitchen alone, the config's run pretrains on Kitchen and Food.
 study: install
-	$(PY) scripts/study_transfer.py $(STUDY)
+	$(PY) scripts/study_transfer.py run_dir=runs/kitchen_to_food_study $(STUDY)
 
 lint: install
 	$(PY) -m ruff check trecsys tests scripts
